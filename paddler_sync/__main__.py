@@ -1,0 +1,3 @@
+from paddler_sync.cli import main
+
+main()

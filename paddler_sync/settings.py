@@ -1,0 +1,384 @@
+"""Every setting of every command, declared once.
+
+One declaration (name, parser, default, help, commands) feeds the command line, the config files,
+the ``PADDLER_*`` environment variables and the settings table in the README, so the four can never
+disagree. Precedence: defaults < config file < environment < command line (configargparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import configargparse
+
+from paddler_sync.addresses import AddressError, parse_address
+
+ENV_PREFIX = "PADDLER_"
+COMMANDS = ("balancer", "agent", "dashboard", "simulate")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+# --- value parsers: each raises ArgumentTypeError with what was expected -------------------------
+
+
+def address(text: str):  # noqa: ANN201 - returns Address
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def duration(text: str) -> float:
+    """Seconds, as ``10``, ``0.5``, ``10s`` or ``250ms``."""
+    raw = text.strip().lower()
+    scale = 1.0
+    if raw.endswith("ms"):
+        raw, scale = raw[:-2], 0.001
+    elif raw.endswith("s"):
+        raw = raw[:-1]
+    try:
+        value = float(raw) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a duration: expected seconds such as 10, 0.5, 10s or 250ms")
+    return value
+
+
+def positive_duration(text: str) -> float:
+    value = duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be more than 0 seconds")
+    return value
+
+
+def _integer(text: str, low: int, what: str, high: int | None = None) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise argparse.ArgumentTypeError(f"'{text}' is not {what}: expected a whole number {bound}")
+    return value
+
+
+def count(text: str) -> int:
+    return _integer(text, 0, "a count")
+
+
+def positive_count(text: str) -> int:
+    return _integer(text, 1, "a positive count")
+
+
+def byte_size(text: str) -> int:
+    """Bytes, as ``1048576``, ``64k``, ``1m`` or ``1g`` (binary multiples)."""
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    multiplier = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:], 1)
+    digits = raw[:-1] if multiplier > 1 else raw
+    if not digits.isdigit() or int(digits) == 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size: expected bytes such as 1048576, 64k or 1m")
+    return int(digits) * multiplier
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction: expected a number from 0 to 1")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of 0 or more")
+    return value
+
+
+def name(text: str) -> str:
+    if len(text) > 128 or any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError("a name has at most 128 printable characters")
+    return text
+
+
+def log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a log level: expected one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(options)}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def text_value(text: str) -> str:
+    return text
+
+
+# --- declarations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. ``switch`` settings are booleans with ``--name`` / ``--no-name``."""
+
+    name: str
+    help: str
+    commands: tuple[str, ...]
+    parse: Callable[[str], Any] = text_value
+    default: Any = None
+    switch: bool = False
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+    secret: bool = False
+    docs_default: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+B, A, D, S = ("balancer",), ("agent",), ("dashboard",), ("simulate",)
+ALL = ("balancer", "agent", "dashboard", "simulate")
+
+SETTINGS: tuple[Setting, ...] = (
+    # shared
+    Setting("log-level", "Log verbosity: debug, info, warning, error or critical.", ALL, log_level, "info"),
+    Setting("management-addr", "Balancer: where the management server (agent reports, /api/v1/agents, "
+            "/health, dashboard) listens. Agent and dashboard: where to reach it.",
+            B + A + D, address, parse_address("127.0.0.1:8085"), metavar="HOST:PORT"),
+    # balancer
+    Setting("reverseproxy-addr", "Where the reverse proxy listens for llama.cpp clients (under a bare "
+            "gunicorn command line, gunicorn's own bind wins).", B, address, parse_address("127.0.0.1:8080"),
+            metavar="HOST:PORT"),
+    Setting("management-dashboard-enable", "Serve the web dashboard at /dashboard on the management server.",
+            B, default=False, switch=True),
+    Setting("rewrite-host-header", "Send the chosen llama.cpp address as the upstream Host header "
+            "instead of the client's.", B, default=False, switch=True),
+    Setting("slots-endpoint-enable", "Let /slots through the proxy (it shows other users' prompts).",
+            B, default=False, switch=True),
+    Setting("max-buffered-requests", "How many requests may wait for a free slot; more get 429. "
+            "0 turns buffering off.", B, count, 30),
+    Setting("buffered-request-timeout", "How long a request may wait for a free slot before it gets 504 "
+            "(waiting only, never generation).", B, duration, 10.0, metavar="SECONDS"),
+    Setting("agent-missed-reports", "Drop an agent after this many of its reporting intervals pass without "
+            "a report.", B, positive_count, 3),
+    Setting("statsd-addr", "Send StatsD metrics to this UDP address (off when unset).", B, address, None,
+            metavar="HOST:PORT"),
+    Setting("statsd-prefix", "Prefix of every StatsD metric.", B, name, "paddler"),
+    Setting("statsd-reporting-interval", "How often to send the StatsD gauges.", B, positive_duration, 10.0,
+            metavar="SECONDS"),
+    Setting("upstream-connect-timeout", "Connect timeout towards a llama.cpp server; a server that does not "
+            "accept in time is quarantined.", B, positive_duration, 3.0, metavar="SECONDS"),
+    Setting("upstream-read-timeout", "Longest silence allowed from a llama.cpp server while it answers "
+            "(prompt processing included).", B, positive_duration, 600.0, metavar="SECONDS"),
+    Setting("quarantine-duration", "How long a server that refused a connection gets no traffic, unless its "
+            "agent reports it healthy after that.", B, positive_duration, 10.0, metavar="SECONDS"),
+    Setting("max-request-body", "Largest request body the proxy forwards; larger ones get 413.", B,
+            byte_size, 8 << 20, metavar="BYTES", docs_default="8m"),
+    # agent
+    Setting("local-llamacpp-addr", "The llama.cpp server this agent watches (polls /slots and /props). "
+            "aws:metadata:local-ipv4[:PORT] takes the EC2 instance's private IPv4.", A, address,
+            parse_address("127.0.0.1:8081"), metavar="HOST:PORT"),
+    Setting("external-llamacpp-addr", "The address the balancer sends requests to (default: the local "
+            "address). Accepts aws:metadata:local-ipv4[:PORT] too.", A, address, None, metavar="HOST:PORT"),
+    Setting("llamacpp-api-key", "The llama.cpp API key, sent as a Bearer token on the agent's own polls.",
+            A, text_value, None, aliases=("--local-llamacpp-api-key",), secret=True, metavar="KEY"),
+    Setting("monitoring-interval", "How often the agent polls llama.cpp and reports to the balancer.",
+            A, positive_duration, 1.0, metavar="SECONDS"),
+    Setting("name", "A display name for this agent in the API and dashboards.", A, name, None),
+    Setting("aws-metadata-endpoint", "EC2 instance metadata service (IMDSv2) used to resolve "
+            "aws:metadata:local-ipv4.", A, text_value, "http://169.254.169.254", metavar="URL"),
+    Setting("llamacpp-timeout", "Timeout of each poll of llama.cpp; a slower answer counts as unreachable.",
+            A, positive_duration, 3.0, metavar="SECONDS"),
+    # dashboard
+    Setting("refresh-interval", "How often the terminal dashboard refreshes.", D, positive_duration, 0.5,
+            metavar="SECONDS"),
+    # simulator (flag names follow llama-server's where one exists)
+    Setting("addr", "Where the simulated llama.cpp server listens.", S, address, parse_address("127.0.0.1:8081"),
+            metavar="HOST:PORT"),
+    Setting("parallel", "Number of slots (llama-server -np).", S, positive_count, 4),
+    Setting("ctx-size", "Total context in tokens, shared evenly by the slots (llama-server -c).", S,
+            positive_count, 4096),
+    Setting("slots", "Serve /slots (llama-server --slots / --no-slots). The simulator enables it by "
+            "default, as the recorded server was started.", S, default=True, switch=True),
+    Setting("metrics", "Serve /metrics (llama-server --metrics).", S, default=True, switch=True),
+    Setting("embeddings", "Run as an embeddings server (pooling mean): /v1/embeddings works, completions "
+            "answer 501.", S, default=False, switch=True),
+    Setting("api-key", "Require 'Authorization: Bearer KEY' on protected paths, as llama-server --api-key.",
+            S, text_value, None, secret=True, metavar="KEY"),
+    Setting("alias", "Model id shown in /v1/models and /props (llama-server --alias).", S, name,
+            "models/simulated.gguf"),
+    Setting("dialect", "Which llama.cpp to imitate: b4748 (recorded), modern (after 2025-08: leaner /slots, "
+            "/v1/health) or state (b3606-b4026: /slots has 'state' instead of 'is_processing').", S,
+            choice("b4748", "modern", "state"), "b4748"),
+    Setting("startup-time", "Answer 503 'Loading model' for this long after start, as while a model loads.",
+            S, duration, 0.0, metavar="SECONDS"),
+    Setting("prefill-ms-per-token", "Prompt processing cost of each uncached prompt token.", S,
+            non_negative_number, 0.2, metavar="MS"),
+    Setting("decode-tokens-per-second", "Generation speed of one slot; 0 generates without delay.", S,
+            non_negative_number, 100.0, metavar="TOKENS"),
+    Setting("decode-jitter", "Random spread of each token's delay, as a fraction of it.", S, fraction, 0.0),
+    Setting("default-n-predict", "Tokens generated when a request sets no n_predict / max_tokens.", S,
+            positive_count, 64),
+    Setting("prompt-cache", "Reuse the prefix a slot last processed (llama.cpp's cache_prompt).", S,
+            default=True, switch=True),
+    Setting("build-info", "Build string reported in /props and system_fingerprint.", S, name, "b4748-c392e509"),
+    Setting("seed", "Seed of the generated text and jitter, for reproducible runs.", S, count, 42),
+    Setting("stamp-events", "Add a 'stamp_ns' field (time.monotonic_ns()) to each streamed event, for "
+            "measuring relay delay.", S, default=False, switch=True),
+)
+
+
+def settings_for(command: str) -> list[Setting]:
+    return [s for s in SETTINGS if command in s.commands]
+
+
+def find_setting(flag_or_env: str, command: str) -> Setting | None:
+    for setting in settings_for(command):
+        if flag_or_env in (setting.flag, setting.env, setting.dest, *setting.aliases):
+            return setting
+    return None
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+class SettingsParser(configargparse.ArgumentParser):
+    """A flat parser for one command whose errors are one line, naming the setting and its source."""
+
+    def __init__(self, command: str, **kwargs: Any) -> None:
+        self.command = command
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"paddler-sync {self.command}: error: {message}{self._source_hint(message)}\n")
+        sys.exit(2)
+
+    def _source_hint(self, message: str) -> str:
+        """Tell where a bad value came from when it was not typed on the command line."""
+        for setting in settings_for(self.command):
+            names = (setting.flag, *setting.aliases)
+            if not any(f"argument {n}" in message.split(":")[0] for n in names):
+                continue
+            if any(arg.split("=")[0] in names for arg in self._cli_args):
+                return ""
+            if setting.env in os.environ:
+                return f" (from the environment variable {setting.env})"
+            return " (from the config file)"
+        return ""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None,  # type: ignore[override]
+                         **kwargs: Any) -> Any:
+        self._cli_args = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args=args, namespace=namespace, **kwargs)
+
+
+def default_config_files(command: str) -> list[str]:
+    """``conf/<command>.conf`` below the working directory, when it exists."""
+    return [os.path.join("conf", f"{command}.conf")]
+
+
+def build_parser(command: str, config_files: Iterable[str] | None = None) -> SettingsParser:
+    parser = SettingsParser(
+        command,
+        prog=f"paddler-sync {command}",
+        description=COMMAND_HELP[command],
+        default_config_files=list(default_config_files(command) if config_files is None else config_files),
+        add_env_var_help=False,
+        add_config_file_help=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", is_config_file=True, env_var=ENV_PREFIX + "CONFIG", metavar="FILE",
+                        help=f"Read settings from FILE (key = value lines) instead of conf/{command}.conf.")
+    for setting in settings_for(command):
+        _add(parser, setting)
+    return parser
+
+
+def _add(parser: SettingsParser, setting: Setting) -> None:
+    help_text = f"{setting.help} [env {setting.env}]"
+    if setting.switch:
+        parser.add_argument(setting.flag, *setting.aliases, dest=setting.dest, env_var=setting.env,
+                            action=argparse.BooleanOptionalAction, default=setting.default, help=help_text)
+        return
+    parser.add_argument(setting.flag, *setting.aliases, dest=setting.dest, env_var=setting.env,
+                        type=setting.parse, default=setting.default, help=help_text,
+                        metavar=setting.metavar or setting.dest.upper())
+
+
+def parse_settings(command: str, args: Sequence[str] | None = None,
+                   config_files: Iterable[str] | None = None) -> argparse.Namespace:
+    """Parse one command's settings; a bad value exits with status 2 and one line on stderr."""
+    parser = build_parser(command, config_files)
+    options = parser.parse_args(args=args)
+    options.command = command
+    return options
+
+
+COMMAND_HELP = {
+    "balancer": "Balance requests over llama.cpp servers by their free slots; serve the management API.",
+    "agent": "Watch one llama.cpp server's slots and report them to the balancer.",
+    "dashboard": "Show the fleet in the terminal.",
+    "simulate": "Run a simulated llama.cpp server (same API, slots that really queue).",
+}
+
+
+# --- documentation --------------------------------------------------------------------------------
+
+
+def _docs_default(setting: Setting) -> str:
+    if setting.docs_default is not None:
+        return setting.docs_default
+    if setting.switch:
+        return "on" if setting.default else "off"
+    if setting.default is None:
+        return "unset"
+    if isinstance(setting.default, float) and setting.default.is_integer():
+        return str(int(setting.default))
+    return str(setting.default)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from SETTINGS (a test keeps the README in step)."""
+    lines = ["| setting | environment | commands | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = f"`{s.flag}`" if not s.switch else f"`{s.flag}` / `--no-{s.name}`"
+        if s.aliases:
+            flag += " (also " + ", ".join(f"`{a}`" for a in s.aliases) + ")"
+        commands = ", ".join(s.commands) if s.commands != ALL else "all"
+        lines.append(f"| {flag} | `{s.env}` | {commands} | `{_docs_default(s)}` | {s.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - used to refresh the README
+    print(markdown_table())

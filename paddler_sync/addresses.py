@@ -60,8 +60,8 @@ def parse_address(text: str, default_port: int | None = None) -> Address:
     text = text.strip()
     if text.startswith(AWS_LOCAL_IPV4):
         rest = text[len(AWS_LOCAL_IPV4):]
-        if rest == "" and default_port is not None:
-            return Address(AWS_LOCAL_IPV4, default_port)
+        if rest == "":  # the port is filled in at start-up (the agent takes the local server's)
+            return Address(AWS_LOCAL_IPV4, default_port or 0)
         return Address(AWS_LOCAL_IPV4, _parse_port(rest.removeprefix(":"), text))
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")

@@ -23,7 +23,8 @@ commands:
 'paddler-sync COMMAND --help' lists a command's settings.
 """
 
-GEVENT_COMMANDS = ("balancer", "agent", "simulate")
+# The balancer is patched by its gunicorn worker, never in the master (the arbiter stays plain).
+GEVENT_COMMANDS = ("agent", "simulate")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -204,6 +204,12 @@ SETTINGS: tuple[Setting, ...] = (
             "agent reports it healthy after that.", B, positive_duration, 10.0, metavar="SECONDS"),
     Setting("max-request-body", "Largest request body the proxy forwards; larger ones get 413.", B,
             byte_size, 8 << 20, metavar="BYTES", docs_default="8m"),
+    Setting("upstream-pool-size", "Idle connections kept open to each llama.cpp server. Each one pins one "
+            "of llama.cpp's HTTP threads (--threads-http, a few more than its slots): keep it at most the "
+            "slot count.", B, positive_count, 4),
+    Setting("max-client-connections", "Most client connections the balancer holds at once, waiting ones "
+            "included (gunicorn's --worker-connections).", B, positive_count, 4096),
+    Setting("max-agents", "Most agents the balancer accepts; reports from more get 429.", B, positive_count, 1024),
     # agent
     Setting("local-llamacpp-addr", "The llama.cpp server this agent watches (polls /slots and /props). "
             "aws:metadata:local-ipv4[:PORT] takes the EC2 instance's private IPv4.", A, address,

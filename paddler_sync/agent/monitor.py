@@ -1,0 +1,187 @@
+"""The agent's loop: poll llama.cpp, report to the balancer, say what changed, once.
+
+Reports are stateless and periodic, so a balancer restart needs nothing from the agent: the next
+report registers it again. On SIGTERM or SIGINT the agent deregisters before it exits, so the
+balancer stops routing to it at once instead of after the staleness limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import uuid
+
+import gevent
+import requests
+from gevent.event import Event
+from gevent.pool import Group
+
+from paddler_sync.addresses import Address
+from paddler_sync.agent.aws import MetadataError, fetch_local_ipv4
+from paddler_sync.fleet.reports import AgentReport
+from paddler_sync.llamacpp import HINTS, LlamaCppClient, Props, ServerState, SlotsReading
+from paddler_sync.logs import log_greenlet_exception
+
+logger = logging.getLogger("paddler_sync.agent")
+PROPS_REFRESH_SECONDS = 60.0
+REPORT_TIMEOUT_SECONDS = 3.0
+
+
+class BalancerClient:
+    """Sends reports to the management server and logs when it becomes (un)reachable, once each time."""
+
+    def __init__(self, management: Address, agent_id: str, timeout: float = REPORT_TIMEOUT_SECONDS) -> None:
+        self.url = f"{management.url}/api/v1/agents/{agent_id}"
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self._last_problem: str | None = "never reported"
+
+    def report(self, report: AgentReport) -> bool:
+        try:
+            response = self.session.post(f"{self.url}/report", json=report.to_json(), timeout=self.timeout)
+        except requests.RequestException as exc:
+            self._problem(f"cannot reach the balancer at {self.url}: {type(exc).__name__}; retrying every interval")
+            return False
+        if response.status_code >= 400:
+            self._problem(f"the balancer refused the report (HTTP {response.status_code}): {_reason(response)}")
+            return False
+        if self._last_problem is not None:
+            logger.info("reporting to the balancer at %s", self.url.rsplit("/api/", 1)[0])
+            self._last_problem = None
+        return True
+
+    def deregister(self) -> None:
+        try:
+            self.session.delete(self.url, timeout=self.timeout)
+            logger.info("deregistered from the balancer")
+        except requests.RequestException as exc:
+            logger.warning("could not deregister from the balancer: %s", type(exc).__name__)
+
+    def _problem(self, text: str) -> None:
+        if text != self._last_problem:
+            logger.warning("%s", text)
+            self._last_problem = text
+
+
+class Agent:
+    def __init__(self, llamacpp: LlamaCppClient, balancer: BalancerClient, external_addr: Address,
+                 interval: float, name: str | None = None) -> None:
+        self.llamacpp = llamacpp
+        self.balancer = balancer
+        self.external_addr = external_addr
+        self.interval = interval
+        self.name = name
+        self.props = Props()
+        self._props_read_at = float("-inf")
+        self._last_state: ServerState | None = None
+        self._last_state_changed = True
+
+    def run(self, stop: Event) -> None:
+        """Tick on a fixed cadence (no drift); a slow tick skips the beats it overran."""
+        due = time.monotonic()
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not silence the agent for good
+                logger.exception("monitoring tick failed; trying again next interval")
+            due += self.interval
+            now = time.monotonic()
+            if due < now:
+                due = now + self.interval - (now - due) % self.interval
+            stop.wait(due - now)
+
+    def tick(self) -> AgentReport:
+        reading = self.llamacpp.read_slots()
+        self._note_state(reading)
+        if reading.state is ServerState.READY and self._props_stale():
+            self.props = self.llamacpp.read_props()
+            self._props_read_at = time.monotonic()
+        report = self.build_report(reading)
+        self.balancer.report(report)
+        return report
+
+    def build_report(self, reading: SlotsReading) -> AgentReport:
+        ready = reading.state is ServerState.READY
+        return AgentReport(
+            external_llamacpp_addr=str(self.external_addr), monitoring_interval=self.interval,
+            state=reading.state.value, slots_idle=reading.slots_idle, slots_processing=reading.slots_processing,
+            agent_name=self.name, error=reading.error, is_authorized=reading.is_authorized,
+            is_slots_endpoint_enabled=reading.is_slots_endpoint_enabled,
+            total_slots=reading.slots_idle + reading.slots_processing if ready else None,
+            model=self.props.model, llamacpp_build=self.props.build,
+        )
+
+    def _props_stale(self) -> bool:
+        return self._last_state_changed or time.monotonic() - self._props_read_at > PROPS_REFRESH_SECONDS
+
+    def _note_state(self, reading: SlotsReading) -> None:
+        self._last_state_changed = reading.state is not self._last_state
+        if not self._last_state_changed:
+            return
+        self._last_state = reading.state
+        if reading.state is ServerState.READY:
+            logger.info("llama.cpp at %s is ready: %d slots", self.llamacpp.addr,
+                        reading.slots_idle + reading.slots_processing)
+        else:
+            logger.warning("llama.cpp at %s is %s: %s (%s)", self.llamacpp.addr, reading.state.value,
+                           reading.error, HINTS[reading.state])
+
+
+def resolve_aws_addresses(options: argparse.Namespace) -> None:
+    """Replace ``aws:metadata:local-ipv4`` placeholders at start-up, asking the metadata service once."""
+    placeholders = ("local_llamacpp_addr", "external_llamacpp_addr", "management_addr")
+    if not any(getattr(options, key) is not None and getattr(options, key).is_aws_placeholder
+               for key in placeholders):
+        return
+    ipv4 = fetch_local_ipv4(options.aws_metadata_endpoint)
+    for key in placeholders:
+        addr = getattr(options, key)
+        if addr is not None and addr.is_aws_placeholder:
+            setattr(options, key, addr.with_host(ipv4))
+            logger.info("--%s resolved from EC2 instance metadata: %s", key.replace("_", "-"), getattr(options, key))
+
+
+def external_address(options: argparse.Namespace) -> Address:
+    external = options.external_llamacpp_addr or options.local_llamacpp_addr
+    return external if external.port else Address(external.host, options.local_llamacpp_addr.port)
+
+
+def run_agent(options: argparse.Namespace) -> int:
+    if options.local_llamacpp_addr.port == 0:
+        sys.stderr.write("paddler-sync agent: error: --local-llamacpp-addr needs a port, "
+                         "e.g. aws:metadata:local-ipv4:8080\n")
+        return 2
+    try:
+        resolve_aws_addresses(options)
+    except MetadataError as exc:
+        sys.stderr.write(f"paddler-sync agent: error: {exc}\n")
+        return 2
+    agent_id = str(uuid.uuid4())
+    agent = Agent(
+        LlamaCppClient(options.local_llamacpp_addr, options.llamacpp_api_key, options.llamacpp_timeout),
+        BalancerClient(options.management_addr, agent_id),
+        external_address(options), options.monitoring_interval, options.name,
+    )
+    logger.info("agent %s watches llama.cpp at %s and reports it as %s to %s every %gs", agent_id,
+                options.local_llamacpp_addr, agent.external_addr, options.management_addr,
+                options.monitoring_interval)
+    stop = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    group = Group()
+    group.spawn(agent.run, stop).link_exception(log_greenlet_exception(logger))
+    stop.wait()
+    group.kill(block=True, timeout=5)
+    agent.balancer.deregister()
+    return 0
+
+
+def _reason(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]

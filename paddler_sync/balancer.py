@@ -1,0 +1,80 @@
+"""The balancer process's hub: it owns the fleet state and every greenlet that works on it.
+
+Like Locust's Environment, the hub is handed to the proxy and the management app, which never
+import each other. It is built inside the gunicorn worker (after gevent patched it), by
+``wsgi.py`` or by ``paddler-sync balancer``'s embedded gunicorn, and it is the WSGI app gunicorn
+serves on the proxy address; the management server runs beside it, in the same worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import gevent
+from gevent.pool import Group, Pool
+from gevent.pywsgi import WSGIServer
+
+from paddler_sync.fleet.buffer import RequestBuffer
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.policy import Policy
+from paddler_sync.fleet.registry import Registry
+from paddler_sync.logs import log_greenlet_exception
+from paddler_sync.management.app import create_management_app
+from paddler_sync.proxy.app import ProxyApp
+
+logger = logging.getLogger("paddler_sync.balancer")
+SWEEP_SECONDS = 0.2
+MANAGEMENT_CONNECTIONS = 1000
+WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker exits with this
+
+
+class Balancer:
+    def __init__(self, options: argparse.Namespace, policy: Policy | None = None) -> None:
+        self.options = options
+        self.ledger = Ledger(policy)
+        self.registry = Registry(self.ledger, options.agent_missed_reports, options.max_agents)
+        self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
+        self.greenlets = Group()
+        self.shutting_down = False
+        self.proxy = ProxyApp(self)
+        self.management = create_management_app(self)
+        self.management_server: WSGIServer | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return self.proxy(environ, start_response)
+
+    def start(self) -> None:
+        addr = self.options.management_addr
+        server = WSGIServer((addr.host, addr.port), self.management, log=None, error_log=logger,
+                            spawn=Pool(MANAGEMENT_CONNECTIONS))
+        try:
+            server.start()
+        except OSError as exc:
+            logger.error("cannot listen for the management server on %s: %s. Another process holds the "
+                         "address, or gunicorn runs more than one worker (each would own its own ledger).",
+                         addr, exc.strerror)
+            sys.exit(WORKER_BOOT_ERROR)
+        self.management_server = server
+        self._spawn(self._sweep_forever, "registry-sweeper")
+        logger.info("management server on http://%s (agents report here; /api/v1/agents, /health)", addr)
+
+    def stop(self) -> None:
+        self.shutting_down = True
+        if self.management_server is not None:
+            self.management_server.stop(timeout=1)
+        self.greenlets.kill(block=True, timeout=2)
+
+    def _spawn(self, function: Any, name: str) -> None:
+        greenlet = self.greenlets.spawn(function)
+        greenlet.name = name
+        greenlet.link_exception(log_greenlet_exception(logger))
+
+    def _sweep_forever(self) -> None:
+        """Drop silent agents and lift expired quarantines (a lifted one may serve waiting requests)."""
+        while True:
+            self.registry.expire()
+            self.ledger.lift_expired_quarantines()
+            gevent.sleep(SWEEP_SECONDS)

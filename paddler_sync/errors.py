@@ -1,0 +1,28 @@
+"""Error bodies in the OpenAI shape, which every client of a llama.cpp fleet already parses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "server_error",
+         503: "unavailable_error", 504: "timeout_error"}
+
+REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
+           500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"),
+                      "code": code or REASONS.get(status, "error").lower().replace(" ", "_")}}
+
+
+def error_bytes(status: int, message: str, code: str | None = None) -> bytes:
+    return json.dumps(error_body(status, message, code)).encode()
+
+
+def status_line(status: int) -> str:
+    return f"{status} {REASONS.get(status, 'Error')}"

@@ -1,0 +1,144 @@
+"""The request buffer: requests that found no free slot wait here, in arrival order, never in llama.cpp.
+
+When a slot frees (a release, a report, a lifted quarantine) the ledger calls :meth:`dispatch`,
+which hands reservations straight to the oldest waiters that can use them, one slot to one waiter:
+no thundering herd, and a new arrival never overtakes a waiter. A waiter that times out, or whose
+client leaves, takes itself out of the queue and takes nothing with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gevent
+from gevent.event import AsyncResult
+
+from paddler_sync.fleet.ledger import Ledger, Reservation
+
+CLIENT_CHECK_SECONDS = 0.25
+
+
+class BufferRefusal(Exception):
+    """The request gets no slot; ``status`` and the message say what to answer."""
+
+    status = 503
+
+
+class BufferFull(BufferRefusal):
+    status = 429
+
+
+class BufferTimeout(BufferRefusal):
+    status = 504
+
+
+class BufferClosed(BufferRefusal):
+    status = 503
+
+
+class ClientGone(BufferRefusal):
+    status = 499
+
+
+@dataclass(eq=False)
+class Waiter:
+    exclude: frozenset[str]
+    since: float = field(default_factory=time.monotonic)
+    result: AsyncResult = field(default_factory=AsyncResult)
+
+
+@dataclass
+class BufferStats:
+    buffered_total: int = 0
+    served_after_wait: int = 0
+    rejected_full: int = 0
+    timed_out: int = 0
+    abandoned: int = 0
+
+
+class RequestBuffer:
+    def __init__(self, ledger: Ledger, max_waiting: int, timeout: float) -> None:
+        self.ledger = ledger
+        self.max_waiting = max_waiting
+        self.timeout = timeout
+        self.stats = BufferStats()
+        self._waiters: deque[Waiter] = deque()
+        self._closed_reason: str | None = None
+        ledger.on_capacity(self.dispatch)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def oldest_wait(self) -> float:
+        return time.monotonic() - self._waiters[0].since if self._waiters else 0.0
+
+    def acquire(self, client_gone: Callable[[], bool] | None = None,
+                exclude: frozenset[str] = frozenset()) -> tuple[Reservation, float]:
+        """A reservation and how long it waited; raises a BufferRefusal when there is none to give."""
+        if self._closed_reason:
+            raise BufferClosed(self._closed_reason)
+        if not self._waiters:
+            reservation = self.ledger.reserve(exclude)
+            if reservation is not None:
+                return reservation, 0.0
+        if len(self._waiters) >= self.max_waiting:
+            self.stats.rejected_full += 1
+            raise BufferFull(self._full_message())
+        return self._wait(Waiter(exclude), client_gone)
+
+    def dispatch(self) -> None:
+        """Hand free slots to the oldest waiters that can use them."""
+        for waiter in list(self._waiters):
+            if self.ledger.free_slots() == 0:
+                return
+            reservation = self.ledger.reserve(waiter.exclude)
+            if reservation is not None:
+                self._waiters.remove(waiter)
+                waiter.result.set(reservation)
+
+    def close(self, reason: str) -> None:
+        """Refuse new requests and send every waiter away (shutdown)."""
+        self._closed_reason = reason
+        while self._waiters:
+            self._waiters.popleft().result.set_exception(BufferClosed(reason))
+
+    def _wait(self, waiter: Waiter, client_gone: Callable[[], bool] | None) -> tuple[Reservation, float]:
+        self._waiters.append(waiter)
+        self.stats.buffered_total += 1
+        deadline = waiter.since + self.timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stats.timed_out += 1
+                    raise BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
+                                        f"(--buffered-request-timeout); retry later or add servers")
+                try:
+                    reservation = waiter.result.get(timeout=min(left, CLIENT_CHECK_SECONDS))
+                except gevent.Timeout:
+                    if client_gone is not None and client_gone():
+                        self.stats.abandoned += 1
+                        raise ClientGone("the client left while waiting") from None
+                    continue
+                self.stats.served_after_wait += 1
+                return reservation, time.monotonic() - waiter.since
+        except BaseException:
+            self._forget(waiter)
+            raise
+
+    def _forget(self, waiter: Waiter) -> None:
+        """A waiter leaving for any reason: out of the queue, and any slot it was handed goes back."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        elif waiter.result.successful():
+            self.ledger.release(waiter.result.value)
+
+    def _full_message(self) -> str:
+        if self.max_waiting == 0:
+            return "every llama.cpp slot is busy and buffering is off (--max-buffered-requests 0); retry later"
+        return (f"every llama.cpp slot is busy and {self.max_waiting} requests already wait "
+                f"(--max-buffered-requests); retry later")

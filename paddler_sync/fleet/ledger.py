@@ -1,0 +1,167 @@
+"""The slot ledger: how many slots each llama.cpp server has free, right now. The heart of the balancer.
+
+A slot is taken in :meth:`Ledger.reserve` and given back in :meth:`Ledger.release`; nothing else
+changes ``in_flight``. Agent reports (:meth:`Ledger.report`) bring the load this balancer did not
+send (another client, another balancer, a request llama.cpp still runs after its client left):
+
+    external = max(0, reported_processing - in_flight)     on each report
+    free     = max(0, total - in_flight - external - draining)
+
+The ledger does no I/O and never yields to the gevent hub, so each method is atomic without locks
+and property tests drive it directly. Reservations hold the record they were taken from, so a
+release after the server was removed (or removed and registered again) changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from paddler_sync.fleet.policy import MostFreeSlots, Policy, preference
+
+
+@dataclass(eq=False)
+class Upstream:
+    key: str
+    addr: str
+    total: int = 0
+    in_flight: int = 0
+    external: int = 0
+    draining: int = 0
+    routable: bool = False
+    quarantined_until: float | None = None
+
+    def is_quarantined(self, now: float) -> bool:
+        return self.quarantined_until is not None and now < self.quarantined_until
+
+    def is_usable(self, now: float) -> bool:
+        return self.routable and not self.is_quarantined(now)
+
+    def free(self, now: float) -> int:
+        if not self.is_usable(now):
+            return 0
+        return max(0, self.total - self.in_flight - self.external - self.draining)
+
+    @property
+    def busy(self) -> int:
+        """Slots the balancer believes are busy, capped at the total (for display and gauges)."""
+        return min(self.total, self.in_flight + self.external + self.draining)
+
+
+@dataclass(eq=False)
+class Reservation:
+    """One request's claim on a server; ``uses_slot`` is False for requests that need no slot."""
+
+    upstream: Upstream
+    uses_slot: bool = True
+    released: bool = False
+
+    @property
+    def addr(self) -> str:
+        return self.upstream.addr
+
+
+class Ledger:
+    def __init__(self, policy: Policy | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.policy: Policy = policy or MostFreeSlots()
+        self.clock = clock
+        self._upstreams: dict[str, Upstream] = {}
+        self._capacity_listeners: list[Callable[[], None]] = []
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Upstream | None:
+        return self._upstreams.get(key)
+
+    def upstreams(self) -> Iterable[Upstream]:
+        return self._upstreams.values()
+
+    def free_slots(self) -> int:
+        now = self.clock()
+        return sum(u.free(now) for u in self._upstreams.values())
+
+    def in_flight(self) -> int:
+        return sum(u.in_flight for u in self._upstreams.values())
+
+    # --- changes from agents ----------------------------------------------------------------------
+
+    def report(self, key: str, addr: str, total: int, processing: int, routable: bool) -> None:
+        upstream = self._upstreams.get(key)
+        if upstream is None or upstream.addr != addr:
+            upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
+        upstream.total = max(0, total)
+        upstream.external = max(0, processing - upstream.in_flight)
+        upstream.draining = 0
+        upstream.routable = routable
+        if routable:
+            upstream.quarantined_until = None
+        self._capacity_may_have_grown()
+
+    def remove(self, key: str) -> Upstream | None:
+        return self._upstreams.pop(key, None)
+
+    def quarantine(self, key: str, seconds: float) -> float | None:
+        upstream = self._upstreams.get(key)
+        if upstream is None:
+            return None
+        upstream.quarantined_until = self.clock() + seconds
+        return upstream.quarantined_until
+
+    def lift_expired_quarantines(self) -> list[str]:
+        now = self.clock()
+        lifted = [u.key for u in self._upstreams.values()
+                  if u.quarantined_until is not None and now >= u.quarantined_until]
+        for key in lifted:
+            self._upstreams[key].quarantined_until = None
+        if lifted:
+            self._capacity_may_have_grown()
+        return lifted
+
+    # --- taking and giving back ----------------------------------------------------------------------
+
+    def reserve(self, exclude: frozenset[str] = frozenset()) -> Reservation | None:
+        """Take one slot on the server the policy picks, or None when no server may take a request."""
+        upstream = self.policy.choose(self._candidates(exclude), self.clock())
+        if upstream is None:
+            return None
+        upstream.in_flight += 1
+        return Reservation(upstream)
+
+    def pick_without_slot(self, exclude: frozenset[str] = frozenset()) -> Reservation | None:
+        """Any usable server, for requests that run no llama.cpp task (health, models, tokenize...)."""
+        now = self.clock()
+        usable = [u for u in self._candidates(exclude) if u.is_usable(now)]
+        if not usable:
+            return None
+        return Reservation(min(usable, key=lambda u: preference(u, now)), uses_slot=False)
+
+    def release(self, reservation: Reservation, draining: bool = False) -> bool:
+        """Give the slot back (idempotent). ``draining``: llama.cpp may still run it (client left a
+        non-streaming request), so keep the slot counted busy until the next report shows it."""
+        if reservation.released:
+            return False
+        reservation.released = True
+        upstream = reservation.upstream
+        if not reservation.uses_slot or self._upstreams.get(upstream.key) is not upstream:
+            return False
+        upstream.in_flight -= 1
+        if draining:
+            upstream.draining += 1
+        self._capacity_may_have_grown()
+        return True
+
+    # --- listeners -----------------------------------------------------------------------------------
+
+    def on_capacity(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a slot may have become free (the request buffer dispatches then)."""
+        self._capacity_listeners.append(listener)
+
+    def _capacity_may_have_grown(self) -> None:
+        for listener in self._capacity_listeners:
+            listener()
+
+    def _candidates(self, exclude: frozenset[str]) -> list[Upstream]:
+        if not exclude:
+            return list(self._upstreams.values())
+        return [u for u in self._upstreams.values() if u.key not in exclude]

@@ -1,0 +1,55 @@
+"""Which server gets the next request: a small, swappable choice.
+
+The default sends each request to the server with the most free slots; ties go to the one with
+fewer requests in flight from this balancer, then to the lowest address, so the order is stable
+and equal servers fill in turn. Benchmarks swap in round robin and least-connections through the
+same ``choose`` seam; routing by model, prompt-cache affinity and context fit will plug in here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from paddler_sync.fleet.ledger import Upstream
+
+
+class Policy(Protocol):
+    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None: ...
+
+
+def preference(upstream: Upstream, now: float) -> tuple[int, int, str]:
+    """Smaller is better: most free slots, then fewest in flight, then the address."""
+    return (-upstream.free(now), upstream.in_flight, upstream.addr)
+
+
+class MostFreeSlots:
+    """Only servers with a free slot qualify: a request never waits inside a busy llama.cpp."""
+
+    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
+        best = min(upstreams, key=lambda u: preference(u, now), default=None)
+        return best if best is not None and best.free(now) > 0 else None
+
+
+class RoundRobin:
+    """Slot-blind baseline: every usable server in turn, full or not (llama.cpp queues the excess)."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
+        usable = sorted((u for u in upstreams if u.is_usable(now)), key=lambda u: u.addr)
+        return usable[next(self._turn) % len(usable)] if usable else None
+
+
+class LeastConnections:
+    """Slot-blind baseline: the usable server with the fewest requests in flight from this balancer."""
+
+    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
+        usable = [u for u in upstreams if u.is_usable(now)]
+        return min(usable, key=lambda u: (u.in_flight, u.addr), default=None)
+
+
+POLICIES = {"slots": MostFreeSlots, "round-robin": RoundRobin, "least-connections": LeastConnections}

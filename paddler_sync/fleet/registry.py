@@ -1,0 +1,116 @@
+"""Registered agents: who reported what and when, and when an agent counts as gone.
+
+The registry owns the agents' descriptions (name, state, error, last update); it feeds each
+report's slot numbers to the ledger, which owns the slot counts. An agent that misses
+``missed_reports`` of its own intervals is dropped, and its server with it. Registrations,
+removals and state changes are logged once each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.reports import AgentReport, ReportError
+from paddler_sync.llamacpp import HINTS, ServerState
+
+logger = logging.getLogger("paddler_sync.registry")
+TAKEOVER_AFTER_MISSED = 1.5  # a silent agent's address may be claimed by a new agent after this many intervals
+
+
+@dataclass
+class AgentRecord:
+    agent_id: str
+    report: AgentReport
+    first_seen: float
+    last_update: float = field(default=0.0)
+    reports: int = 0
+
+
+class Registry:
+    def __init__(self, ledger: Ledger, missed_reports: int = 3, max_agents: int = 10_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.missed_reports = missed_reports
+        self.max_agents = max_agents
+        self.clock = clock
+        self._agents: dict[str, AgentRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def records(self) -> list[AgentRecord]:
+        return list(self._agents.values())
+
+    def get(self, agent_id: str) -> AgentRecord | None:
+        return self._agents.get(agent_id)
+
+    def apply(self, agent_id: str, report: AgentReport) -> bool:
+        """Take one report; True when it registered a new agent. Conflicts raise ReportError(409)."""
+        now = self.clock()
+        record = self._agents.get(agent_id)
+        if record is not None and record.report.external_llamacpp_addr != report.external_llamacpp_addr:
+            raise ReportError(409, f"agent id {agent_id} is registered for {record.report.external_llamacpp_addr}, "
+                                   f"not {report.external_llamacpp_addr}: each agent process needs its own id")
+        if record is None:
+            self._claim_address(agent_id, report, now)
+            if len(self._agents) >= self.max_agents:
+                raise ReportError(429, f"the balancer already has {self.max_agents} agents, its limit")
+            record = self._agents[agent_id] = AgentRecord(agent_id, report, first_seen=now)
+            logger.info("registered agent %s%s for llama.cpp at %s (%s)", agent_id, _named(report),
+                        report.external_llamacpp_addr, report.state)
+        elif record.report.state != report.state:
+            _log_state_change(agent_id, record.report, report)
+        record.report = report
+        record.last_update = now
+        record.reports += 1
+        self.ledger.report(agent_id, report.external_llamacpp_addr,
+                           total=report.slots_idle + report.slots_processing,
+                           processing=report.slots_processing, routable=report.is_ready)
+        return record.reports == 1
+
+    def remove(self, agent_id: str, why: str) -> bool:
+        record = self._agents.pop(agent_id, None)
+        if record is None:
+            return False
+        self.ledger.remove(agent_id)
+        logger.info("removed agent %s%s at %s: %s", agent_id, _named(record.report),
+                    record.report.external_llamacpp_addr, why)
+        return True
+
+    def expire(self) -> list[str]:
+        """Drop agents that missed too many reports; returns their ids."""
+        now = self.clock()
+        stale = [r for r in self._agents.values()
+                 if now - r.last_update > self.missed_reports * r.report.monitoring_interval]
+        for record in stale:
+            self.remove(record.agent_id, f"no report for {now - record.last_update:.1f}s "
+                                         f"({self.missed_reports} intervals of {record.report.monitoring_interval:g}s)")
+        return [r.agent_id for r in stale]
+
+    def _claim_address(self, agent_id: str, report: AgentReport, now: float) -> None:
+        """One llama.cpp server, one agent: a second live agent for the same address would double its slots."""
+        for other in list(self._agents.values()):
+            if other.report.external_llamacpp_addr != report.external_llamacpp_addr:
+                continue
+            silent_for = now - other.last_update
+            if silent_for < TAKEOVER_AFTER_MISSED * other.report.monitoring_interval:
+                raise ReportError(409, f"llama.cpp at {report.external_llamacpp_addr} is already reported by agent "
+                                       f"{other.agent_id}: run one agent per llama.cpp server")
+            self.remove(other.agent_id, f"replaced by agent {agent_id} after {silent_for:.1f}s of silence")
+
+
+def _named(report: AgentReport) -> str:
+    return f" ({report.agent_name})" if report.agent_name else ""
+
+
+def _log_state_change(agent_id: str, before: AgentReport, after: AgentReport) -> None:
+    state = ServerState(after.state)
+    if state is ServerState.READY:
+        logger.info("agent %s%s: llama.cpp is ready again (was %s)", agent_id, _named(after), before.state)
+    else:
+        logger.warning("agent %s%s: llama.cpp is %s: %s (%s)", agent_id, _named(after), state.value,
+                       after.error, HINTS[state])

@@ -1,0 +1,156 @@
+"""What a llama.cpp server says about itself, in every dialect, reduced to one small model.
+
+``/slots`` is the one reliable source of busy slots (``is_processing`` since b4027, ``state`` 0/1
+from b3606 to b4026); ``/props`` adds the slot total, the model and the build. Every poll sends
+``Connection: close``: a kept-alive poller would pin one of llama.cpp's few HTTP threads
+(shared/reference/proxy-anchors.md, observation 8).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from paddler_sync.addresses import Address
+
+
+class ServerState(str, enum.Enum):
+    READY = "ready"
+    UNREACHABLE = "unreachable"
+    UNAUTHORIZED = "unauthorized"
+    SLOTS_DISABLED = "slots_disabled"
+    LOADING = "loading"
+    MALFORMED = "malformed"
+    UNEXPECTED_STATUS = "unexpected_status"
+
+
+HINTS: dict[ServerState, str] = {
+    ServerState.UNREACHABLE: "check that llama-server is running and listening on the agent's "
+                             "--local-llamacpp-addr",
+    ServerState.UNAUTHORIZED: "llama.cpp wants an API key: pass it to the agent with --llamacpp-api-key=YOURKEY",
+    ServerState.SLOTS_DISABLED: "the slots endpoint is off: start llama-server with --slots",
+    ServerState.LOADING: "llama.cpp is still loading its model",
+    ServerState.MALFORMED: "llama.cpp's /slots answer could not be read: is this a llama.cpp server?",
+    ServerState.UNEXPECTED_STATUS: "llama.cpp answered /slots with an unexpected status",
+}
+
+
+@dataclass(frozen=True)
+class SlotsReading:
+    state: ServerState
+    error: str | None = None
+    slots_idle: int = 0
+    slots_processing: int = 0
+
+    @property
+    def is_authorized(self) -> bool | None:
+        """Paddler's tri-state: known good, known refused, or not known (error, slots off)."""
+        if self.state is ServerState.READY:
+            return True
+        return False if self.state is ServerState.UNAUTHORIZED else None
+
+    @property
+    def is_slots_endpoint_enabled(self) -> bool | None:
+        if self.state is ServerState.READY:
+            return True
+        return False if self.state is ServerState.SLOTS_DISABLED else None
+
+
+@dataclass(frozen=True)
+class Props:
+    total_slots: int | None = None
+    model: str | None = None
+    build: str | None = None
+
+
+class MalformedSlots(ValueError):
+    pass
+
+
+def count_slots(body: Any) -> tuple[int, int]:
+    """(idle, processing) from a /slots body of any dialect."""
+    if not isinstance(body, list):
+        raise MalformedSlots("expected a JSON array of slots")
+    processing = 0
+    for slot in body:
+        if not isinstance(slot, dict):
+            raise MalformedSlots("expected each slot to be a JSON object")
+        if isinstance(slot.get("is_processing"), bool):
+            processing += slot["is_processing"]
+        elif slot.get("state") in (0, 1) and not isinstance(slot.get("state"), bool):
+            processing += slot["state"]
+        else:
+            raise MalformedSlots("a slot has neither 'is_processing' nor 'state'")
+    return len(body) - processing, processing
+
+
+def parse_props(body: Any) -> Props:
+    if not isinstance(body, dict):
+        return Props()
+    total = body.get("total_slots")
+    model = body.get("model_path") or (body.get("default_generation_settings") or {}).get("model")
+    build = body.get("build_info")
+    return Props(total_slots=total if isinstance(total, int) and not isinstance(total, bool) else None,
+                 model=model if isinstance(model, str) else None,
+                 build=build if isinstance(build, str) else None)
+
+
+class LlamaCppClient:
+    def __init__(self, addr: Address, api_key: str | None, timeout: float) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.headers.update({"Accept": "application/json", "Connection": "close"})
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def read_slots(self) -> SlotsReading:
+        url = f"{self.addr.url}/slots"
+        try:
+            response = self.session.get(url, timeout=self.timeout)
+        except requests.RequestException as exc:
+            return SlotsReading(ServerState.UNREACHABLE, f"request to {url} failed: {_reason(exc)}")
+        status = response.status_code
+        if status == 401:
+            return SlotsReading(ServerState.UNAUTHORIZED, "Unauthorized: llama.cpp refused the API key")
+        if status == 501:
+            return SlotsReading(ServerState.SLOTS_DISABLED, "Not implemented: llama.cpp serves no /slots")
+        if status == 503:
+            return SlotsReading(ServerState.LOADING, f"llama.cpp is not ready: {_error_message(response)}")
+        if status != 200:
+            return SlotsReading(ServerState.UNEXPECTED_STATUS, f"/slots answered HTTP {status}")
+        try:
+            idle, processing = count_slots(response.json())
+        except ValueError as exc:
+            return SlotsReading(ServerState.MALFORMED, f"malformed /slots answer: {exc}")
+        return SlotsReading(ServerState.READY, None, idle, processing)
+
+    def read_props(self) -> Props:
+        try:
+            response = self.session.get(f"{self.addr.url}/props", timeout=self.timeout)
+            return parse_props(response.json()) if response.status_code == 200 else Props()
+        except (requests.RequestException, ValueError):
+            return Props()
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """The innermost cause, without urllib3's object reprs."""
+    if isinstance(exc, requests.ConnectTimeout | requests.ReadTimeout):
+        return "timed out"
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "No route to host",
+                   "Connection reset", "Remote end closed", "Temporary failure in name resolution"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__

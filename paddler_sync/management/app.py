@@ -1,0 +1,67 @@
+"""The management server: agent reports in, the fleet's state out (JSON API, health).
+
+Routes:
+    POST   /api/v1/agents/<agent_id>/report   an agent report (paddler_sync.fleet.reports)
+    DELETE /api/v1/agents/<agent_id>          deregister
+    GET    /api/v1/agents                     {"agents": [...]} with Paddler's field names and ours
+    GET    /health                            the fleet in one object; 200 while the balancer serves
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from paddler_sync.errors import error_body
+from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
+from paddler_sync.management import views
+
+if TYPE_CHECKING:
+    from paddler_sync.balancer import Balancer
+
+
+def create_management_app(balancer: Balancer) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    @app.post("/api/v1/agents/<agent_id>/report")
+    def agent_report(agent_id: str) -> tuple[Response, int]:
+        try:
+            check_agent_id(agent_id)
+            report = parse_report(request.get_data(cache=False))
+            registered = balancer.registry.apply(agent_id, report)
+        except ReportError as exc:
+            return _error(exc.status, str(exc))
+        return jsonify({"status": "registered" if registered else "accepted", "agent_id": agent_id}), 200
+
+    @app.delete("/api/v1/agents/<agent_id>")
+    def agent_deregister(agent_id: str) -> tuple[Response, int]:
+        if not balancer.registry.remove(agent_id, "deregistered by the agent"):
+            return _error(404, f"no agent {agent_id} is registered")
+        return jsonify({"status": "removed", "agent_id": agent_id}), 200
+
+    @app.get("/api/v1/agents")
+    def agents() -> Response:
+        return jsonify({"agents": views.agents_json(balancer)})
+
+    @app.get("/health")
+    def health() -> tuple[Response, int]:
+        body = views.health_json(balancer)
+        return jsonify(body), 200 if body["status"] == "ok" else 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        if status == 413:
+            return _error(413, f"a report may have at most {MAX_REPORT_BYTES} bytes")
+        return _error(status, exc.description or exc.name)
+
+    return app
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    body: dict[str, Any] = error_body(status, message)
+    return jsonify(body), status

@@ -1,0 +1,247 @@
+"""The reverse proxy: where a request goes, where its slot is taken, and where it is given back.
+
+    __call__      read the (bounded) body; decide whether the path takes a slot
+    _connect      take a slot (or wait in the buffer), open the upstream request; on a refused
+                  connection quarantine that server and try another, while nothing was sent
+    Relay         stream each upstream chunk to the client as it arrives
+    Relay.close   the one place a slot is given back: normal end, client gone, upstream error
+
+The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot leak.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import requests
+import urllib3.exceptions
+
+from paddler_sync.errors import error_bytes, status_line
+from paddler_sync.fleet.buffer import BufferRefusal, ClientGone
+from paddler_sync.fleet.ledger import Reservation
+from paddler_sync.proxy import upstream as up
+
+if TYPE_CHECKING:
+    from paddler_sync.balancer import Balancer
+
+logger = logging.getLogger("paddler_sync.proxy")
+access_log = logging.getLogger("paddler_sync.access")
+StartResponse = Callable[..., Any]
+MAX_CONNECT_ATTEMPTS = 16
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+class ProxyApp:
+    def __init__(self, balancer: Balancer) -> None:
+        options = balancer.options
+        self.balancer = balancer
+        self.ledger = balancer.ledger
+        self.buffer = balancer.buffer
+        self.session = up.make_session(options.upstream_pool_size)
+        self.timeout = (options.upstream_connect_timeout, options.upstream_read_timeout)
+        self.rewrite_host = options.rewrite_host_header
+        self.slots_endpoint = options.slots_endpoint_enable
+        self.max_body = options.max_request_body
+        self.quarantine_seconds = options.quarantine_duration
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Relay | list[bytes]:
+        started = time.monotonic()
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+        try:
+            self._refuse_slots_endpoint(path)
+            body = self._read_body(environ)
+            takes_slot = up.uses_slot(method, path)
+            reservation, response, waited = self._connect(environ, body, takes_slot)
+        except ProxyError as exc:
+            self._log(environ, exc.status, None, 0.0, started)
+            body = error_bytes(exc.status, str(exc))
+            start_response(status_line(exc.status), [("Content-Type", "application/json"),
+                                                      ("Content-Length", str(len(body))), *exc.headers])
+            return [body]
+        start_response(f"{response.status_code} {response.reason}", up.response_headers(response))
+        return self._relay(environ, response, reservation, waited, started)
+
+    # --- before the response ------------------------------------------------------------------------
+
+    def _refuse_slots_endpoint(self, path: str) -> None:
+        if not self.slots_endpoint and (path == "/slots" or path.startswith("/slots/")):
+            raise ProxyError(403, "/slots is not served through the balancer: it shows other users' prompts. "
+                                  "Start the balancer with --slots-endpoint-enable to allow it.")
+
+    def _read_body(self, environ: dict[str, Any]) -> bytes:
+        length = environ.get("CONTENT_LENGTH")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise ProxyError(413, f"the request body has {length} bytes; this balancer forwards at most "
+                                  f"{self.max_body} (--max-request-body)")
+        body = environ["wsgi.input"].read(self.max_body + 1)
+        if len(body) > self.max_body:
+            raise ProxyError(413, f"the request body is larger than {self.max_body} bytes (--max-request-body)")
+        return body
+
+    def _connect(self, environ: dict[str, Any], body: bytes,
+                 takes_slot: bool) -> tuple[Reservation, requests.Response, float]:
+        """Reserve and connect, skipping servers that refuse connections, while nothing was sent."""
+        tried: set[str] = set()
+        waited = 0.0
+        for _ in range(MAX_CONNECT_ATTEMPTS):
+            reservation, wait = self._reserve(environ, takes_slot, frozenset(tried))
+            waited += wait
+            try:
+                return reservation, self._send(environ, body, reservation), waited
+            except requests.RequestException as exc:
+                self.ledger.release(reservation)
+                if not up.is_connect_failure(exc):
+                    raise self._upstream_error(reservation, exc) from None
+                self._quarantine(reservation, exc)
+                tried.add(reservation.upstream.key)
+        raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts")
+
+    def _reserve(self, environ: dict[str, Any], takes_slot: bool,
+                 exclude: frozenset[str]) -> tuple[Reservation, float]:
+        if not takes_slot:
+            reservation = self.ledger.pick_without_slot(exclude)
+            if reservation is None:
+                raise ProxyError(503, "no llama.cpp server is ready to answer; agents register them "
+                                      "(see /api/v1/agents on the management server)", [("Retry-After", "1")])
+            return reservation, 0.0
+        try:
+            return self.buffer.acquire(client_gone(environ), exclude)
+        except ClientGone as exc:
+            raise ProxyError(499, str(exc)) from None
+        except BufferRefusal as exc:
+            retry = [("Retry-After", str(max(1, round(self.buffer.timeout))))] if exc.status in (429, 503) else []
+            raise ProxyError(exc.status, str(exc), retry) from None
+
+    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation) -> requests.Response:
+        raw_uri = environ.get("RAW_URI", "")
+        target = raw_uri if raw_uri.startswith("/") else _path_and_query(environ)
+        url = f"http://{reservation.addr}{target}"
+        headers = up.request_headers(environ, reservation.addr, self.rewrite_host, len(body))
+        return self.session.request(environ["REQUEST_METHOD"], url, data=body or None, headers=headers,
+                                    stream=True, timeout=self.timeout, allow_redirects=False)
+
+    def _quarantine(self, reservation: Reservation, exc: Exception) -> None:
+        until = self.ledger.quarantine(reservation.upstream.key, self.quarantine_seconds)
+        if until is not None:
+            logger.warning("quarantined llama.cpp at %s for %gs: connection failed (%s); trying another server",
+                           reservation.addr, self.quarantine_seconds, type(exc).__name__)
+
+    def _upstream_error(self, reservation: Reservation, exc: Exception) -> ProxyError:
+        if isinstance(exc, requests.ReadTimeout):
+            logger.warning("llama.cpp at %s sent no response within %gs", reservation.addr, self.timeout[1])
+            return ProxyError(504, f"the llama.cpp server did not answer within {self.timeout[1]:g}s "
+                                   f"(--upstream-read-timeout)")
+        logger.warning("llama.cpp at %s failed before answering: %s", reservation.addr, exc)
+        return ProxyError(502, f"the llama.cpp server failed before answering ({type(exc).__name__})")
+
+    # --- the response ---------------------------------------------------------------------------------
+
+    def _relay(self, environ: dict[str, Any], response: requests.Response, reservation: Reservation,
+               waited: float, started: float) -> Relay:
+        return Relay(self, environ, response, reservation, waited, started)
+
+    def _log(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
+             started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused") -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        now = time.monotonic()
+        ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"
+        access_log.info('%s "%s %s" %d upstream=%s wait=%.1fms ttfb=%s duration=%.1fms bytes=%d end=%s',
+                        environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"),
+                        status, reservation.addr if reservation else "-", waited * 1000, ttfb,
+                        (now - started) * 1000, sent, ending)
+
+
+class Relay:
+    """The response body: each upstream chunk is passed on as it arrives.
+
+    A WSGI server calls ``close()`` however the response ends (even before the first chunk, when
+    a generator's own ``finally`` would never run), so the slot is given back there, exactly once.
+    """
+
+    def __init__(self, proxy: ProxyApp, environ: dict[str, Any], response: requests.Response,
+                 reservation: Reservation, waited: float, started: float) -> None:
+        self.proxy = proxy
+        self.environ = environ
+        self.response = response
+        self.reservation = reservation
+        self.waited = waited
+        self.started = started
+        self.sent = 0
+        self.first_byte: float | None = None
+        self.ending = "client_gone"
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self.response.raw.stream(None, decode_content=False):
+                if self.first_byte is None:
+                    self.first_byte = time.monotonic()
+                self.sent += len(chunk)
+                yield chunk
+            self.ending = "done"
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self.ending = "upstream_error"
+            logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
+                           self.sent, type(exc).__name__)
+            abort_client_connection(self.environ)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the upstream connection at once (llama.cpp frees its slot too), then give the slot back."""
+        if self.closed:
+            return
+        self.closed = True
+        self.response.close()
+        draining = self.ending == "upstream_error" and self.reservation.uses_slot
+        self.proxy.ledger.release(self.reservation, draining=draining)
+        self.proxy._log(self.environ, self.response.status_code, self.reservation, self.waited, self.started,
+                        self.first_byte, self.sent, self.ending)
+
+
+def _path_and_query(environ: dict[str, Any]) -> str:
+    query = environ.get("QUERY_STRING")
+    path = environ.get("PATH_INFO") or "/"
+    return f"{path}?{query}" if query else path
+
+
+def client_socket(environ: dict[str, Any]) -> socket.socket | None:
+    return environ.get("gunicorn.socket")
+
+
+def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
+    """A check that the client closed its connection while its request waits (nothing is written then)."""
+    sock = client_socket(environ)
+    if sock is None:
+        return None
+
+    def check() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    return check
+
+
+def abort_client_connection(environ: dict[str, Any]) -> None:
+    """End a response visibly broken (no final chunk) when the upstream broke off mid-stream."""
+    sock = client_socket(environ)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -1,0 +1,88 @@
+"""Talking to llama.cpp: the pooled requests session, header rules, and which paths take a slot.
+
+The session trusts no environment (no proxy, netrc or CA-bundle lookups on every request: a free
++29 % in shared/reference/proxy-anchors.md), sends only the client's headers, never retries a
+request that reached a server, and forwards bodies byte for byte (no decoding), so Content-Length
+and Content-Encoding stay true.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+# Paths that become a llama.cpp task and so need a slot (native and OpenAI-compatible names).
+SLOT_PATHS = frozenset({
+    "/completion", "/completions", "/v1/completions", "/chat/completions", "/v1/chat/completions",
+    "/infill", "/embedding", "/embeddings", "/v1/embeddings",
+    "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",
+})
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+
+
+def uses_slot(method: str, path: str) -> bool:
+    return method == "POST" and path in SLOT_PATHS
+
+
+def make_session(pool_size: int) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.headers = CaseInsensitiveDict()
+    adapter = HTTPAdapter(pool_connections=64, pool_maxsize=pool_size, pool_block=False, max_retries=0)
+    session.mount("http://", adapter)
+    # A full pool discards the extra connection: expected under bursts, not worth a warning per request.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    return session
+
+
+def request_headers(environ: dict[str, Any], upstream_addr: str, rewrite_host: bool,
+                    body_length: int) -> dict[str, str]:
+    """The client's headers minus hop-by-hop ones, plus X-Forwarded-*; Host kept unless rewritten."""
+    connection_tokens = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:].replace("_", "-").title()
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in connection_tokens or lowered == "content-length":
+            continue
+        headers[name] = value
+    if environ.get("CONTENT_TYPE"):
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    if body_length or environ["REQUEST_METHOD"] in ("POST", "PUT", "PATCH"):
+        headers["Content-Length"] = str(body_length)
+    if rewrite_host or "Host" not in headers:
+        headers["Host"] = upstream_addr
+    client = environ.get("REMOTE_ADDR", "")
+    previous = headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{previous}, {client}" if previous else client
+    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
+    return headers
+
+
+def response_headers(upstream: requests.Response) -> list[tuple[str, str]]:
+    connection_tokens = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}
+    headers = [(k, v) for k, v in upstream.headers.items()
+               if k.lower() not in HOP_BY_HOP and k.lower() not in connection_tokens]
+    if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        headers.append(("X-Accel-Buffering", "no"))
+        if "Cache-Control" not in upstream.headers:
+            headers.append(("Cache-Control", "no-cache"))
+    return headers
+
+
+def is_connect_failure(exc: requests.RequestException) -> bool:
+    """True when nothing reached the server (refused, unreachable, connect timeout): safe to retry elsewhere."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    inner = getattr(reason, "reason", reason)
+    return isinstance(inner, NewConnectionError | ConnectTimeoutError)

@@ -1,0 +1,124 @@
+"""Serving the balancer with gunicorn: the app factory, and ``paddler-sync balancer``'s embedded gunicorn.
+
+The factory runs inside the gunicorn worker, after gevent patched it (never with --preload: the
+app would then be imported unpatched in the master). One worker owns the in-process ledger, so a
+second worker would split it: the factory refuses to start in that case, and says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from gunicorn.app.base import BaseApplication
+
+from paddler_sync.settings import parse_settings
+
+if TYPE_CHECKING:
+    from paddler_sync.balancer import Balancer
+
+logger = logging.getLogger("paddler_sync.server")
+APP_LOAD_ERROR = 4  # gunicorn halts when a worker exits with this: a bad setting must not respawn forever
+WORKER_BOOT_ERROR = 3
+
+
+def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
+    """Build and start the balancer in this gunicorn worker; ``wsgi.py`` calls it with no options."""
+    from paddler_sync.patching import patch
+
+    patch()
+    if options is None:
+        options = settings_from_environment()
+    from paddler_sync.balancer import Balancer
+    from paddler_sync.logs import setup_logging
+
+    setup_logging(options.log_level)
+    worker = current_gunicorn_worker()
+    if worker is not None:
+        check_gunicorn_worker(worker, options)
+    balancer = Balancer(options)
+    balancer.start()
+    return balancer
+
+
+def settings_from_environment() -> argparse.Namespace:
+    """Under gunicorn, argv is gunicorn's: settings come from conf/balancer.conf and PADDLER_* only."""
+    try:
+        return parse_settings("balancer", args=[])
+    except SystemExit:
+        sys.exit(APP_LOAD_ERROR)
+
+
+def current_gunicorn_worker() -> Any:
+    """The gunicorn worker loading this app, found on the call stack (gunicorn hands apps no handle)."""
+    try:
+        from gunicorn.workers.base import Worker
+    except ImportError:  # pragma: no cover - gunicorn is a dependency
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Worker):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def check_gunicorn_worker(worker: Any, options: argparse.Namespace) -> None:
+    cfg = worker.cfg
+    if cfg.workers != 1:
+        logger.error("refusing to start: gunicorn runs %d workers, and each would keep its own slot ledger, "
+                     "so two workers could both send a request to the last free slot. Run one worker "
+                     "(-w 1, and check WEB_CONCURRENCY); one gevent worker serves thousands of streams.",
+                     cfg.workers)
+        sys.exit(WORKER_BOOT_ERROR)
+    if "gevent" not in str(cfg.worker_class_str).lower():
+        logger.error("refusing to start: gunicorn's worker class is %s; run it with -k gevent, or every "
+                     "stream would hold a whole worker", cfg.worker_class_str)
+        sys.exit(WORKER_BOOT_ERROR)
+    binds = [str(b) for b in cfg.bind]
+    if str(options.reverseproxy_addr) not in binds:
+        logger.warning("gunicorn binds %s but --reverseproxy-addr is %s: the proxy serves on gunicorn's bind",
+                       ", ".join(binds), options.reverseproxy_addr)
+
+
+def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
+    """What the embedded gunicorn runs with; conf/gunicorn.conf.py sets the same for the bare command."""
+    return {
+        "bind": [str(options.reverseproxy_addr)],
+        "worker_class": "gevent",
+        "workers": 1,
+        "worker_connections": options.max_client_connections,
+        "graceful_timeout": 30,
+        "timeout": 30,
+        "keepalive": 5,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": options.log_level,
+        "proc_name": "paddler-sync-balancer",
+        # gunicornc could add workers at run time, splitting the ledger; several balancers would also
+        # fight over one default socket path.
+        "control_socket_disable": True,
+    }
+
+
+class BalancerApplication(BaseApplication):
+    """gunicorn, embedded: ``paddler-sync balancer`` needs no gunicorn command line."""
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_settings(self.options).items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Balancer:
+        return create_balancer(self.options)
+
+
+def run_balancer(options: argparse.Namespace) -> int:
+    BalancerApplication(options).run()
+    return 0

@@ -1,0 +1,174 @@
+"""Real processes on free loopback ports: simulators, agents, balancers (embedded or bare gunicorn).
+
+Every process runs from a scratch working directory (so conf/*.conf of the checkout is not read),
+logs to a file the test can read, and is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last error: {last_error!r})")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+class Fleet:
+    """Starts and tracks processes for one test."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def spawn(self, name: str, argv: list[str], port: int | None = None, env: dict[str, str] | None = None,
+              wait_port: bool = True, timeout: float = 15.0) -> Proc:
+        log_path = self.workdir / f"{name}-{len(self.procs)}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLER_")}
+        full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+        full_env.update(env or {})
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(argv, cwd=self.workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        proc = Proc(name, popen, log_path, port)
+        self.procs.append(proc)
+        if port is not None and wait_port:
+            wait_until(lambda: port_open(port) or not proc.alive(), timeout, message=f"{name} on port {port}")
+            if not proc.alive():
+                raise AssertionError(f"{name} exited early:\n{proc.log()}")
+        return proc
+
+    def simulator(self, *args: str, port: int | None = None, **kwargs: Any) -> Proc:
+        port = port or free_port()
+        return self.spawn("simulator", [PYTHON, "-m", "paddler_sync", "simulate", "--addr", f"127.0.0.1:{port}",
+                                        *args], port, **kwargs)
+
+    def agent(self, llamacpp_port: int, management_port: int, *args: str, interval: float = 0.2,
+              **kwargs: Any) -> Proc:
+        return self.spawn("agent", [PYTHON, "-m", "paddler_sync", "agent",
+                                    "--local-llamacpp-addr", f"127.0.0.1:{llamacpp_port}",
+                                    "--management-addr", f"127.0.0.1:{management_port}",
+                                    "--monitoring-interval", str(interval), *args], None, **kwargs)
+
+    def balancer(self, *args: str, proxy_port: int | None = None, management_port: int | None = None,
+                 **kwargs: Any) -> Proc:
+        proxy_port = proxy_port or free_port()
+        management_port = management_port or free_port()
+        proc = self.spawn("balancer", [PYTHON, "-m", "paddler_sync", "balancer",
+                                       "--reverseproxy-addr", f"127.0.0.1:{proxy_port}",
+                                       "--management-addr", f"127.0.0.1:{management_port}", *args],
+                          management_port, **kwargs)
+        wait_until(lambda: port_open(proxy_port), message="the proxy port")
+        proc.extra.update(proxy=f"http://127.0.0.1:{proxy_port}", management=f"http://127.0.0.1:{management_port}",
+                          proxy_port=proxy_port, management_port=management_port)
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.alive():
+                try:
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.popen.wait(5)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.cleanup()
+
+
+def agents(balancer: Proc) -> list[dict[str, Any]]:
+    return requests.get(f"{balancer.extra['management']}/api/v1/agents", timeout=5).json()["agents"]
+
+
+def agent_named(balancer: Proc, name: str) -> dict[str, Any] | None:
+    return next((a for a in agents(balancer) if a["agent_name"] == name), None)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 20) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLER_")}
+    full_env.update({"PYTHONPATH": str(ROOT)})
+    full_env.update(env or {})
+    return subprocess.run([PYTHON, "-m", "paddler_sync", *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd or ROOT, timeout=timeout)

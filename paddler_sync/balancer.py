@@ -60,6 +60,10 @@ class Balancer:
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")
         logger.info("management server on http://%s (agents report here; /api/v1/agents, /health)", addr)
+        if self.options.management_path_prefix:
+            logger.warning("the management API is also served under %s on the proxy port: anyone who reaches the "
+                           "proxy can register servers there, so keep that path behind your platform's access "
+                           "control", self.options.management_path_prefix)
 
     def stop(self) -> None:
         self.shutting_down = True

@@ -17,7 +17,7 @@ import requests
 from paddler_sync.addresses import Address
 
 
-class ServerState(str, enum.Enum):
+class ServerState(enum.StrEnum):
     READY = "ready"
     UNREACHABLE = "unreachable"
     UNAUTHORIZED = "unauthorized"

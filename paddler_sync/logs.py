@@ -20,10 +20,10 @@ def setup_logging(level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def log_greenlet_exception(logger: logging.Logger):  # noqa: ANN201 - a link callback
+def log_greenlet_exception(logger: logging.Logger):
     """A ``link_exception`` callback: a greenlet that dies must never die silently."""
 
-    def report(greenlet) -> None:  # noqa: ANN001
+    def report(greenlet) -> None:
         logger.error("greenlet %s died: %r", getattr(greenlet, "name", greenlet), greenlet.exception,
                      exc_info=(type(greenlet.exception), greenlet.exception, greenlet.exception.__traceback__))
 

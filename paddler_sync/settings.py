@@ -27,7 +27,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # --- value parsers: each raises ArgumentTypeError with what was expected -------------------------
 
 
-def address(text: str):  # noqa: ANN201 - returns Address
+def address(text: str):
     try:
         return parse_address(text)
     except AddressError as exc:
@@ -135,6 +135,12 @@ def text_value(text: str) -> str:
     return text
 
 
+def path_prefix(text: str) -> str:
+    if not text.startswith("/") or text == "/" or text.endswith("/") or any(c in text for c in "?# "):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a path prefix: expected something like /_paddler")
+    return text
+
+
 # --- declarations -------------------------------------------------------------------------------
 
 
@@ -175,6 +181,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("management-addr", "Balancer: where the management server (agent reports, /api/v1/agents, "
             "/health, dashboard) listens. Agent and dashboard: where to reach it.",
             B + A + D, address, parse_address("127.0.0.1:8085"), metavar="HOST:PORT"),
+    Setting("management-path-prefix", "Also serve the management API under this path of the proxy port (e.g. "
+            "/_paddler), for platforms that route one port only; agents and the dashboard then use the proxy "
+            "address as --management-addr with the same prefix. Anyone who reaches the proxy reaches it too.",
+            B + A + D, path_prefix, None, metavar="PATH"),
     # balancer
     Setting("reverseproxy-addr", "Where the reverse proxy listens for llama.cpp clients (under a bare "
             "gunicorn command line, gunicorn's own bind wins).", B, address, parse_address("127.0.0.1:8080"),

@@ -6,6 +6,7 @@ logs to a file the test can read, and is killed at teardown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message} (last error: {last_error!r})")
@@ -97,13 +98,13 @@ class Fleet:
         self.procs: list[Proc] = []
 
     def spawn(self, name: str, argv: list[str], port: int | None = None, env: dict[str, str] | None = None,
-              wait_port: bool = True, timeout: float = 15.0) -> Proc:
+              wait_port: bool = True, timeout: float = 15.0, cwd: Path | None = None) -> Proc:
         log_path = self.workdir / f"{name}-{len(self.procs)}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLER_")}
         full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
         full_env.update(env or {})
         with open(log_path, "wb") as log:
-            popen = subprocess.Popen(argv, cwd=self.workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen(argv, cwd=cwd or self.workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         proc = Proc(name, popen, log_path, port)
         self.procs.append(proc)
@@ -141,10 +142,8 @@ class Fleet:
     def cleanup(self) -> None:
         for proc in self.procs:
             if proc.alive():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.popen.wait(5)
 
 

@@ -79,7 +79,8 @@ def test_another_agents_id_is_a_conflict(client: FlaskClient) -> None:
     client.post("/api/v1/agents/agent-1/report", json=good_report())
     response = client.post("/api/v1/agents/agent-1/report",
                            json=good_report(external_llamacpp_addr="127.0.0.1:9999"))
-    assert response.status_code == 409 and "each agent process needs its own id" in response.get_json()["error"]["message"]
+    assert response.status_code == 409
+    assert "each agent process needs its own id" in response.get_json()["error"]["message"]
     assert agents(client)[0]["external_llamacpp_addr"] == "127.0.0.1:9001"
 
 

@@ -33,8 +33,9 @@ REPORT_TIMEOUT_SECONDS = 3.0
 class BalancerClient:
     """Sends reports to the management server and logs when it becomes (un)reachable, once each time."""
 
-    def __init__(self, management: Address, agent_id: str, timeout: float = REPORT_TIMEOUT_SECONDS) -> None:
-        self.url = f"{management.url}/api/v1/agents/{agent_id}"
+    def __init__(self, management: Address, agent_id: str, prefix: str | None = None,
+                 timeout: float = REPORT_TIMEOUT_SECONDS) -> None:
+        self.url = f"{management.url}{prefix or ''}/api/v1/agents/{agent_id}"
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False
@@ -50,7 +51,7 @@ class BalancerClient:
             self._problem(f"the balancer refused the report (HTTP {response.status_code}): {_reason(response)}")
             return False
         if self._last_problem is not None:
-            logger.info("reporting to the balancer at %s", self.url.rsplit("/api/", 1)[0])
+            logger.info("reporting to the balancer at %s", self.url.rsplit("/api/v1/agents/", 1)[0])
             self._last_problem = None
         return True
 
@@ -163,7 +164,7 @@ def run_agent(options: argparse.Namespace) -> int:
     agent_id = str(uuid.uuid4())
     agent = Agent(
         LlamaCppClient(options.local_llamacpp_addr, options.llamacpp_api_key, options.llamacpp_timeout),
-        BalancerClient(options.management_addr, agent_id),
+        BalancerClient(options.management_addr, agent_id, options.management_path_prefix),
         external_address(options), options.monitoring_interval, options.name,
     )
     logger.info("agent %s watches llama.cpp at %s and reports it as %s to %s every %gs", agent_id,

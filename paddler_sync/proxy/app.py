@@ -11,6 +11,7 @@ The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -54,10 +55,14 @@ class ProxyApp:
         self.slots_endpoint = options.slots_endpoint_enable
         self.max_body = options.max_request_body
         self.quarantine_seconds = options.quarantine_duration
+        self.management_prefix = options.management_path_prefix
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Relay | list[bytes]:
         started = time.monotonic()
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+        if self.management_prefix and (path == self.management_prefix
+                                       or path.startswith(self.management_prefix + "/")):
+            return self._management(environ, start_response)
         try:
             self._refuse_slots_endpoint(path)
             body = self._read_body(environ)
@@ -71,6 +76,12 @@ class ProxyApp:
             return [body]
         start_response(f"{response.status_code} {response.reason}", up.response_headers(response))
         return self._relay(environ, response, reservation, waited, started)
+
+    def _management(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
+        """The management API mounted under a prefix of the public port (one-port platforms)."""
+        environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.management_prefix
+        environ["PATH_INFO"] = environ["PATH_INFO"][len(self.management_prefix):] or "/"
+        return self.balancer.management(environ, start_response)
 
     # --- before the response ------------------------------------------------------------------------
 
@@ -241,7 +252,5 @@ def abort_client_connection(environ: dict[str, Any]) -> None:
     """End a response visibly broken (no final chunk) when the upstream broke off mid-stream."""
     sock = client_socket(environ)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass

@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and make:
+#   make demo   a balancer, two simulated llama.cpp servers and their agents
+#   make test   everything the tests need, then the whole suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

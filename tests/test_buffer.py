@@ -1,0 +1,123 @@
+"""The request buffer, driven in-process with gevent greenlets (no monkey-patching needed)."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from paddler_sync.fleet.buffer import BufferFull, BufferTimeout, ClientGone, RequestBuffer
+from paddler_sync.fleet.ledger import Ledger
+
+
+def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[Ledger, RequestBuffer]:
+    ledger = Ledger()
+    return ledger, RequestBuffer(ledger, max_waiting, timeout)
+
+
+def test_waiters_are_served_in_arrival_order_one_slot_each() -> None:
+    ledger, buffer = make()
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    held, _ = buffer.acquire()
+    order: list[int] = []
+
+    def wait(i: int) -> None:
+        reservation, waited = buffer.acquire()
+        order.append(i)
+        assert waited > 0
+        gevent.sleep(0.01)
+        ledger.release(reservation)
+
+    greenlets = [gevent.spawn(wait, i) for i in range(5)]
+    gevent.sleep(0.05)
+    assert buffer.waiting == 5
+    ledger.release(held)
+    gevent.joinall(greenlets, timeout=3, raise_error=True)
+    assert order == [0, 1, 2, 3, 4]
+    assert ledger.in_flight() == 0 and buffer.waiting == 0
+
+
+def test_one_freed_slot_wakes_exactly_one_waiter() -> None:
+    ledger, buffer = make()
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    held, _ = buffer.acquire()
+    served: list[int] = []
+    greenlets = [gevent.spawn(lambda i=i: served.append((i, buffer.acquire()))) for i in range(3)]
+    gevent.sleep(0.05)
+    ledger.release(held)
+    gevent.sleep(0.05)
+    assert [i for i, _ in served] == [0] and buffer.waiting == 2
+    gevent.killall(greenlets)
+    assert buffer.waiting == 0
+
+
+def test_a_new_arrival_never_overtakes_a_waiter() -> None:
+    ledger, buffer = make()
+    ledger.report("a", "10.0.0.1:1", 1, 1, True)  # the only slot is busy with outside load
+    first = gevent.spawn(buffer.acquire)
+    gevent.sleep(0.01)
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)  # the report frees it: the waiter gets it, not a newcomer
+    newcomer = gevent.spawn(buffer.acquire)
+    reservation, _ = first.get(timeout=1)
+    gevent.sleep(0.01)
+    assert reservation.upstream.in_flight == 1
+    assert not newcomer.ready() and buffer.waiting == 1
+    newcomer.kill()
+
+
+def test_full_queue_and_zero_buffer_refuse_at_once() -> None:
+    _, buffer = make(max_waiting=1)
+    waiter = gevent.spawn(buffer.acquire)
+    gevent.sleep(0.01)
+    with pytest.raises(BufferFull):
+        buffer.acquire()
+    waiter.kill()
+    _, off = make(max_waiting=0)
+    with pytest.raises(BufferFull, match="buffering is off"):
+        off.acquire()
+
+
+def test_waiting_times_out_and_takes_nothing() -> None:
+    ledger, buffer = make(timeout=0.1)
+    with pytest.raises(BufferTimeout):
+        buffer.acquire()
+    assert buffer.waiting == 0
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    assert ledger.free_slots() == 1
+
+
+def test_a_client_that_leaves_while_waiting_takes_nothing() -> None:
+    _, buffer = make()
+    gone = {"yes": False}
+    waiter = gevent.spawn(buffer.acquire, lambda: gone["yes"])
+    gevent.sleep(0.05)
+    gone["yes"] = True
+    with pytest.raises(ClientGone):
+        waiter.get(timeout=2)
+    assert buffer.waiting == 0 and buffer.stats.abandoned == 1
+
+
+def test_a_killed_waiter_takes_nothing_and_a_served_one_owns_its_slot() -> None:
+    ledger, buffer = make()
+    ledger.report("a", "10.0.0.1:1", 1, 1, True)
+    killed = gevent.spawn(buffer.acquire)
+    served = gevent.spawn(buffer.acquire)
+    gevent.sleep(0.01)
+    killed.kill()  # e.g. the worker shuts down
+    assert buffer.waiting == 1
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    reservation, _ = served.get(timeout=1)
+    assert ledger.in_flight() == 1
+    ledger.release(reservation)
+    assert ledger.in_flight() == 0 and ledger.free_slots() == 1
+
+
+def test_a_waiter_excluding_a_server_lets_the_next_one_have_it() -> None:
+    ledger, buffer = make()
+    ledger.report("a", "10.0.0.1:1", 1, 1, True)
+    picky = gevent.spawn(buffer.acquire, None, frozenset({"a"}))
+    plain = gevent.spawn(buffer.acquire)
+    gevent.sleep(0.01)
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    reservation, _ = plain.get(timeout=1)
+    assert reservation.upstream.key == "a" and not picky.ready()
+    picky.kill()

@@ -1,0 +1,364 @@
+"""The reverse proxy with real gunicorn, agents and simulators: routing, buffering, streaming and faults."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import PYTHON, ROOT, Fleet, Proc, agent_named, agents, free_port, port_open, wait_until
+from tests.test_agent import fake_http
+
+INTERVAL = 0.2
+
+
+def sim_stats(sim: Proc) -> dict:
+    return requests.get(sim.url + "/simulator/stats", timeout=5).json()
+
+
+def health(balancer: Proc) -> dict:
+    return requests.get(balancer.extra["management"] + "/health", timeout=5).json()
+
+
+def start_fleet(fleet: Fleet, slots: list[int], *balancer_args: str, sim_args: tuple[str, ...] = ()) -> tuple:
+    balancer = fleet.balancer(*balancer_args)
+    sims = []
+    for i, n in enumerate(slots):
+        sim = fleet.simulator("--parallel", str(n), *sim_args)
+        fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
+        sims.append(sim)
+    wait_until(lambda: len(agents(balancer)) == len(slots) and all(a["state"] == "ready" for a in agents(balancer)))
+    return balancer, sims
+
+
+def complete(balancer: Proc, n_predict: int, stream: bool = False, timeout: float = 30) -> requests.Response:
+    return requests.post(balancer.extra["proxy"] + "/completion",
+                         json={"prompt": "hello", "n_predict": n_predict, "stream": stream}, timeout=timeout)
+
+
+def test_ten_long_requests_on_two_and_four_slots(fleet: Fleet) -> None:
+    """No simulator ever queues internally: 6 run, 4 wait in the balancer, all 10 finish."""
+    balancer, sims = start_fleet(fleet, [2, 4], "--buffered-request-timeout", "30",
+                                 sim_args=("--decode-tokens-per-second", "40"))
+    peak = {"buffered": 0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak["buffered"] = max(peak["buffered"], health(balancer)["requests_buffered"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: complete(balancer, 20), range(10)))
+    stop.set()
+    watcher.join()
+    assert [r.status_code for r in results] == [200] * 10
+    assert all(r.json()["tokens_predicted"] == 20 for r in results)
+    assert peak["buffered"] == 4
+    assert [sim_stats(s)["requests_deferred_total"] for s in sims] == [0, 0]
+    assert sum(sim_stats(s)["requests_total"] for s in sims) == 10
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 0, timeout=3)
+
+
+def test_requests_go_to_the_server_with_most_free_slots(fleet: Fleet) -> None:
+    balancer, (small, large) = start_fleet(fleet, [1, 3], sim_args=("--decode-tokens-per-second", "20"))
+    streams = [requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
+                             json={"prompt": "x", "n_predict": 40, "stream": True}) for _ in range(3)]
+    # 3 free on large, 1 on small: the first two go to large (3 > 1, then 2 > 1), the third ties 1-1 and
+    # goes to the one with fewer in flight: small
+    wait_until(lambda: sim_stats(large)["requests_processing"] == 2 and sim_stats(small)["requests_processing"] == 1,
+               timeout=5)
+    for stream in streams:
+        stream.close()
+
+
+def test_full_buffer_answers_429_with_retry_after(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], "--max-buffered-requests", "1",
+                              sim_args=("--decode-tokens-per-second", "20"))
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(complete, balancer, 30)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        waiting = pool.submit(complete, balancer, 1)
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        refused = complete(balancer, 1)
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        error = refused.json()["error"]
+        assert error["type"] == "rate_limit_error" and "--max-buffered-requests" in error["message"]
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+
+
+def test_buffering_off_answers_429_at_once(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], "--max-buffered-requests", "0",
+                              sim_args=("--decode-tokens-per-second", "20"))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, balancer, 20)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        started = time.monotonic()
+        assert complete(balancer, 1).status_code == 429
+        assert time.monotonic() - started < 1
+        assert running.result().status_code == 200
+
+
+def test_waiting_too_long_answers_504(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], "--buffered-request-timeout", "0.5",
+                              sim_args=("--decode-tokens-per-second", "10"))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, balancer, 25)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        started = time.monotonic()
+        timed_out = complete(balancer, 1)
+        assert timed_out.status_code == 504 and 0.4 < time.monotonic() - started < 3
+        assert "--buffered-request-timeout" in timed_out.json()["error"]["message"]
+        # the timeout covers waiting only: the running 2.5 s generation is not cut
+        assert running.result().status_code == 200
+
+
+def test_a_request_sent_with_zero_agents_is_served_once_one_appears(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--buffered-request-timeout", "20")
+    sim = fleet.simulator("--parallel", "1")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(complete, balancer, 3)
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        fleet.agent(sim.port, balancer.extra["management_port"], interval=INTERVAL)
+        response = pending.result(timeout=15)
+    assert response.status_code == 200 and response.json()["tokens_predicted"] == 3
+
+
+def test_requests_without_a_slot_never_wait_behind_generation(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "10"))
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(complete, balancer, 20)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        waiting = pool.submit(complete, balancer, 1)
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        for path in ("/health", "/v1/models", "/props"):
+            started = time.monotonic()
+            assert requests.get(balancer.extra["proxy"] + path, timeout=5).status_code == 200
+            assert time.monotonic() - started < 0.5
+        assert requests.post(balancer.extra["proxy"] + "/tokenize", json={"content": "hi"}, timeout=5).ok
+        running.result()
+        waiting.result()
+    assert sim_stats(sim)["requests_deferred_total"] == 0
+
+
+def test_client_disconnect_mid_stream_frees_the_slot_everywhere_within_a_second(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "50"))
+    sock = socket.create_connection(("127.0.0.1", balancer.extra["proxy_port"]))
+    body = json.dumps({"prompt": "x", "n_predict": 2000, "stream": True})
+    sock.sendall(f"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert b"200 OK" in sock.recv(65536)
+    wait_until(lambda: sim_stats(sim)["requests_processing"] == 1)
+    closed = time.monotonic()
+    sock.close()
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 0 and sim_stats(sim)["requests_processing"] == 0,
+               timeout=2, interval=0.02)
+    assert time.monotonic() - closed < 1.0
+
+
+def test_a_client_that_leaves_while_waiting_takes_nothing(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "20"))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, balancer, 30)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        sock = socket.create_connection(("127.0.0.1", balancer.extra["proxy_port"]))
+        body = json.dumps({"prompt": "x", "n_predict": 5})
+        sock.sendall(f"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        sock.close()
+        wait_until(lambda: health(balancer)["requests_buffered"] == 0, timeout=2)
+        running.result()
+    time.sleep(0.3)
+    assert sim_stats(sim)["requests_total"] == 1  # the abandoned request never reached llama.cpp
+
+
+def test_sse_events_arrive_one_by_one_with_their_spacing(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "20"))
+    arrivals = []
+    with requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
+                       json={"prompt": "x", "n_predict": 10, "stream": True}) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        for chunk in response.raw.read_chunked():
+            arrivals.append((time.monotonic(), chunk))
+    events = [c for _, c in arrivals if c.startswith(b"data: ")]
+    assert len(events) == 11  # one chunk per event: nothing coalesced
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(arrivals[:9])]
+    assert all(0.02 < gap < 0.2 for gap in gaps), gaps  # ~50 ms apart, as llama.cpp sent them
+
+
+def test_slots_endpoint_blocked_then_allowed(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [2])
+    blocked = requests.get(balancer.extra["proxy"] + "/slots", timeout=5)
+    assert blocked.status_code == 403 and "--slots-endpoint-enable" in blocked.json()["error"]["message"]
+    assert requests.get(balancer.extra["proxy"] + "/slots/0?action=save", timeout=5).status_code == 403
+    allowing, _ = start_fleet(fleet, [2], "--slots-endpoint-enable")
+    allowed = requests.get(allowing.extra["proxy"] + "/slots", timeout=5)
+    assert allowed.status_code == 200 and len(allowed.json()) == 2
+
+
+def _echo_upstream() -> dict:
+    slots = json.dumps([{"id": 0, "is_processing": False}])
+    return {("GET", "/slots"): (200, slots), ("GET", "/props"): (200, "{}"),
+            ("POST", "/completion"): (200, '{"content": "ok"}')}
+
+
+def test_headers_host_kept_or_rewritten_forwarded_for_and_hop_by_hop(fleet: Fleet) -> None:
+    for rewrite in (False, True):
+        balancer = fleet.balancer(*(["--rewrite-host-header"] if rewrite else []))
+        with fake_http(_echo_upstream()) as (port, seen):
+            fleet.agent(port, balancer.extra["management_port"], "--name", "echo", interval=INTERVAL)
+            wait_until(lambda b=balancer: (a := agent_named(b, "echo")) and a["state"] == "ready")
+            response = requests.post(balancer.extra["proxy"] + "/completion", data=b'{"prompt":"x"}',
+                                     headers={"Host": "public.example", "Authorization": "Bearer user-key",
+                                              "Connection": "close, X-Secret-Hop", "X-Secret-Hop": "1",
+                                              "Content-Type": "application/json"}, timeout=5)
+            assert response.status_code == 200 and response.json() == {"content": "ok"}
+            headers = next(h for m, p, h in seen if p == "/completion")
+        expected_host = f"127.0.0.1:{port}" if rewrite else "public.example"
+        assert headers["Host"] == expected_host
+        assert headers["Authorization"] == "Bearer user-key"
+        assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["X-Forwarded-Proto"] == "http"
+        assert "X-Secret-Hop" not in headers and headers.get("Connection") != "close, X-Secret-Hop"
+
+
+def test_client_authorization_reaches_llamacpp_untouched(fleet: Fleet) -> None:
+    balancer = fleet.balancer()
+    sim = fleet.simulator("--api-key", "secret")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--llamacpp-api-key", "secret", interval=INTERVAL)
+    wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready")
+    url = balancer.extra["proxy"] + "/completion"
+    assert requests.post(url, json={"prompt": "x", "n_predict": 1}, timeout=5).status_code == 401
+    ok = requests.post(url, json={"prompt": "x", "n_predict": 1}, headers={"Authorization": "Bearer secret"},
+                       timeout=5)
+    assert ok.status_code == 200
+
+
+def test_oversized_body_is_413(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], "--max-request-body", "1k")
+    response = requests.post(balancer.extra["proxy"] + "/completion", data=b"x" * 5000, timeout=5)
+    assert response.status_code == 413 and "--max-request-body" in response.json()["error"]["message"]
+    chunked = requests.post(balancer.extra["proxy"] + "/completion", data=iter([b"x" * 800, b"y" * 800]), timeout=5)
+    assert chunked.status_code == 413
+
+
+def test_upstream_killed_mid_stream_ends_the_response_and_frees_the_slot(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "20"))
+    response = requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
+                             json={"prompt": "x", "n_predict": 1000, "stream": True})
+    lines = response.iter_lines()
+    assert next(lines).startswith(b"data: ")
+    sim.kill()
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for _ in lines:
+            pass
+    assert time.monotonic() - started < 5
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 0, timeout=3)
+    assert "broke off the response" in balancer.log()
+
+
+def test_a_server_refusing_connections_is_quarantined_and_the_request_served_elsewhere(fleet: Fleet) -> None:
+    balancer = fleet.balancer()
+    good = fleet.simulator("--parallel", "1")
+    watched = fleet.simulator("--parallel", "4")
+    dead_port = free_port()
+    # the agent watches a live server but reports an address where nothing listens
+    fleet.agent(watched.port, balancer.extra["management_port"], "--name", "dead",
+                "--external-llamacpp-addr", f"127.0.0.1:{dead_port}", interval=5)
+    fleet.agent(good.port, balancer.extra["management_port"], "--name", "good", interval=INTERVAL)
+    wait_until(lambda: len(agents(balancer)) == 2)
+    response = complete(balancer, 2)  # "dead" has the most free slots, so it is tried first
+    assert response.status_code == 200
+    assert sim_stats(good)["requests_total"] == 1
+    dead = agent_named(balancer, "dead")
+    assert dead["state"] == "quarantined" and dead["quarantined_until"] is not None and dead["slots_idle"] == 0
+    assert f"quarantined llama.cpp at 127.0.0.1:{dead_port}" in balancer.log()
+
+
+def _gunicorn(fleet: Fleet, args: list[str], env: dict[str, str], port: int | None, name: str = "gunicorn") -> Proc:
+    gunicorn = str(Path(PYTHON).parent / "gunicorn")
+    return fleet.spawn(name, [gunicorn, *args], port, env={**env, "PYTHONPATH": str(ROOT)}, wait_port=port is not None)
+
+
+def test_bare_gunicorn_command_serves_proxy_and_management(fleet: Fleet) -> None:
+    proxy, management = free_port(), free_port()
+    proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b",
+                                    f"127.0.0.1:{proxy}", "--no-control-socket", "--chdir", str(ROOT), "wsgi:balancer"],
+                       management, env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"})
+    wait_until(lambda: port_open(proxy))
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, management, interval=INTERVAL)
+    wait_until(lambda: requests.get(f"http://127.0.0.1:{management}/health", timeout=5).json()["slots_idle"] == 2)
+    response = requests.post(f"http://127.0.0.1:{proxy}/completion", json={"prompt": "x", "n_predict": 2}, timeout=5)
+    assert response.status_code == 200
+    assert "the proxy serves on gunicorn's bind" in proc.log()  # -b and --reverseproxy-addr disagree
+
+
+def test_gunicorn_with_the_config_file(fleet: Fleet) -> None:
+    proxy, management = free_port(), free_port()
+    env = {"PADDLER_REVERSEPROXY_ADDR": f"127.0.0.1:{proxy}", "PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"}
+    proc = _gunicorn(fleet, ["-c", str(ROOT / "conf" / "gunicorn.conf.py"), "--chdir", str(ROOT), "wsgi:balancer"],
+                     env, management)
+    wait_until(lambda: port_open(proxy))
+    assert requests.get(f"http://127.0.0.1:{management}/health", timeout=5).json()["status"] == "ok"
+    assert "gunicorn's bind" not in proc.log()
+
+
+def test_gunicorn_with_two_workers_refuses_to_start(fleet: Fleet) -> None:
+    proxy, management = free_port(), free_port()
+    proc = _gunicorn(fleet, ["-k", "gevent", "-w", "2", "-b", f"127.0.0.1:{proxy}", "--no-control-socket",
+                             "--chdir", str(ROOT), "wsgi:balancer"],
+                     {"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"}, None)
+    proc.popen.wait(30)
+    assert proc.popen.returncode != 0
+    assert "refusing to start: gunicorn runs 2 workers" in proc.log()
+
+
+def test_gunicorn_refuses_a_bad_setting_without_respawning(fleet: Fleet) -> None:
+    proc = _gunicorn(fleet, ["-k", "gevent", "-b", f"127.0.0.1:{free_port()}", "--no-control-socket",
+                             "--chdir", str(ROOT), "wsgi:balancer"], {"PADDLER_MAX_BUFFERED_REQUESTS": "lots"}, None)
+    proc.popen.wait(30)
+    assert proc.popen.returncode != 0
+    assert "PADDLER_MAX_BUFFERED_REQUESTS" in proc.log() and "'lots'" in proc.log()
+
+
+def test_procfile_web_command_starts(fleet: Fleet) -> None:
+    line = (ROOT / "Procfile").read_text().splitlines()[0]
+    assert line.startswith("web: ")
+    port, management = free_port(), free_port()
+    command = line[len("web: "):].replace("$PORT", str(port)).split()
+    command[0] = str(Path(PYTHON).parent / command[0])
+    fleet.spawn("procfile", command, port, cwd=ROOT,  # Procfile commands run from the app's root
+                env={"PORT": str(port), "PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"})
+    wait_until(lambda: port_open(management))
+    response = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable_error"
+
+
+def test_management_api_under_a_prefix_of_the_proxy_port(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--management-path-prefix", "/_paddler")
+    sim = fleet.simulator("--parallel", "2")
+    fleet.spawn("agent", [PYTHON, "-m", "paddler_sync", "agent", "--local-llamacpp-addr", f"127.0.0.1:{sim.port}",
+                          "--management-addr", f"127.0.0.1:{balancer.extra['proxy_port']}",
+                          "--management-path-prefix", "/_paddler", "--monitoring-interval", "0.2"])
+    via_proxy = balancer.extra["proxy"] + "/_paddler/api/v1/agents"
+    wait_until(lambda: len(requests.get(via_proxy, timeout=5).json()["agents"]) == 1)
+    assert requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 1},
+                         timeout=5).status_code == 200
+
+
+def test_balancer_stops_cleanly_on_sigterm(fleet: Fleet) -> None:
+    balancer = fleet.balancer()
+    balancer.signal(signal.SIGTERM)
+    assert balancer.popen.wait(15) == 0

@@ -17,11 +17,11 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
+	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
+	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from paddler_sync.addresses import Address
 
@@ -105,6 +107,8 @@ class LlamaCppClient:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.headers.update({"Accept": "application/json", "Connection": "close"})
+        # one retry of these idempotent GETs covers a connection the server closed as we reused it
+        self.session.mount("http://", HTTPAdapter(max_retries=Retry(total=1, connect=0, backoff_factor=0)))
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 

@@ -362,3 +362,22 @@ def test_balancer_stops_cleanly_on_sigterm(fleet: Fleet) -> None:
     balancer = fleet.balancer()
     balancer.signal(signal.SIGTERM)
     assert balancer.popen.wait(15) == 0
+
+
+def test_an_upstream_that_stalls_mid_stream_is_cut_after_the_read_timeout(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [1], "--upstream-read-timeout", "1",
+                                   sim_args=("--decode-tokens-per-second", "20"))
+    response = requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
+                             json={"prompt": "x", "n_predict": 1000, "stream": True})
+    lines = response.iter_lines()
+    assert next(lines).startswith(b"data: ")
+    sim.signal(signal.SIGSTOP)  # the server hangs, its connection stays open
+    try:
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in lines:
+                pass
+        assert 0.8 < time.monotonic() - started < 5
+        assert health(balancer)["requests_in_flight"] == 0
+    finally:
+        sim.signal(signal.SIGCONT)

@@ -117,7 +117,9 @@ class Agent:
         )
 
     def _props_stale(self) -> bool:
-        return self._last_state_changed or time.monotonic() - self._props_read_at > PROPS_REFRESH_SECONDS
+        """Read /props on every state change, every tick until one read works, then once a minute."""
+        return (self._last_state_changed or self.props == Props()
+                or time.monotonic() - self._props_read_at > PROPS_REFRESH_SECONDS)
 
     def _note_state(self, reading: SlotsReading) -> None:
         self._last_state_changed = reading.state is not self._last_state

@@ -122,6 +122,8 @@ class SimulatorApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
         origin = environ.get("HTTP_ORIGIN", "")
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+        if environ.get("HTTP_CONNECTION", "").lower() == "close":
+            start_response = closing(start_response)
         if method == "OPTIONS":
             return self._preflight(origin, start_response)
         try:
@@ -514,6 +516,15 @@ STATUS = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 404: "
 def common_headers(origin: str, content_type: str, length: int) -> list[tuple[str, str]]:
     return [("Keep-Alive", "timeout=5, max=100"), ("Content-Type", content_type), ("Server", "llama.cpp"),
             ("Content-Length", str(length)), ("Access-Control-Allow-Origin", origin)]
+
+
+def closing(start_response: StartResponse) -> StartResponse:
+    """Say ``Connection: close`` when the client asked to close, as llama.cpp's HTTP server does."""
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        return start_response(status, [*headers, ("Connection", "close")], exc_info)
+
+    return start
 
 
 def sse(event: dict[str, Any], stamp: bool) -> bytes:

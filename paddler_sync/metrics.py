@@ -1,0 +1,194 @@
+"""What the balancer measures, and where it goes: Prometheus (/metrics), StatsD, and the dashboard's chart.
+
+The proxy records each finished request with one call (:meth:`Metrics.request_done`): a few
+integer additions and histogram observations, no I/O on the hot path. Fleet gauges are read from
+the ledger when someone asks (a scrape, a StatsD tick), so they are never stale and cost nothing
+between reads. StatsD gets absolute gauges, counter deltas and the interval's timings in one
+pipeline per ``--statsd-reporting-interval``, from one greenlet.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from paddler_sync.balancer import Balancer
+
+logger = logging.getLogger("paddler_sync.metrics")
+
+OUTCOMES = ("served", "rejected", "timed_out", "upstream_error", "client_gone", "refused")
+STATSD_COUNTERS = {"served": "requests_served", "rejected": "requests_rejected", "timed_out": "requests_timed_out",
+                   "upstream_error": "upstream_errors", "client_gone": "requests_abandoned"}
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MAX_PENDING_TIMINGS = 20_000  # per StatsD interval; beyond it, samples are dropped (and counted)
+HISTORY_POINTS = 300
+
+
+def outcome_of(status: int, ending: str) -> str:
+    if ending == "client_gone" or status == 499:
+        return "client_gone"
+    if ending == "upstream_error" or status == 502:
+        return "upstream_error"
+    return {429: "rejected", 504: "timed_out"}.get(status, "refused" if ending == "refused" else "served")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("paddler_requests", "Requests the proxy finished, by outcome.", ["outcome"],
+                                registry=self.registry)
+        self.quarantines = Counter("paddler_quarantines", "Servers quarantined after a refused connection.",
+                                   registry=self.registry)
+        self.queue_wait = Histogram("paddler_queue_wait_seconds", "Time requests waited in the buffer for a slot.",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttfb = Histogram("paddler_time_to_first_byte_seconds", "From request to the first byte relayed.",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.duration = Histogram("paddler_request_duration_seconds", "From request to the end of the response.",
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.quarantine_count = 0
+        self.pending_timings: list[tuple[str, float]] = []
+        self.dropped_timings = 0
+
+    def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
+        self.counts[outcome] += 1
+        self.requests.labels(outcome).inc()
+        self.queue_wait.observe(wait)
+        self.duration.observe(duration)
+        if ttfb is not None:
+            self.ttfb.observe(ttfb)
+        if len(self.pending_timings) < MAX_PENDING_TIMINGS:
+            self.pending_timings.append(("queue_wait", wait))
+            self.pending_timings.append(("request_duration", duration))
+            if ttfb is not None:
+                self.pending_timings.append(("time_to_first_byte", ttfb))
+        else:
+            self.dropped_timings += 1
+
+    def quarantined(self) -> None:
+        self.quarantine_count += 1
+        self.quarantines.inc()
+
+    def take_timings(self) -> list[tuple[str, float]]:
+        taken, self.pending_timings = self.pending_timings, []
+        return taken
+
+
+class FleetCollector(Collector):
+    """Fleet and per-agent gauges, read from the ledger at scrape time."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from paddler_sync.management.views import agents_json, health_json
+
+        health = health_json(self.balancer)
+        for key, help_text in (("slots_idle", "Free slots in the fleet."),
+                               ("slots_processing", "Busy slots in the fleet."),
+                               ("requests_buffered", "Requests waiting for a slot now."),
+                               ("requests_in_flight", "Requests this balancer is relaying now."),
+                               ("agents", "Registered agents.")):
+            yield GaugeMetricFamily(f"paddler_{key}", help_text, value=health[key])
+        labels = ["agent_id", "agent_name", "addr"]
+        families = {
+            "slots_idle": GaugeMetricFamily("paddler_agent_slots_idle", "Free slots per server.", labels=labels),
+            "slots_processing": GaugeMetricFamily("paddler_agent_slots_processing", "Busy slots per server.",
+                                                  labels=labels),
+            "slots_in_flight": GaugeMetricFamily("paddler_agent_slots_in_flight",
+                                                 "Requests this balancer has in flight per server.", labels=labels),
+            "ready": GaugeMetricFamily("paddler_agent_ready", "1 when the server takes traffic.", labels=labels),
+        }
+        for agent in agents_json(self.balancer):
+            values = [agent["agent_id"], agent["agent_name"] or "", agent["external_llamacpp_addr"]]
+            for key, family in families.items():
+                value = agent["state"] == "ready" if key == "ready" else agent[key]
+                family.add_metric(values, float(value))
+        yield from families.values()
+
+
+@dataclass
+class Sample:
+    at: float
+    slots_busy: int
+    slots_total: int
+    buffered: int
+
+
+class History:
+    """The last minutes of slots in use and requests waiting, for the dashboard's chart."""
+
+    def __init__(self, points: int = HISTORY_POINTS) -> None:
+        self.samples: deque[Sample] = deque(maxlen=points)
+
+    def record(self, health: dict[str, Any]) -> None:
+        self.samples.append(Sample(time.time(), health["slots_processing"], health["slots_total"],
+                                   health["requests_buffered"]))
+
+
+class StatsdReporter:
+    """Sends Paddler's gauges (and our counters and timings) every interval; never breaks serving."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        options = balancer.options
+        self.balancer = balancer
+        self.addr = options.statsd_addr
+        self.prefix = options.statsd_prefix
+        self.client: Any = None
+        self._sent_counts = dict.fromkeys(OUTCOMES, 0)
+        self._sent_quarantines = 0
+        self._problem: str | None = None
+
+    def report(self) -> bool:
+        client = self._client()
+        if client is None:
+            return False
+        from paddler_sync.management.views import health_json
+
+        health = health_json(self.balancer)
+        metrics = self.balancer.metrics
+        with client.pipeline() as pipe:
+            for gauge in ("slots_idle", "slots_processing", "requests_buffered"):
+                pipe.gauge(gauge, health[gauge])
+            for outcome, name in STATSD_COUNTERS.items():
+                delta = metrics.counts[outcome] - self._sent_counts[outcome]
+                if delta:
+                    pipe.incr(name, delta)
+                self._sent_counts[outcome] = metrics.counts[outcome]
+            if metrics.quarantine_count != self._sent_quarantines:
+                pipe.incr("quarantines", metrics.quarantine_count - self._sent_quarantines)
+                self._sent_quarantines = metrics.quarantine_count
+            for name, seconds in metrics.take_timings():
+                pipe.timing(name, seconds * 1000.0)
+        return True
+
+    def _client(self) -> Any:
+        """Built lazily: the statsd package resolves its host in the constructor, and may fail there."""
+        if self.client is not None:
+            return self.client
+        import statsd
+
+        try:
+            self.client = statsd.StatsClient(self.addr.host, self.addr.port, prefix=self.prefix,
+                                             ipv6=self.addr.is_ipv6)
+        except (OSError, socket.gaierror) as exc:
+            problem = f"StatsD address {self.addr} cannot be used ({exc}); metrics are not sent until it can"
+            if problem != self._problem:
+                logger.warning("%s", problem)
+                self._problem = problem
+            return None
+        if self._problem:
+            logger.info("StatsD address %s works again", self.addr)
+            self._problem = None
+        logger.info("sending StatsD metrics to %s with prefix '%s'", self.addr, self.prefix)
+        return self.client

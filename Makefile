@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
+	scripts/system-packages.sh
 	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts
 	$(PY) -m pytest
 

@@ -23,10 +23,13 @@ from paddler_sync.fleet.policy import Policy
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
+from paddler_sync.management.views import health_json
+from paddler_sync.metrics import FleetCollector, History, Metrics, StatsdReporter
 from paddler_sync.proxy.app import ProxyApp
 
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
+HISTORY_SECONDS = 1.0
 MANAGEMENT_CONNECTIONS = 1000
 WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker exits with this
 
@@ -39,6 +42,9 @@ class Balancer:
         self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
         self.greenlets = Group()
         self.shutting_down = False
+        self.metrics = Metrics()
+        self.metrics.registry.register(FleetCollector(self))
+        self.history = History()
         self.proxy = ProxyApp(self)
         self.management = create_management_app(self)
         self.management_server: WSGIServer | None = None
@@ -59,6 +65,9 @@ class Balancer:
             sys.exit(WORKER_BOOT_ERROR)
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")
+        self._spawn(self._sample_history_forever, "history-sampler")
+        if self.options.statsd_addr is not None:
+            self._spawn(self._report_statsd_forever, "statsd-reporter")
         logger.info("management server on http://%s (agents report here; /api/v1/agents, /health)", addr)
         if self.options.management_path_prefix:
             logger.warning("the management API is also served under %s on the proxy port: anyone who reaches the "
@@ -75,6 +84,17 @@ class Balancer:
         greenlet = self.greenlets.spawn(function)
         greenlet.name = name
         greenlet.link_exception(log_greenlet_exception(logger))
+
+    def _sample_history_forever(self) -> None:
+        while True:
+            self.history.record(health_json(self))
+            gevent.sleep(HISTORY_SECONDS)
+
+    def _report_statsd_forever(self) -> None:
+        reporter = StatsdReporter(self)
+        while True:
+            reporter.report()
+            gevent.sleep(self.options.statsd_reporting_interval)
 
     def _sweep_forever(self) -> None:
         """Drop silent agents and lift expired quarantines (a lifted one may serve waiting requests)."""

@@ -5,6 +5,8 @@ Routes:
     DELETE /api/v1/agents/<agent_id>          deregister
     GET    /api/v1/agents                     {"agents": [...]} with Paddler's field names and ours
     GET    /health                            the fleet in one object; 200 while the balancer serves
+    GET    /metrics                           Prometheus text format
+    GET    /dashboard, /dashboard/fleet       the web dashboard, with --management-dashboard-enable
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from paddler_sync.errors import error_body
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
 from paddler_sync.management import views
+from paddler_sync.management.dashboard import create_dashboard
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
@@ -51,6 +55,17 @@ def create_management_app(balancer: Balancer) -> Flask:
     def health() -> tuple[Response, int]:
         body = views.health_json(balancer)
         return jsonify(body), 200 if body["status"] == "ok" else 503
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(balancer.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    if balancer.options.management_dashboard_enable:
+        app.register_blueprint(create_dashboard(balancer))
+    else:
+        @app.get("/dashboard")
+        def dashboard_off() -> tuple[Response, int]:
+            return _error(404, "the web dashboard is off: start the balancer with --management-dashboard-enable")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -25,6 +25,7 @@ import urllib3.exceptions
 from paddler_sync.errors import error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, ClientGone
 from paddler_sync.fleet.ledger import Reservation
+from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class ProxyApp:
         self.max_body = options.max_request_body
         self.quarantine_seconds = options.quarantine_duration
         self.management_prefix = options.management_path_prefix
+        self.metrics = balancer.metrics
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Relay | list[bytes]:
         started = time.monotonic()
@@ -69,7 +71,7 @@ class ProxyApp:
             takes_slot = up.uses_slot(method, path)
             reservation, response, waited = self._connect(environ, body, takes_slot)
         except ProxyError as exc:
-            self._log(environ, exc.status, None, 0.0, started)
+            self._record(environ, exc.status, None, 0.0, started)
             body = error_bytes(exc.status, str(exc))
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
@@ -145,6 +147,7 @@ class ProxyApp:
     def _quarantine(self, reservation: Reservation, exc: Exception) -> None:
         until = self.ledger.quarantine(reservation.upstream.key, self.quarantine_seconds)
         if until is not None:
+            self.metrics.quarantined()
             logger.warning("quarantined llama.cpp at %s for %gs: connection failed (%s); trying another server",
                            reservation.addr, self.quarantine_seconds, type(exc).__name__)
 
@@ -162,11 +165,14 @@ class ProxyApp:
                waited: float, started: float) -> Relay:
         return Relay(self, environ, response, reservation, waited, started)
 
-    def _log(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
-             started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused") -> None:
+    def _record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
+                started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused") -> None:
+        """One finished request: into the metrics, and one access line."""
+        now = time.monotonic()
+        ttfb_seconds = first_byte - started if first_byte else None
+        self.metrics.request_done(outcome_of(status, ending), waited, ttfb_seconds, now - started)
         if not access_log.isEnabledFor(logging.INFO):
             return
-        now = time.monotonic()
         ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"
         access_log.info('%s "%s %s" %d upstream=%s wait=%.1fms ttfb=%s duration=%.1fms bytes=%d end=%s',
                         environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"),
@@ -218,7 +224,7 @@ class Relay:
         self.response.close()
         draining = self.ending == "upstream_error" and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
-        self.proxy._log(self.environ, self.response.status_code, self.reservation, self.waited, self.started,
+        self.proxy._record(self.environ, self.response.status_code, self.reservation, self.waited, self.started,
                         self.first_byte, self.sent, self.ending)
 
 

@@ -23,6 +23,14 @@ COLUMNS = ("Name", "Issues", "Llama.cpp address", "Last update", "Idle slots", "
 LOADING = "Loading agents..."
 EMPTY = "There are no agents registered. If agents are running, please give them a few seconds to register."
 FOOTER = "(Esc|q) quit | (↑|k) move up | (↓|j) move down"
+SHORT_ISSUES = {  # a terminal row has no room for the web dashboard's full hints
+    "unreachable": "Unreachable: is llama-server running?",
+    "unauthorized": "Unauthorized: pass --llamacpp-api-key",
+    "slots_disabled": "Slots endpoint off: start llama-server with --slots",
+    "loading": "Loading model",
+    "malformed": "Malformed /slots answer",
+    "unexpected_status": "Unexpected /slots status",
+}
 
 
 def issues_text(agent: dict[str, Any]) -> str:
@@ -31,7 +39,7 @@ def issues_text(agent: dict[str, Any]) -> str:
         return f"Quarantined until {until} UTC"
     if agent["state"] == "ready":
         return "None"
-    return agent.get("hint") or agent["state"]
+    return SHORT_ISSUES.get(agent["state"], agent["state"])
 
 
 def row_for(agent: dict[str, Any]) -> tuple[Text, ...]:

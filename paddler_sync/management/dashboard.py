@@ -62,7 +62,7 @@ def chart(history: History) -> dict[str, Any]:
     """SVG polylines of slots in use, total slots and requests waiting, scaled to the chart box."""
     samples = list(history.samples)
     if len(samples) < 2:
-        return {"busy": "", "total": "", "buffered": "", "peak": 0, "minutes": 0}
+        return {"busy": "", "total": "", "buffered": "", "peak": 0, "span": ""}
     peak = max(max(s.slots_total, s.buffered, s.slots_busy) for s in samples) or 1
     span = samples[-1].at - samples[0].at or 1
 
@@ -72,4 +72,5 @@ def chart(history: History) -> dict[str, Any]:
                                                                                               strict=True))
 
     return {"busy": line([s.slots_busy for s in samples]), "total": line([s.slots_total for s in samples]),
-            "buffered": line([s.buffered for s in samples]), "peak": peak, "minutes": round(span / 60, 1)}
+            "buffered": line([s.buffered for s in samples]), "peak": peak,
+            "span": f"{span:.0f} s" if span < 120 else f"{span / 60:.0f} min"}

@@ -1,0 +1,124 @@
+"""The web dashboard in a real headless Chromium (Debian's), driven by Playwright; screenshots in test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, Fleet, agents, wait_until
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                                          "(scripts/system-packages.sh installs it)")]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.dialogs = dialogs
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_page_is_server_rendered_with_a_loading_state(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--management-dashboard-enable")
+    html = requests.get(balancer.extra["management"] + "/dashboard", timeout=5).text
+    assert "Loading agents..." in html and "/dashboard/fleet" in html
+
+
+def test_empty_then_a_row_appears_then_numbers_move(fleet: Fleet, page) -> None:
+    balancer = fleet.balancer("--management-dashboard-enable")
+    page.goto(balancer.extra["management"] + "/dashboard")
+    page.wait_for_selector("#no-agents", timeout=10_000)
+    assert "No agents registered yet" in page.inner_text("#no-agents")
+    shot(page, "empty")
+
+    sim = fleet.simulator("--parallel", "3", "--decode-tokens-per-second", "20")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "gpu-1", interval=0.2)
+    page.wait_for_selector("tr.agent", timeout=10_000)
+    row = page.locator("tr.agent")
+    assert row.locator(".name").inner_text() == "gpu-1"
+    assert row.locator(".idle").inner_text() == "3" and row.locator(".processing").inner_text() == "0"
+
+    streams = [requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
+                             json={"prompt": "x", "n_predict": 100, "stream": True}) for _ in range(2)]
+    page.wait_for_function("document.querySelector('tr.agent .processing').innerText === '2'", timeout=10_000)
+    assert row.locator(".in-flight").inner_text() == "2"
+    assert page.inner_text("#total-in-flight") == "2"
+    page.wait_for_selector("svg polyline", timeout=10_000)
+    shot(page, "under-load")
+    for stream in streams:
+        stream.close()
+    page.wait_for_function("document.querySelector('tr.agent .processing').innerText === '0'", timeout=10_000)
+
+
+def test_an_agent_in_error_shows_its_hint_and_names_render_as_text(fleet: Fleet, page) -> None:
+    balancer = fleet.balancer("--management-dashboard-enable")
+    locked = fleet.simulator("--api-key", "secret")
+    fleet.agent(locked.port, balancer.extra["management_port"], "--name", "<script>alert(1)</script>", interval=0.2)
+    no_slots = fleet.simulator("--no-slots")
+    fleet.agent(no_slots.port, balancer.extra["management_port"], "--name", "noslots", interval=0.2)
+    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] != "ready" for a in agents(balancer)))
+    page.goto(balancer.extra["management"] + "/dashboard")
+    page.wait_for_selector("tr.agent.has-issues", timeout=10_000)
+    page.wait_for_timeout(1500)  # let the page refresh a couple of times: a script would have run by now
+    text = page.inner_text("#agents")
+    assert "--llamacpp-api-key" in text and "start llama-server with --slots" in text
+    assert "<script>alert(1)</script>" in text  # shown as text...
+    assert page.dialogs == []  # ...never run
+    shot(page, "errors")
+
+
+def test_cannot_reach_the_management_server(fleet: Fleet, page) -> None:
+    balancer = fleet.balancer("--management-dashboard-enable")
+    page.goto(balancer.extra["management"] + "/dashboard")
+    page.wait_for_selector("#no-agents", timeout=10_000)
+    balancer.kill()
+    page.wait_for_selector("#unreachable:not(.hidden)", timeout=10_000)
+    assert "Cannot reach the management server" in page.inner_text("#unreachable")
+    shot(page, "unreachable")
+
+
+def test_fits_a_phone_screen(fleet: Fleet, browser) -> None:
+    balancer = fleet.balancer("--management-dashboard-enable")
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "phone-test", interval=0.2)
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+    page = context.new_page()
+    try:
+        page.goto(balancer.extra["management"] + "/dashboard")
+        page.wait_for_selector("tr.agent", timeout=10_000)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page scrolls sideways on a phone ({width}px)"
+        shot(page, "phone")
+    finally:
+        context.close()

@@ -19,7 +19,7 @@ from gevent.pywsgi import WSGIServer
 
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.policy import Policy
+from paddler_sync.fleet.policy import POLICIES, Policy
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
@@ -37,7 +37,7 @@ WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker ex
 class Balancer:
     def __init__(self, options: argparse.Namespace, policy: Policy | None = None) -> None:
         self.options = options
-        self.ledger = Ledger(policy)
+        self.ledger = Ledger(policy or POLICIES[options.policy]())
         self.registry = Registry(self.ledger, options.agent_missed_reports, options.max_agents)
         self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
         self.greenlets = Group()

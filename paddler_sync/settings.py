@@ -217,6 +217,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream-pool-size", "Idle connections kept open to each llama.cpp server. Each one pins one "
             "of llama.cpp's HTTP threads (--threads-http, a few more than its slots): keep it at most the "
             "slot count.", B, positive_count, 4),
+    Setting("policy", "How to pick a server: slots (most free slots; requests wait in the balancer when none is "
+            "free), or the slot-blind round-robin and least-connections, kept for comparison benchmarks.", B,
+            choice("slots", "round-robin", "least-connections"), "slots"),
     Setting("max-client-connections", "Most client connections the balancer holds at once, waiting ones "
             "included (gunicorn's --worker-connections).", B, positive_count, 4096),
     Setting("max-agents", "Most agents the balancer accepts; reports from more get 429.", B, positive_count, 1024),

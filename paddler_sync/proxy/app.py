@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import requests
 import urllib3.exceptions
+from urllib3 import HTTPResponse
 
 from paddler_sync.errors import error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, ClientGone
@@ -50,8 +50,9 @@ class ProxyApp:
         self.balancer = balancer
         self.ledger = balancer.ledger
         self.buffer = balancer.buffer
-        self.session = up.make_session(options.upstream_pool_size)
-        self.timeout = (options.upstream_connect_timeout, options.upstream_read_timeout)
+        self.transport = up.Transport(options.upstream_pool_size, options.upstream_connect_timeout,
+                                      options.upstream_read_timeout)
+        self.read_timeout = options.upstream_read_timeout
         self.rewrite_host = options.rewrite_host_header
         self.slots_endpoint = options.slots_endpoint_enable
         self.max_body = options.max_request_body
@@ -76,7 +77,7 @@ class ProxyApp:
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
             return [body]
-        start_response(f"{response.status_code} {response.reason}", up.response_headers(response))
+        start_response(f"{response.status} {response.reason}", up.response_headers(response))
         return self._relay(environ, response, reservation, waited, started)
 
     def _management(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
@@ -103,7 +104,7 @@ class ProxyApp:
         return body
 
     def _connect(self, environ: dict[str, Any], body: bytes,
-                 takes_slot: bool) -> tuple[Reservation, requests.Response, float]:
+                 takes_slot: bool) -> tuple[Reservation, HTTPResponse, float]:
         """Reserve and connect, skipping servers that refuse connections, while nothing was sent."""
         tried: set[str] = set()
         waited = 0.0
@@ -112,7 +113,7 @@ class ProxyApp:
             waited += wait
             try:
                 return reservation, self._send(environ, body, reservation), waited
-            except requests.RequestException as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.release(reservation)
                 if not up.is_connect_failure(exc):
                     raise self._upstream_error(reservation, exc) from None
@@ -136,13 +137,11 @@ class ProxyApp:
             retry = [("Retry-After", str(max(1, round(self.buffer.timeout))))] if exc.status in (429, 503) else []
             raise ProxyError(exc.status, str(exc), retry) from None
 
-    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation) -> requests.Response:
+    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation) -> HTTPResponse:
         raw_uri = environ.get("RAW_URI", "")
         target = raw_uri if raw_uri.startswith("/") else _path_and_query(environ)
-        url = f"http://{reservation.addr}{target}"
         headers = up.request_headers(environ, reservation.addr, self.rewrite_host, len(body))
-        return self.session.request(environ["REQUEST_METHOD"], url, data=body or None, headers=headers,
-                                    stream=True, timeout=self.timeout, allow_redirects=False)
+        return self.transport.send(environ["REQUEST_METHOD"], reservation.addr, target, headers, body or None)
 
     def _quarantine(self, reservation: Reservation, exc: Exception) -> None:
         until = self.ledger.quarantine(reservation.upstream.key, self.quarantine_seconds)
@@ -152,16 +151,16 @@ class ProxyApp:
                            reservation.addr, self.quarantine_seconds, type(exc).__name__)
 
     def _upstream_error(self, reservation: Reservation, exc: Exception) -> ProxyError:
-        if isinstance(exc, requests.ReadTimeout):
-            logger.warning("llama.cpp at %s sent no response within %gs", reservation.addr, self.timeout[1])
-            return ProxyError(504, f"the llama.cpp server did not answer within {self.timeout[1]:g}s "
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+            logger.warning("llama.cpp at %s sent no response within %gs", reservation.addr, self.read_timeout)
+            return ProxyError(504, f"the llama.cpp server did not answer within {self.read_timeout:g}s "
                                    f"(--upstream-read-timeout)")
         logger.warning("llama.cpp at %s failed before answering: %s", reservation.addr, exc)
         return ProxyError(502, f"the llama.cpp server failed before answering ({type(exc).__name__})")
 
     # --- the response ---------------------------------------------------------------------------------
 
-    def _relay(self, environ: dict[str, Any], response: requests.Response, reservation: Reservation,
+    def _relay(self, environ: dict[str, Any], response: HTTPResponse, reservation: Reservation,
                waited: float, started: float) -> Relay:
         return Relay(self, environ, response, reservation, waited, started)
 
@@ -187,7 +186,7 @@ class Relay:
     a generator's own ``finally`` would never run), so the slot is given back there, exactly once.
     """
 
-    def __init__(self, proxy: ProxyApp, environ: dict[str, Any], response: requests.Response,
+    def __init__(self, proxy: ProxyApp, environ: dict[str, Any], response: HTTPResponse,
                  reservation: Reservation, waited: float, started: float) -> None:
         self.proxy = proxy
         self.environ = environ
@@ -202,7 +201,7 @@ class Relay:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            for chunk in self.response.raw.stream(None, decode_content=False):
+            for chunk in self.response.stream(None, decode_content=False):
                 if self.first_byte is None:
                     self.first_byte = time.monotonic()
                 self.sent += len(chunk)
@@ -221,10 +220,11 @@ class Relay:
         if self.closed:
             return
         self.closed = True
-        self.response.close()
+        self.response.close()  # a fully read response went back to the pool already; this cuts a live one
+        self.response.release_conn()
         draining = self.ending == "upstream_error" and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
-        self.proxy._record(self.environ, self.response.status_code, self.reservation, self.waited, self.started,
+        self.proxy._record(self.environ, self.response.status, self.reservation, self.waited, self.started,
                         self.first_byte, self.sent, self.ending)
 
 

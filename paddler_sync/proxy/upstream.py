@@ -14,7 +14,9 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
+from urllib3 import HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util import Timeout
 
 # Paths that become a llama.cpp task and so need a slot (native and OpenAI-compatible names).
 SLOT_PATHS = frozenset({
@@ -31,15 +33,32 @@ def uses_slot(method: str, path: str) -> bool:
     return method == "POST" and path in SLOT_PATHS
 
 
-def make_session(pool_size: int) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    session.headers = CaseInsensitiveDict()
-    adapter = HTTPAdapter(pool_connections=64, pool_maxsize=pool_size, pool_block=False, max_retries=0)
-    session.mount("http://", adapter)
-    # A full pool discards the extra connection: expected under bursts, not worth a warning per request.
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    return session
+class Transport:
+    """Sends requests to llama.cpp servers through a requests session's connection pools.
+
+    The session (and its mounted HTTPAdapter) owns the pools: one per server, at most
+    ``pool_size`` idle connections each, no retries. The hot path then calls the server's pool
+    directly: requests' per-request layers (preparing, merging settings, hooks, cookies, the
+    Response wrapper) cost more CPU than the rest of the proxy together, and a proxy needs none
+    of them (bench/RESULTS.md has the profile).
+    """
+
+    def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.headers = CaseInsensitiveDict()
+        self.adapter = HTTPAdapter(pool_connections=64, pool_maxsize=pool_size, pool_block=False, max_retries=0)
+        self.session.mount("http://", self.adapter)
+        self.timeout = Timeout(connect=connect_timeout, read=read_timeout)
+        # A full pool discards the extra connection: expected under bursts, not worth a warning per request.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+    def send(self, method: str, addr: str, target: str, headers: dict[str, str], body: bytes | None) -> HTTPResponse:
+        host, _, port = addr.rpartition(":")
+        pool = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port), scheme="http")
+        return pool.urlopen(method, target, body=body, headers=headers, retries=False, redirect=False,
+                            assert_same_host=False, preload_content=False, decode_content=False,
+                            timeout=self.timeout)
 
 
 def request_headers(environ: dict[str, Any], upstream_addr: str, rewrite_host: bool,
@@ -68,7 +87,7 @@ def request_headers(environ: dict[str, Any], upstream_addr: str, rewrite_host: b
     return headers
 
 
-def response_headers(upstream: requests.Response) -> list[tuple[str, str]]:
+def response_headers(upstream: HTTPResponse) -> list[tuple[str, str]]:
     connection_tokens = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}
     headers = [(k, v) for k, v in upstream.headers.items()
                if k.lower() not in HOP_BY_HOP and k.lower() not in connection_tokens]
@@ -79,10 +98,6 @@ def response_headers(upstream: requests.Response) -> list[tuple[str, str]]:
     return headers
 
 
-def is_connect_failure(exc: requests.RequestException) -> bool:
+def is_connect_failure(exc: Exception) -> bool:
     """True when nothing reached the server (refused, unreachable, connect timeout): safe to retry elsewhere."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    reason = exc.args[0] if exc.args else None
-    inner = getattr(reason, "reason", reason)
-    return isinstance(inner, NewConnectionError | ConnectTimeoutError)
+    return isinstance(exc, NewConnectionError | ConnectTimeoutError)

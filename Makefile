@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,11 +18,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/system-packages.sh
-	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts
+	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
 	$(PY) -m pytest
 
+bench: $(STAMP)
+	bench/setup.sh $(PY)
+	$(PY) bench/run.py
+
+bench-quick: $(STAMP)
+	bench/setup.sh $(PY)
+	$(PY) bench/run.py --quick
+
 lint: $(STAMP)
-	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts
+	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

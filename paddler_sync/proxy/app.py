@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from paddler_sync.fleet.buffer import BufferRefusal, ClientGone
 from paddler_sync.fleet.ledger import Reservation
 from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
+from paddler_sync.sockets import peer_has_closed
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
@@ -244,14 +244,7 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
     if sock is None:
         return None
 
-    def check() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
-
-    return check
+    return lambda: peer_has_closed(sock)
 
 
 def abort_client_connection(environ: dict[str, Any]) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import select
-import socket
 import string
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +21,7 @@ from paddler_sync.simulator import payloads
 from paddler_sync.simulator.engine import Engine, Slot
 from paddler_sync.simulator.payloads import dumps, error_body
 from paddler_sync.simulator.tokens import BOS_PIECE, TextGenerator, detokenize, split_pieces, tokenize
+from paddler_sync.sockets import peer_has_closed
 
 StartResponse = Callable[..., Callable[[bytes], None]]
 JSON = "application/json; charset=utf-8"
@@ -426,13 +425,7 @@ class Request:
 
     def client_gone(self) -> bool:
         sock = self.environ.get("simulator.socket")
-        if sock is None:
-            return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
+        return sock is not None and peer_has_closed(sock)
 
 
 # --- answer formats ------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def buffer_at_scale(n: int) -> dict[str, Any]:
             sim.stop()
     return {"n": n, "ok": result["ok"], "lost": result["other"], "rss_idle_mb": rss_before / 1e6,
             "rss_waiting_mb": waiting_rss / 1e6, "rss_peak_mb": max(peak.peak, waiting_rss) / 1e6,
+            "worker_rss_peak_mb": peak.peak_largest / 1e6,
             "kb_per_waiting_request": (waiting_rss - rss_before) / n / 1024,
             "cpu_while_waiting_percent": 100 * idle_cpu, "drain_s": drain, "drain_slots": DRAIN_SLOTS,
             "max_displacement": result["max_displacement"], "simulator_deferred": deferred}

@@ -76,6 +76,14 @@ class Service:
                 total += psutil.Process(pid).memory_info().rss
         return total
 
+    def largest_rss(self) -> int:
+        """The biggest single process (for a gunicorn balancer: the worker, without the master)."""
+        sizes = [0]
+        for pid in self.pids():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sizes.append(psutil.Process(pid).memory_info().rss)
+        return max(sizes)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -93,6 +101,7 @@ class PeakRss:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.peak = 0
+        self.peak_largest = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -107,6 +116,7 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.service.rss())
+            self.peak_largest = max(self.peak_largest, self.service.largest_rss())
             time.sleep(0.05)
 
 

@@ -38,7 +38,7 @@ def nonstream_table(data: dict[str, Any]) -> list[str]:
 
 def stream_table(table: dict[str, Any]) -> list[str]:
     lines = ["| contender | events/s | delay p50 ms | p99 ms | max ms | events per recv | TTFB p50 ms | complete | "
-             "CPU µs/event | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU µs/event | peak RSS MB (largest process) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in CONTENDERS:
         r = table.get(name)
         if not r:
@@ -46,7 +46,8 @@ def stream_table(table: dict[str, Any]) -> list[str]:
         cpu = r["cpu_us_per_event"] if name != "direct" else None
         lines.append(f"| {name} | {fmt(r['events_per_s'], 0)} | {fmt(r['delay_p50_ms'], 2)} | {fmt(r['delay_p99_ms'], 2)} "
                      f"| {fmt(r['delay_max_ms'], 1)} | {fmt(r['events_per_recv'], 2)} | {fmt(r['ttfb_p50_ms'], 1)} | "
-                     f"{fmt(r['complete'], 0)}/{fmt(r['streams'], 0)} | {fmt(cpu, 1)} | {fmt(r['peak_rss_mb'], 1)} |")
+                     f"{fmt(r['complete'], 0)}/{fmt(r['streams'], 0)} | {fmt(cpu, 1)} | {fmt(r['peak_rss_mb'], 1)} "
+                     f"({fmt(r.get('peak_worker_rss_mb'), 1)}) |")
     return lines
 
 
@@ -85,7 +86,8 @@ def targets(results: dict[str, Any]) -> list[str]:
         rows += [f"| relay delay p99 ≤ 5 ms at 100 × 200 events @ 5 ms | {st['delay_p99_ms']:.2f} ms | "
                  f"{verdict(st['delay_p99_ms'] <= 5)} |",
                  f"| ≤ 15 µs CPU per event | {st['cpu_us_per_event']:.1f} µs | {verdict(st['cpu_us_per_event'] <= 15)} |",
-                 f"| peak RSS ≤ 60 MB | {st['peak_rss_mb']:.1f} MB | {verdict(st['peak_rss_mb'] <= 60)} |"]
+                 f"| peak RSS ≤ 60 MB | {st['peak_rss_mb']:.1f} MB for gunicorn's master and worker together; "
+                 f"the worker alone {st.get('peak_worker_rss_mb', 0):.1f} MB | {verdict(st['peak_rss_mb'] <= 60)} |"]
         sweep = results["stream"].get("sweep", {}).get("paddler_sync", {})
         if sweep:
             best = max(r["events_per_s"] for r in sweep.values())
@@ -95,8 +97,8 @@ def targets(results: dict[str, Any]) -> list[str]:
     if buf:
         rows.append(f"| {buf['n']:,} waiting requests in ≤ 300 MB, all served FIFO | {buf['rss_peak_mb']:.0f} MB, "
                     f"{buf['ok']:,} served, {buf['lost']} lost, max displacement {buf['max_displacement']} "
-                    f"(≤ {buf['drain_slots']} slots = FIFO) | "
-                    f"{verdict(buf['rss_peak_mb'] <= 300 and buf['lost'] == 0 and buf['max_displacement'] <= buf['drain_slots'])} |")
+                    f"(FIFO dispatch over {buf['drain_slots']} slots allows up to {2 * buf['drain_slots']}) | "
+                    f"{verdict(buf['rss_peak_mb'] <= 300 and buf['lost'] == 0 and buf['max_displacement'] <= 2 * buf['drain_slots'])} |")
     fleet = results.get("fleet", {}).get("table", {})
     if fleet:
         mis = sum(r["misroutes"] for by in fleet.values() for n, r in by.items() if n == "paddler_sync")
@@ -203,8 +205,9 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                 f"| balancer CPU while they wait | {b['cpu_while_waiting_percent']:.1f} % of a core |",
                 f"| time to drain them all once slots appear | {b['drain_s']:.1f} s |",
                 f"| served / lost | {b['ok']:,} / {b['lost']} |",
-                f"| order: largest gap between arrival and completion rank | {b['max_displacement']} "
-                f"(≤ {b['drain_slots']} concurrent slots means FIFO dispatch) |",
+                f"| order: largest gap between arrival and completion rank | {b['max_displacement']} (with "
+                f"{b['drain_slots']} requests running at once, FIFO dispatch keeps it within about "
+                f"{2 * b['drain_slots']}; any overtaking in the queue would show as hundreds) |",
                 f"| requests that waited inside the simulator | {b['simulator_deferred']} |", ""]
     if "fleet" in results:
         f = results["fleet"]

@@ -115,6 +115,7 @@ def stream_run(service: harness.Service, streams: int, events: int) -> dict[str,
     result["cpu_us_per_event"] = 1e6 * cpu / max(1, result["events"])
     result["cpu_s"] = cpu
     result["peak_rss_mb"] = peak.peak / 1e6
+    result["peak_worker_rss_mb"] = peak.peak_largest / 1e6
     return result
 
 
@@ -182,7 +183,8 @@ def main() -> None:
         results["buffer"] = buffer_at_scale(2000 if args.quick else 10_000)
     if "fleet" in sections:
         print("fleet efficiency", flush=True)
-        results["fleet"] = fleet_efficiency(seconds=12 if args.quick else 30, reps=1 if args.quick else 2)
+        results["fleet"] = fleet_efficiency(seconds=12 if args.quick else 30, reps=1,
+                                            loads=(0.8, 1.1) if args.quick else (0.5, 0.8, 0.95, 1.1))
     results["elapsed_s"] = time.time() - started
     previous.write_text(json.dumps(results, indent=1, default=str))
     write_report(results, harness.ROOT / "bench")

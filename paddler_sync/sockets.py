@@ -31,3 +31,33 @@ def peer_has_closed(sock: socket.socket) -> bool:
         return sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+class ClientWatch:
+    """Calls ``on_gone`` once if the client closes its connection, costing nothing until then.
+
+    A request that waits for a slot writes nothing, so a vanished client would go unnoticed; a
+    read watcher on its socket wakes only when something arrives. Pipelined data (the client's next
+    request) also wakes it: then the watcher stops and the client counts as present.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._watcher = None
+
+    def start(self, on_gone) -> None:
+        import gevent
+
+        def readable() -> None:
+            self.stop()
+            if peer_has_closed(self.sock):
+                on_gone()
+
+        self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self._watcher.start(readable)
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None

@@ -85,15 +85,29 @@ def test_waiting_times_out_and_takes_nothing() -> None:
     assert ledger.free_slots() == 1
 
 
+class FakeWatch:
+    """Stands in for the socket watcher: the test says when the client leaves."""
+
+    def __init__(self) -> None:
+        self.on_gone = None
+        self.stopped = False
+
+    def start(self, on_gone) -> None:  # noqa: ANN001
+        self.on_gone = on_gone
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
 def test_a_client_that_leaves_while_waiting_takes_nothing() -> None:
     _, buffer = make()
-    gone = {"yes": False}
-    waiter = gevent.spawn(buffer.acquire, lambda: gone["yes"])
+    watch = FakeWatch()
+    waiter = gevent.spawn(buffer.acquire, watch)
     gevent.sleep(0.05)
-    gone["yes"] = True
+    watch.on_gone()
     with pytest.raises(ClientGone):
         waiter.get(timeout=2)
-    assert buffer.waiting == 0 and buffer.stats.abandoned == 1
+    assert buffer.waiting == 0 and buffer.stats.abandoned == 1 and watch.stopped
 
 
 def test_a_killed_waiter_takes_nothing_and_a_served_one_owns_its_slot() -> None:

@@ -12,13 +12,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import gevent
 from gevent.event import AsyncResult
 
 from paddler_sync.fleet.ledger import Ledger, Reservation
 
-CLIENT_CHECK_SECONDS = 0.25
+
+class Watch(Protocol):
+    """Tells the buffer when a waiting request's client has left (see paddler_sync.sockets.ClientWatch)."""
+
+    def start(self, on_gone: Callable[[], None]) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class BufferRefusal(Exception):
@@ -76,7 +83,7 @@ class RequestBuffer:
     def oldest_wait(self) -> float:
         return time.monotonic() - self._waiters[0].since if self._waiters else 0.0
 
-    def acquire(self, client_gone: Callable[[], bool] | None = None,
+    def acquire(self, client: Watch | None = None,
                 exclude: frozenset[str] = frozenset()) -> tuple[Reservation, float]:
         """A reservation and how long it waited; raises a BufferRefusal when there is none to give."""
         if self._closed_reason:
@@ -88,7 +95,7 @@ class RequestBuffer:
         if len(self._waiters) >= self.max_waiting:
             self.stats.rejected_full += 1
             raise BufferFull(self._full_message())
-        return self._wait(Waiter(exclude), client_gone)
+        return self._wait(Waiter(exclude), client)
 
     def dispatch(self) -> None:
         """Hand free slots to the oldest waiters that can use them."""
@@ -106,29 +113,33 @@ class RequestBuffer:
         while self._waiters:
             self._waiters.popleft().result.set_exception(BufferClosed(reason))
 
-    def _wait(self, waiter: Waiter, client_gone: Callable[[], bool] | None) -> tuple[Reservation, float]:
+    def _wait(self, waiter: Waiter, client: Watch | None) -> tuple[Reservation, float]:
+        """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep."""
         self._waiters.append(waiter)
         self.stats.buffered_total += 1
-        deadline = waiter.since + self.timeout
+        if client is not None:
+            client.start(lambda: self._client_left(waiter))
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.stats.timed_out += 1
-                    raise BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
-                                        f"(--buffered-request-timeout); retry later or add servers")
-                try:
-                    reservation = waiter.result.get(timeout=min(left, CLIENT_CHECK_SECONDS))
-                except gevent.Timeout:
-                    if client_gone is not None and client_gone():
-                        self.stats.abandoned += 1
-                        raise ClientGone("the client left while waiting") from None
-                    continue
-                self.stats.served_after_wait += 1
-                return reservation, time.monotonic() - waiter.since
+            reservation = waiter.result.get(timeout=self.timeout)
+        except gevent.Timeout:
+            self._forget(waiter)
+            self.stats.timed_out += 1
+            raise BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
+                                f"(--buffered-request-timeout); retry later or add servers") from None
         except BaseException:
             self._forget(waiter)
             raise
+        finally:
+            if client is not None:
+                client.stop()
+        self.stats.served_after_wait += 1
+        return reservation, time.monotonic() - waiter.since
+
+    def _client_left(self, waiter: Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self.stats.abandoned += 1
+            waiter.result.set_exception(ClientGone("the client left while waiting"))
 
     def _forget(self, waiter: Waiter) -> None:
         """A waiter leaving for any reason: out of the queue, and any slot it was handed goes back."""

@@ -26,7 +26,7 @@ from paddler_sync.fleet.buffer import BufferRefusal, ClientGone
 from paddler_sync.fleet.ledger import Reservation
 from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
-from paddler_sync.sockets import peer_has_closed
+from paddler_sync.sockets import ClientWatch
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
@@ -130,7 +130,7 @@ class ProxyApp:
                                       "(see /api/v1/agents on the management server)", [("Retry-After", "1")])
             return reservation, 0.0
         try:
-            return self.buffer.acquire(client_gone(environ), exclude)
+            return self.buffer.acquire(client_watch(environ), exclude)
         except ClientGone as exc:
             raise ProxyError(499, str(exc)) from None
         except BufferRefusal as exc:
@@ -238,13 +238,10 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
     return environ.get("gunicorn.socket")
 
 
-def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
-    """A check that the client closed its connection while its request waits (nothing is written then)."""
+def client_watch(environ: dict[str, Any]) -> ClientWatch | None:
+    """Notices a client that closes its connection while its request waits (nothing is written then)."""
     sock = client_socket(environ)
-    if sock is None:
-        return None
-
-    return lambda: peer_has_closed(sock)
+    return ClientWatch(sock) if sock is not None else None
 
 
 def abort_client_connection(environ: dict[str, Any]) -> None:

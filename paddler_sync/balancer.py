@@ -30,6 +30,7 @@ from paddler_sync.proxy.app import ProxyApp
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
 HISTORY_SECONDS = 1.0
+SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
 WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker exits with this
 
@@ -69,10 +70,33 @@ class Balancer:
         if self.options.statsd_addr is not None:
             self._spawn(self._report_statsd_forever, "statsd-reporter")
         logger.info("management server on http://%s (agents report here; /api/v1/agents, /health)", addr)
+        if not addr.is_loopback and not self.options.management_token:
+            logger.warning("the management server on %s is reachable from other hosts and has no "
+                           "--management-token: anyone who reaches it can register a llama.cpp address and "
+                           "receive traffic", addr)
         if self.options.management_path_prefix:
             logger.warning("the management API is also served under %s on the proxy port: anyone who reaches the "
                            "proxy can register servers there, so keep that path behind your platform's access "
                            "control", self.options.management_path_prefix)
+
+    def watch_worker(self, worker: Any) -> None:
+        """Under gunicorn: when the worker is told to stop, begin a graceful shutdown."""
+        def watch() -> None:
+            while worker.alive:
+                gevent.sleep(SHUTDOWN_POLL_SECONDS)
+            self.begin_shutdown(worker.cfg.graceful_timeout)
+
+        self._spawn(watch, "shutdown-watcher")
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Stop taking work: waiting requests get 503 + Retry-After now; responses in flight may finish."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        waiting, in_flight = self.buffer.waiting, self.ledger.in_flight()
+        self.buffer.close("the balancer is shutting down; retry in a moment (or on another balancer)")
+        logger.info("shutting down: %d waiting requests answered 503, %d in flight may finish within %gs",
+                    waiting, in_flight, grace)
 
     def stop(self) -> None:
         self.shutting_down = True

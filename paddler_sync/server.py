@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
         check_gunicorn_worker(worker, options)
     balancer = Balancer(options)
     balancer.start()
+    if worker is not None:
+        balancer.watch_worker(worker)
     return balancer
 
 
@@ -91,7 +94,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         "worker_class": "gevent",
         "workers": 1,
         "worker_connections": options.max_client_connections,
-        "graceful_timeout": 30,
+        "graceful_timeout": math.ceil(options.graceful_timeout),  # gunicorn takes whole seconds
         "timeout": 30,
         "keepalive": 5,
         "accesslog": None,

@@ -135,6 +135,16 @@ def text_value(text: str) -> str:
     return text
 
 
+def networks(text: str) -> tuple:
+    import ipaddress
+
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of networks: {exc}; expected e.g. "
+                                         "10.0.0.0/8,192.168.1.0/24") from None
+
+
 def path_prefix(text: str) -> str:
     if not text.startswith("/") or text == "/" or text.endswith("/") or any(c in text for c in "?# "):
         raise argparse.ArgumentTypeError(f"'{text}' is not a path prefix: expected something like /_paddler")
@@ -185,7 +195,17 @@ SETTINGS: tuple[Setting, ...] = (
             "/_paddler), for platforms that route one port only; agents and the dashboard then use the proxy "
             "address as --management-addr with the same prefix. Anyone who reaches the proxy reaches it too.",
             B + A + D, path_prefix, None, metavar="PATH"),
+    Setting("management-token", "Shared secret of the management plane. Agents send it with every report; when "
+            "set, the balancer refuses reports without it and also requires it (or the read-only token) for "
+            "/api/v1/agents, /metrics and the dashboard. /health stays open.", B + A + D, text_value, None,
+            secret=True, metavar="TOKEN"),
     # balancer
+    Setting("management-read-token", "A second token that may only read: /api/v1/agents, /metrics and the "
+            "dashboard (the dashboard command takes it as --management-token).", B, text_value, None, secret=True,
+            metavar="TOKEN"),
+    Setting("agent-allowed-networks", "Accept reports only for llama.cpp addresses in these networks, e.g. "
+            "10.0.0.0/8,192.168.1.0/24 (host names must resolve inside them). Unset: any address.", B,
+            networks, None, metavar="CIDRS"),
     Setting("reverseproxy-addr", "Where the reverse proxy listens for llama.cpp clients (under a bare "
             "gunicorn command line, gunicorn's own bind wins).", B, address, parse_address("127.0.0.1:8080"),
             metavar="HOST:PORT"),
@@ -222,6 +242,9 @@ SETTINGS: tuple[Setting, ...] = (
             choice("slots", "round-robin", "least-connections"), "slots"),
     Setting("max-client-connections", "Most client connections the balancer holds at once, waiting ones "
             "included (gunicorn's --worker-connections).", B, positive_count, 4096),
+    Setting("graceful-timeout", "On SIGTERM: how long responses in flight may run on before they are cut "
+            "(waiting requests get 503 at once). Under a bare gunicorn command line, gunicorn's own "
+            "--graceful-timeout applies.", B, duration, 30.0, metavar="SECONDS"),
     Setting("max-agents", "Most agents the balancer accepts; reports from more get 429.", B, positive_count, 1024),
     # agent
     Setting("local-llamacpp-addr", "The llama.cpp server this agent watches (polls /slots and /props). "

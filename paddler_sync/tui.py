@@ -68,7 +68,7 @@ class FleetDashboard(App):
         Binding("j", "move(1)", "down", show=False), Binding("k", "move(-1)", "up", show=False),
     ]
 
-    def __init__(self, management_url: str, refresh_interval: float = 0.5) -> None:
+    def __init__(self, management_url: str, refresh_interval: float = 0.5, token: str | None = None) -> None:
         super().__init__()
         self.management_url = management_url.rstrip("/")
         self.refresh_interval = refresh_interval
@@ -76,6 +76,8 @@ class FleetDashboard(App):
         self.ticks = 0
         self.session = requests.Session()
         self.session.trust_env = False
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def compose(self) -> ComposeResult:
         yield Static(Text("paddler_sync fleet: " + self.management_url), id="title")
@@ -131,5 +133,5 @@ def management_url(options: argparse.Namespace) -> str:
 
 
 def run_dashboard(options: argparse.Namespace) -> int:
-    FleetDashboard(management_url(options), options.refresh_interval).run()
+    FleetDashboard(management_url(options), options.refresh_interval, options.management_token).run()
     return 0

@@ -92,7 +92,7 @@ class FakeWatch:
         self.on_gone = None
         self.stopped = False
 
-    def start(self, on_gone) -> None:  # noqa: ANN001
+    def start(self, on_gone) -> None:
         self.on_gone = on_gone
 
     def stop(self) -> None:

@@ -33,12 +33,14 @@ REPORT_TIMEOUT_SECONDS = 3.0
 class BalancerClient:
     """Sends reports to the management server and logs when it becomes (un)reachable, once each time."""
 
-    def __init__(self, management: Address, agent_id: str, prefix: str | None = None,
+    def __init__(self, management: Address, agent_id: str, prefix: str | None = None, token: str | None = None,
                  timeout: float = REPORT_TIMEOUT_SECONDS) -> None:
         self.url = f"{management.url}{prefix or ''}/api/v1/agents/{agent_id}"
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
         self._last_problem: str | None = "never reported"
 
     def report(self, report: AgentReport) -> bool:
@@ -166,7 +168,7 @@ def run_agent(options: argparse.Namespace) -> int:
     agent_id = str(uuid.uuid4())
     agent = Agent(
         LlamaCppClient(options.local_llamacpp_addr, options.llamacpp_api_key, options.llamacpp_timeout),
-        BalancerClient(options.management_addr, agent_id, options.management_path_prefix),
+        BalancerClient(options.management_addr, agent_id, options.management_path_prefix, options.management_token),
         external_address(options), options.monitoring_interval, options.name,
     )
     logger.info("agent %s watches llama.cpp at %s and reports it as %s to %s every %gs", agent_id,

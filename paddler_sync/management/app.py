@@ -21,6 +21,7 @@ from paddler_sync.errors import error_body
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
 from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
+from paddler_sync.management.guard import READ, WRITE, Guard, presented_token
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
@@ -30,12 +31,27 @@ def create_management_app(balancer: Balancer) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    options = balancer.options
+    guard = Guard(options.management_token, options.management_read_token, options.agent_allowed_networks)
+
+    @app.before_request
+    def check_token() -> tuple[Response, int] | None:
+        if request.path == "/health" or not guard.enabled:
+            return None
+        access = READ if request.method in ("GET", "HEAD") else WRITE
+        token = presented_token(request.headers.get("Authorization"), request.args.get("token"))
+        if guard.allows(token, access):
+            return None
+        return _error(401, "this management server needs a token: agents and dashboards take it as "
+                           "--management-token; HTTP clients send 'Authorization: Bearer <token>'")
 
     @app.post("/api/v1/agents/<agent_id>/report")
     def agent_report(agent_id: str) -> tuple[Response, int]:
         try:
             check_agent_id(agent_id)
             report = parse_report(request.get_data(cache=False))
+            if not guard.address_allowed(report.external_llamacpp_addr):
+                raise ReportError(403, f"{report.external_llamacpp_addr} is outside --agent-allowed-networks")
             registered = balancer.registry.apply(agent_id, report)
         except ReportError as exc:
             return _error(exc.status, str(exc))

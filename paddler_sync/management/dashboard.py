@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, render_template
+from flask import Blueprint, render_template, request, url_for
 
 from paddler_sync.management.views import agents_json, health_json
 
@@ -27,7 +27,9 @@ def create_dashboard(balancer: Balancer) -> Blueprint:
 
     @dashboard.get("/dashboard")
     def page() -> str:
-        return render_template("dashboard.html", refresh_ms=REFRESH_MS)
+        token = request.args.get("token")  # a browser cannot send a header: the page passes the token on
+        fleet_url = url_for("dashboard.fleet", token=token) if token else url_for("dashboard.fleet")
+        return render_template("dashboard.html", refresh_ms=REFRESH_MS, fleet_url=fleet_url)
 
     @dashboard.get("/dashboard/fleet")
     def fleet() -> str:

@@ -1,0 +1,156 @@
+"""A guarded management plane, graceful shutdown, and hostile reports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from paddler_sync.balancer import Balancer
+from paddler_sync.settings import parse_settings
+from tests.conftest import PYTHON, ROOT, Fleet, agents, free_port, port_open, wait_until
+from tests.test_management import good_report
+from tests.test_proxy import complete, health, start_fleet
+
+
+def test_token_guards_reports_api_metrics_and_dashboard(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--management-token", "s3cret", "--management-read-token", "look",
+                              "--management-dashboard-enable")
+    management = balancer.extra["management"]
+    sim = fleet.simulator()
+    tokenless = fleet.agent(sim.port, balancer.extra["management_port"], "--name", "tokenless", interval=0.2)
+    wait_until(lambda: "refused the report (HTTP 401)" in tokenless.log())
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "good", "--management-token", "s3cret",
+                interval=0.2)
+    read = {"Authorization": "Bearer look"}
+    wait_until(lambda: len(requests.get(management + "/api/v1/agents", headers=read, timeout=5).json()["agents"]) == 1)
+
+    assert requests.get(management + "/api/v1/agents", timeout=5).status_code == 401
+    assert requests.get(management + "/api/v1/agents", headers={"Authorization": "Bearer nope"},
+                        timeout=5).status_code == 401
+    assert requests.get(management + "/metrics", timeout=5).status_code == 401
+    assert requests.get(management + "/metrics", headers=read, timeout=5).status_code == 200
+    assert requests.get(management + "/health", timeout=5).status_code == 200  # load balancers' health checks
+    report = requests.post(management + "/api/v1/agents/x1/report", json=good_report(), headers=read, timeout=5)
+    assert report.status_code == 401  # the read-only token cannot register a server
+    assert report.json()["error"]["type"] == "authentication_error"
+    assert requests.get(management + "/dashboard", timeout=5).status_code == 401
+    page = requests.get(management + "/dashboard?token=look", timeout=5)
+    assert page.status_code == 200 and "/dashboard/fleet?token=look" in page.text
+    assert requests.get(management + "/dashboard/fleet?token=look", timeout=5).status_code == 200
+
+
+def test_warns_when_the_management_address_is_open_without_a_token(fleet: Fleet) -> None:
+    port = free_port()
+    balancer = fleet.spawn("balancer", [PYTHON, "-m", "paddler_sync", "balancer", "--reverseproxy-addr",
+                                        f"127.0.0.1:{free_port()}", "--management-addr", f"0.0.0.0:{port}"], port)
+    wait_until(lambda: "has no --management-token" in balancer.log())
+    quiet = fleet.balancer()
+    time.sleep(0.3)
+    assert "has no --management-token" not in quiet.log()
+
+
+def test_reports_outside_the_allowed_networks_are_refused(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--agent-allowed-networks", "10.0.0.0/8")
+    sim = fleet.simulator()
+    agent = fleet.agent(sim.port, balancer.extra["management_port"], interval=0.2)
+    wait_until(lambda: "HTTP 403" in agent.log() and "outside --agent-allowed-networks" in agent.log())
+    assert agents(balancer) == []
+    allowed = fleet.balancer("--agent-allowed-networks", "127.0.0.0/8,::1/128")
+    fleet.agent(sim.port, allowed.extra["management_port"], interval=0.2)
+    wait_until(lambda: len(agents(allowed)) == 1)
+
+
+def _graceful_shutdown(fleet: Fleet, balancer) -> None:
+    """One request streams, one waits; SIGTERM: the waiting one gets 503 at once, the stream finishes."""
+    sim = fleet.simulator("--parallel", "1", "--decode-tokens-per-second", "20")
+    fleet.agent(sim.port, balancer.extra["management_port"], interval=0.2)
+    wait_until(lambda: health(balancer)["agents_ready"] == 1)
+    streamed: dict[str, Any] = {}
+
+    def stream() -> None:
+        with requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=30,
+                           json={"prompt": "x", "n_predict": 40, "stream": True}) as response:
+            streamed["events"] = sum(1 for line in response.iter_lines() if line.startswith(b"data: "))
+
+    running = threading.Thread(target=stream)
+    running.start()
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+    waiting: dict[str, Any] = {}
+    waiter = threading.Thread(target=lambda: waiting.update(response=complete(balancer, 1)))
+    waiter.start()
+    wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+    stopped = time.monotonic()
+    balancer.signal(signal.SIGTERM)
+    waiter.join(10)
+    refused = waiting["response"]
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    assert "shutting down" in refused.json()["error"]["message"]
+    assert time.monotonic() - stopped < 3
+    running.join(20)
+    assert streamed["events"] == 41  # 40 tokens and the final event: the stream was not cut
+    assert balancer.popen.wait(20) == 0
+
+
+def test_graceful_shutdown_with_paddler_sync_balancer(fleet: Fleet) -> None:
+    _graceful_shutdown(fleet, fleet.balancer())
+
+
+def test_graceful_shutdown_with_gunicorn(fleet: Fleet) -> None:
+    proxy, management = free_port(), free_port()
+    proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b", f"127.0.0.1:{proxy}",
+                                    "--no-control-socket", "--chdir", str(ROOT), "wsgi:balancer"], management,
+                       env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"})
+    wait_until(lambda: port_open(proxy))
+    proc.extra.update(proxy=f"http://127.0.0.1:{proxy}", management=f"http://127.0.0.1:{management}",
+                      management_port=management)
+    _graceful_shutdown(fleet, proc)
+
+
+def test_requests_after_shutdown_began_get_503(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], "--graceful-timeout", "5", sim_args=("--decode-tokens-per-second", "10"))
+    holder = threading.Thread(target=lambda: complete(balancer, 30))
+    holder.start()
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+    balancer.signal(signal.SIGTERM)
+    wait_until(lambda: requests.get(balancer.extra["management"] + "/health", timeout=5).status_code == 503)
+    holder.join(30)
+
+
+# --- hostile reports -------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=3), max_leaves=8)
+FIELDS = list(good_report())
+
+
+def fuzz_client():
+    balancer = Balancer(parse_settings("balancer", args=[], config_files=[]))
+    return balancer.management.test_client()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.dictionaries(st.sampled_from([*FIELDS, "extra"]), JSON_VALUES, max_size=4),
+       agent_id=st.text(min_size=1, max_size=80).filter(lambda s: "/" not in s and s not in (".", "..")))
+def test_fuzzed_reports_never_crash_the_management_server(changes: dict[str, Any], agent_id: str) -> None:
+    client = fuzz_client()
+    response = client.post(f"/api/v1/agents/{requests.utils.quote(agent_id, safe='')}/report",
+                           data=json.dumps(good_report(**changes), allow_nan=True), content_type="application/json")
+    assert response.status_code < 500, response.get_data(as_text=True)
+    if response.status_code >= 400:
+        assert response.get_json()["error"]["message"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=2048))
+def test_random_bytes_are_a_clear_4xx(body: bytes) -> None:
+    response = fuzz_client().post("/api/v1/agents/a/report", data=body, content_type="application/json")
+    assert 400 <= response.status_code < 500 and response.get_json()["error"]["message"]

@@ -56,13 +56,14 @@ class Metrics:
         self.duration = Histogram("paddler_request_duration_seconds", "From request to the end of the response.",
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
         self.counts = dict.fromkeys(OUTCOMES, 0)
+        self._outcome_counters = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
         self.quarantine_count = 0
         self.pending_timings: list[tuple[str, float]] = []
         self.dropped_timings = 0
 
     def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
         self.counts[outcome] += 1
-        self.requests.labels(outcome).inc()
+        self._outcome_counters[outcome].inc()
         self.queue_wait.observe(wait)
         self.duration.observe(duration)
         if ttfb is not None:

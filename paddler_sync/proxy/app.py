@@ -72,7 +72,7 @@ class ProxyApp:
             takes_slot = up.uses_slot(method, path)
             reservation, response, waited = self._connect(environ, body, takes_slot)
         except ProxyError as exc:
-            self._record(environ, exc.status, None, 0.0, started)
+            self.record(environ, exc.status, None, 0.0, started)
             body = error_bytes(exc.status, str(exc))
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
@@ -164,7 +164,7 @@ class ProxyApp:
                waited: float, started: float) -> Relay:
         return Relay(self, environ, response, reservation, waited, started)
 
-    def _record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
+    def record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
                 started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused") -> None:
         """One finished request: into the metrics, and one access line."""
         now = time.monotonic()
@@ -224,7 +224,7 @@ class Relay:
         self.response.release_conn()
         draining = self.ending == "upstream_error" and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
-        self.proxy._record(self.environ, self.response.status, self.reservation, self.waited, self.started,
+        self.proxy.record(self.environ, self.response.status, self.reservation, self.waited, self.started,
                         self.first_byte, self.sent, self.ending)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3 import HTTPResponse
+from urllib3 import HTTPConnectionPool, HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import Timeout
 
@@ -47,15 +47,19 @@ class Transport:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.headers = CaseInsensitiveDict()
-        self.adapter = HTTPAdapter(pool_connections=64, pool_maxsize=pool_size, pool_block=False, max_retries=0)
+        self.adapter = HTTPAdapter(pool_connections=1024, pool_maxsize=pool_size, pool_block=False, max_retries=0)
         self.session.mount("http://", self.adapter)
         self.timeout = Timeout(connect=connect_timeout, read=read_timeout)
+        self._pools: dict[str, HTTPConnectionPool] = {}
         # A full pool discards the extra connection: expected under bursts, not worth a warning per request.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
     def send(self, method: str, addr: str, target: str, headers: dict[str, str], body: bytes | None) -> HTTPResponse:
-        host, _, port = addr.rpartition(":")
-        pool = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port), scheme="http")
+        pool = self._pools.get(addr)
+        if pool is None or pool.pool is None:  # built once by the adapter's pool manager (None: it closed it)
+            host, _, port = addr.rpartition(":")
+            pool = self._pools[addr] = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port),
+                                                                                     scheme="http")
         return pool.urlopen(method, target, body=body, headers=headers, retries=False, redirect=False,
                             assert_same_host=False, preload_content=False, decode_content=False,
                             timeout=self.timeout)

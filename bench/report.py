@@ -242,6 +242,12 @@ LIMITS = """## What limits paddler_sync here, and what it would take
 - **Streaming.** Each relayed event is one gevent socket read on the upstream side and one write (with a chunk
   header) on the client side, ~2 syscalls and a few Python frames; HAProxy and nginx do the same in C. Beyond
   one core, the balancer needs more processes, which the shared Redis ledger (issue 7) makes possible.
+- **Which server.** The default rule (the issue's: most free slots, then fewest in flight) fills the servers with the
+  most slots first. In this fleet those are the slowest per slot, so at moderate load slot-aware HAProxy
+  (`leastconn`: fewest connections, which favours the small, fast servers) can show a lower TTFT p99 and more
+  tokens/s, while near and above capacity the two are level and both keep every request out of llama.cpp's queue.
+  A speed-aware policy (send to the free slot expected to finish soonest, from the agents' or the responses'
+  timings) is the next step, through the `Policy` seam in `paddler_sync/fleet/policy.py`.
 - **This machine.** Two cores run the load generator, the simulators and the proxy: at high rates the simulators
   (gevent's pywsgi) take more CPU than the proxy, and `direct` is the simulators' own ceiling.
 """.splitlines()

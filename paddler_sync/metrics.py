@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -45,6 +45,7 @@ def outcome_of(status: int, ending: str) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_open_fds, process_resident_memory_bytes, CPU
         self.requests = Counter("paddler_requests", "Requests the proxy finished, by outcome.", ["outcome"],
                                 registry=self.registry)
         self.quarantines = Counter("paddler_quarantines", "Servers quarantined after a refused connection.",
@@ -101,6 +102,8 @@ class FleetCollector(Collector):
                                ("requests_in_flight", "Requests this balancer is relaying now."),
                                ("agents", "Registered agents.")):
             yield GaugeMetricFamily(f"paddler_{key}", help_text, value=health[key])
+        yield GaugeMetricFamily("paddler_greenlets", "Live greenlets in the worker (a leak shows here).",
+                                value=live_greenlets())
         labels = ["agent_id", "agent_name", "addr"]
         families = {
             "slots_idle": GaugeMetricFamily("paddler_agent_slots_idle", "Free slots per server.", labels=labels),
@@ -116,6 +119,14 @@ class FleetCollector(Collector):
                 value = agent["state"] == "ready" if key == "ready" else agent[key]
                 family.add_metric(values, float(value))
         yield from families.values()
+
+
+def live_greenlets() -> int:
+    import gc
+
+    from greenlet import greenlet
+
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
 
 
 @dataclass

@@ -123,15 +123,3 @@ def test_a_killed_waiter_takes_nothing_and_a_served_one_owns_its_slot() -> None:
     assert ledger.in_flight() == 1
     ledger.release(reservation)
     assert ledger.in_flight() == 0 and ledger.free_slots() == 1
-
-
-def test_a_waiter_excluding_a_server_lets_the_next_one_have_it() -> None:
-    ledger, buffer = make()
-    ledger.report("a", "10.0.0.1:1", 1, 1, True)
-    picky = gevent.spawn(buffer.acquire, None, frozenset({"a"}))
-    plain = gevent.spawn(buffer.acquire)
-    gevent.sleep(0.01)
-    ledger.report("a", "10.0.0.1:1", 1, 0, True)
-    reservation, _ = plain.get(timeout=1)
-    assert reservation.upstream.key == "a" and not picky.ready()
-    picky.kill()

@@ -52,7 +52,6 @@ class ClientGone(BufferRefusal):
 
 @dataclass(eq=False)
 class Waiter:
-    exclude: frozenset[str]
     since: float = field(default_factory=time.monotonic)
     result: AsyncResult = field(default_factory=AsyncResult)
 
@@ -83,29 +82,26 @@ class RequestBuffer:
     def oldest_wait(self) -> float:
         return time.monotonic() - self._waiters[0].since if self._waiters else 0.0
 
-    def acquire(self, client: Watch | None = None,
-                exclude: frozenset[str] = frozenset()) -> tuple[Reservation, float]:
+    def acquire(self, client: Watch | None = None) -> tuple[Reservation, float]:
         """A reservation and how long it waited; raises a BufferRefusal when there is none to give."""
         if self._closed_reason:
             raise BufferClosed(self._closed_reason)
         if not self._waiters:
-            reservation = self.ledger.reserve(exclude)
+            reservation = self.ledger.reserve()
             if reservation is not None:
                 return reservation, 0.0
         if len(self._waiters) >= self.max_waiting:
             self.stats.rejected_full += 1
             raise BufferFull(self._full_message())
-        return self._wait(Waiter(exclude), client)
+        return self._wait(Waiter(), client)
 
     def dispatch(self) -> None:
-        """Hand free slots to the oldest waiters that can use them."""
-        for waiter in list(self._waiters):
-            if self.ledger.free_slots() == 0:
+        """Hand free slots to the oldest waiters, one slot each, in arrival order."""
+        while self._waiters:
+            reservation = self.ledger.reserve()
+            if reservation is None:
                 return
-            reservation = self.ledger.reserve(waiter.exclude)
-            if reservation is not None:
-                self._waiters.remove(waiter)
-                waiter.result.set(reservation)
+            self._waiters.popleft().result.set(reservation)
 
     def close(self, reason: str) -> None:
         """Refuse new requests and send every waiter away (shutdown)."""

@@ -120,18 +120,18 @@ class Ledger:
 
     # --- taking and giving back ----------------------------------------------------------------------
 
-    def reserve(self, exclude: frozenset[str] = frozenset()) -> Reservation | None:
+    def reserve(self) -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request."""
-        upstream = self.policy.choose(self._candidates(exclude), self.clock())
+        upstream = self.policy.choose(list(self._upstreams.values()), self.clock())
         if upstream is None:
             return None
         upstream.in_flight += 1
         return Reservation(upstream)
 
-    def pick_without_slot(self, exclude: frozenset[str] = frozenset()) -> Reservation | None:
+    def pick_without_slot(self) -> Reservation | None:
         """Any usable server, for requests that run no llama.cpp task (health, models, tokenize...)."""
         now = self.clock()
-        usable = [u for u in self._candidates(exclude) if u.is_usable(now)]
+        usable = [u for u in self._upstreams.values() if u.is_usable(now)]
         if not usable:
             return None
         return Reservation(min(usable, key=lambda u: preference(u, now)), uses_slot=False)
@@ -160,8 +160,3 @@ class Ledger:
     def _capacity_may_have_grown(self) -> None:
         for listener in self._capacity_listeners:
             listener()
-
-    def _candidates(self, exclude: frozenset[str]) -> list[Upstream]:
-        if not exclude:
-            return list(self._upstreams.values())
-        return [u for u in self._upstreams.values() if u.key not in exclude]

@@ -105,11 +105,12 @@ class ProxyApp:
 
     def _connect(self, environ: dict[str, Any], body: bytes,
                  takes_slot: bool) -> tuple[Reservation, HTTPResponse, float]:
-        """Reserve and connect, skipping servers that refuse connections, while nothing was sent."""
-        tried: set[str] = set()
+        """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
+        to which nothing was sent yet, goes to another one, or waits for one. A quarantined server that its
+        agent reports healthy again may serve the retry."""
         waited = 0.0
         for _ in range(MAX_CONNECT_ATTEMPTS):
-            reservation, wait = self._reserve(environ, takes_slot, frozenset(tried))
+            reservation, wait = self._reserve(environ, takes_slot)
             waited += wait
             try:
                 return reservation, self._send(environ, body, reservation), waited
@@ -118,19 +119,17 @@ class ProxyApp:
                 if not up.is_connect_failure(exc):
                     raise self._upstream_error(reservation, exc) from None
                 self._quarantine(reservation, exc)
-                tried.add(reservation.upstream.key)
         raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts")
 
-    def _reserve(self, environ: dict[str, Any], takes_slot: bool,
-                 exclude: frozenset[str]) -> tuple[Reservation, float]:
+    def _reserve(self, environ: dict[str, Any], takes_slot: bool) -> tuple[Reservation, float]:
         if not takes_slot:
-            reservation = self.ledger.pick_without_slot(exclude)
+            reservation = self.ledger.pick_without_slot()
             if reservation is None:
                 raise ProxyError(503, "no llama.cpp server is ready to answer; agents register them "
                                       "(see /api/v1/agents on the management server)", [("Retry-After", "1")])
             return reservation, 0.0
         try:
-            return self.buffer.acquire(client_watch(environ), exclude)
+            return self.buffer.acquire(client_watch(environ))
         except ClientGone as exc:
             raise ProxyError(499, str(exc)) from None
         except BufferRefusal as exc:

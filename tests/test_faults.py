@@ -1,0 +1,194 @@
+"""Faults with real processes; after each one the ledger is back to zero in flight and nothing has leaked.
+
+Leaks are counted from the outside: the worker's live greenlets and open file descriptors (sockets
+included) come from its Prometheus metrics, and must return to where they were before the fault.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import requests
+
+from tests.conftest import Fleet, Proc, agent_named, agents, wait_until
+from tests.test_proxy import complete, health, start_fleet
+
+INTERVAL = 0.2
+
+
+def internals(balancer: Proc) -> dict[str, float]:
+    text = requests.get(balancer.extra["management"] + "/metrics", timeout=5).text
+    found = {name: float(value) for name, value in re.findall(r"^(paddler_greenlets|process_open_fds) (\S+)$",
+                                                              text, re.M)}
+    found["in_flight"] = health(balancer)["requests_in_flight"]
+    found["buffered"] = health(balancer)["requests_buffered"]
+    return found
+
+
+def settled(balancer: Proc, baseline: dict[str, float]) -> dict[str, float]:
+    """Wait until nothing is in flight or waiting and greenlets and descriptors are back to the baseline."""
+    def ok() -> dict[str, float] | None:
+        now = internals(balancer)
+        clean = (now["in_flight"] == 0 and now["buffered"] == 0
+                 and now["paddler_greenlets"] <= baseline["paddler_greenlets"] + 1
+                 and now["process_open_fds"] <= baseline["process_open_fds"] + 4)  # + idle pooled upstream sockets
+        return now if clean else None
+
+    return wait_until(ok, timeout=15, interval=0.2, message=f"no leaks (baseline {baseline})")
+
+
+@contextmanager
+def misbehaving_upstream(mode: str) -> Iterator[int]:
+    """A TCP server that accepts and then: 'silent' says nothing, 'garbage' sends junk, 'close' hangs up."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if mode == "garbage":
+                conn.recv(65536)
+                conn.sendall(b"this is not HTTP at all\r\n\r\n")
+                conn.close()
+            elif mode == "close":
+                conn.close()
+            else:
+                held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def fleet_behind(fleet: Fleet, bad_port: int, *balancer_args: str) -> Proc:
+    """A balancer whose only server is reported at bad_port (the agent watches a healthy simulator)."""
+    balancer = fleet.balancer(*balancer_args)
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "bad", "--external-llamacpp-addr",
+                f"127.0.0.1:{bad_port}", interval=INTERVAL)
+    wait_until(lambda: (a := agent_named(balancer, "bad")) and a["state"] == "ready")
+    return balancer
+
+
+def test_upstream_that_accepts_and_never_answers(fleet: Fleet) -> None:
+    with misbehaving_upstream("silent") as port:
+        balancer = fleet_behind(fleet, port, "--upstream-read-timeout", "1")
+        baseline = internals(balancer)
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(lambda _: complete(balancer, 1, timeout=20).status_code, range(4)))
+        assert statuses == [504] * 4
+        settled(balancer, baseline)
+
+
+def test_upstream_that_answers_garbage_or_hangs_up(fleet: Fleet) -> None:
+    for mode in ("garbage", "close"):
+        with misbehaving_upstream(mode) as port:
+            balancer = fleet_behind(fleet, port)
+            baseline = internals(balancer)
+            for _ in range(5):
+                response = complete(balancer, 1, timeout=10)
+                assert response.status_code == 502 and response.json()["error"]["type"] == "server_error"
+            settled(balancer, baseline)
+
+
+def test_clients_leaving_while_waiting_and_mid_stream_leak_nothing(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [2], sim_args=("--decode-tokens-per-second", "50"))
+    complete(balancer, 1)  # warm the upstream pool
+    baseline = internals(balancer)
+    body = b'{"prompt":"x","n_predict":500,"stream":true}'
+    sockets = []
+    for _ in range(6):  # 2 stream, 4 wait
+        sock = socket.create_connection(("127.0.0.1", balancer.extra["proxy_port"]))
+        sock.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sockets.append(sock)
+    wait_until(lambda: health(balancer)["requests_buffered"] == 4)
+    for sock in sockets:
+        sock.close()
+    settled(balancer, baseline)
+    wait_until(lambda: requests.get(sim.url + "/simulator/stats", timeout=5).json()["requests_processing"] == 0)
+
+
+def test_llamacpp_restarting_under_its_agent(fleet: Fleet) -> None:
+    balancer, (sim,) = start_fleet(fleet, [2], "--buffered-request-timeout", "30", "--quarantine-duration", "1",
+                                   sim_args=("--decode-tokens-per-second", "100"))
+    baseline = internals(balancer)
+    results: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                results.append(complete(balancer, 5, timeout=30).status_code)
+            except requests.RequestException as exc:
+                results.append(-1)
+                errors.append(repr(exc))
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    sim.kill()
+    time.sleep(1.0)
+    fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "100", port=sim.port)
+    wait_until(lambda: agents(balancer)[0]["state"] == "ready")
+    time.sleep(1.0)
+    stop.set()
+    for worker in workers:
+        worker.join(30)
+    assert results.count(200) > 5
+    assert -1 not in results, errors  # every request got an answer: served, or a clear 502 while the server was down
+    assert set(results) <= {200, 502}
+    settled(balancer, baseline)
+
+
+def test_agents_flapping(fleet: Fleet) -> None:
+    balancer = fleet.balancer()
+    sim = fleet.simulator("--parallel", "3")
+    baseline = internals(balancer)
+    for _ in range(4):
+        agent = fleet.agent(sim.port, balancer.extra["management_port"], "--name", "flap", interval=0.1)
+        wait_until(lambda: agent_named(balancer, "flap"))
+        agent.stop()
+        assert agent_named(balancer, "flap") is None
+    assert health(balancer)["slots_total"] == 0
+    settled(balancer, baseline)
+
+
+def test_slow_clients_on_both_ports_do_not_stall_others(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [2])
+    slow = []
+    for port in (balancer.extra["proxy_port"], balancer.extra["management_port"]):
+        for _ in range(20):  # slowloris: half a request line, then nothing
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Le")
+            slow.append(sock)
+    started = time.monotonic()
+    assert complete(balancer, 2).status_code == 200
+    assert requests.get(balancer.extra["management"] + "/health", timeout=5).status_code == 200
+    assert time.monotonic() - started < 2
+    for sock in slow:
+        sock.close()

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	bench/setup.sh $(PY)
 	$(PY) bench/run.py --quick
+
+soak: $(STAMP)
+	$(PY) bench/soak.py --seconds $${SOAK_SECONDS:-600}
 
 lint: $(STAMP)
 	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench

@@ -128,8 +128,8 @@ def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subp
                             start_new_session=True)
 
 
-def simulator(*args: str, name: str = "simulator") -> Service:
-    port = free_port()
+def simulator(*args: str, name: str = "simulator", port: int | None = None) -> Service:
+    port = port or free_port()
     proc = spawn(name, [PYTHON, "-m", "paddler_sync", "simulate", "--addr", f"127.0.0.1:{port}", *args])
     wait_port(port)
     return Service(name, [proc], f"http://127.0.0.1:{port}", port)

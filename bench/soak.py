@@ -1,0 +1,141 @@
+"""Soak: stream at high concurrency for a while, injecting faults at random; memory must stay flat and nothing leak.
+
+Faults, one every few seconds: a simulator killed -9 and restarted, a simulator paused (SIGSTOP) and resumed,
+an agent killed -9 and restarted, clients that hang up mid-stream. At the end the balancer must be back to zero
+in flight with its greenlets and descriptors at their baseline, and every request must have been answered
+(a status line, or a stream cut visibly by a fault). Prints the figures as JSON.
+
+usage: python bench/soak.py [--seconds 600] [--clients 60]    (or: make soak, SOAK_SECONDS=...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness
+
+
+def internals(balancer: harness.Service) -> dict[str, float]:
+    text = requests.get(balancer.management + "/metrics", timeout=5).text
+    found = {k: float(v) for k, v in re.findall(r"^(paddler_greenlets|process_open_fds|paddler_requests_in_flight|"
+                                                r"paddler_requests_buffered) (\S+)$", text, re.M)}
+    found["worker_rss_mb"] = balancer.largest_rss() / 1e6
+    return found
+
+
+def client_loop(port: int, stop: threading.Event, tally: dict[str, int], rng: random.Random) -> None:
+    while not stop.is_set():
+        body = json.dumps({"prompt": "soak", "n_predict": rng.randint(20, 120), "stream": True}).encode()
+        hang_up = rng.random() < 0.05
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            sock.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            first = sock.recv(65536)
+            if hang_up:
+                sock.close()
+                tally["hung_up"] += 1
+                continue
+            data = first
+            while chunk := sock.recv(65536):
+                data += chunk
+            sock.close()
+        except OSError:
+            tally["no_answer"] += 1
+            continue
+        status = data[9:12]
+        if status == b"200" and data.endswith(b"0\r\n\r\n"):
+            tally["complete"] += 1
+        elif status == b"200":
+            tally["cut_visibly"] += 1  # a fault broke the stream; the client saw it end without the last chunk
+        else:
+            tally[f"status_{status.decode(errors='replace')}"] = tally.get(f"status_{status.decode()}", 0) + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--clients", type=int, default=60)
+    args = parser.parse_args()
+    rng = random.Random(7)
+    sims = [harness.simulator("--parallel", "8", "--decode-tokens-per-second", "60", name=f"soak-sim{i}")
+            for i in range(3)]
+    balancer = harness.paddler(sims, "--log-level", "warning", "--buffered-request-timeout", "30",
+                               "--quarantine-duration", "1", name="soak-paddler", interval=0.5)
+    agents = list(balancer.extra_procs)  # type: ignore[attr-defined]
+    time.sleep(1)
+    baseline = internals(balancer)
+    tally = {"complete": 0, "cut_visibly": 0, "hung_up": 0, "no_answer": 0}
+    stop = threading.Event()
+    clients = [threading.Thread(target=client_loop, args=(balancer.port, stop, tally, random.Random(i)), daemon=True)
+               for i in range(args.clients)]
+    for client in clients:
+        client.start()
+    samples, faults = [], []
+    started = time.monotonic()
+    next_fault = started + 3
+    while time.monotonic() - started < args.seconds:
+        time.sleep(1)
+        samples.append(internals(balancer))
+        if time.monotonic() < next_fault:
+            continue
+        next_fault = time.monotonic() + rng.uniform(3, 8)
+        victim = rng.randrange(len(sims))
+        fault = rng.choice(["kill_simulator", "pause_simulator", "kill_agent"])
+        faults.append(fault)
+        if fault == "kill_simulator":
+            port = sims[victim].port
+            sims[victim].procs[0].kill()
+            time.sleep(1)
+            sims[victim] = harness.simulator("--parallel", "8", "--decode-tokens-per-second", "60",
+                                             name=f"soak-sim{victim}", port=port)
+        elif fault == "pause_simulator":
+            sims[victim].procs[0].send_signal(signal.SIGSTOP)
+            time.sleep(2)
+            sims[victim].procs[0].send_signal(signal.SIGCONT)
+        else:
+            agents[victim].kill()
+            agents[victim] = harness.spawn("soak-agent", [harness.PYTHON, "-m", "paddler_sync", "agent",
+                                                          "--local-llamacpp-addr", f"127.0.0.1:{sims[victim].port}",
+                                                          "--management-addr", balancer.management[len("http://"):],
+                                                          "--monitoring-interval", "0.5"])
+    stop.set()
+    for client in clients:
+        client.join(90)
+    time.sleep(3)
+    end = internals(balancer)
+    rss = [s["worker_rss_mb"] for s in samples]
+    quarter = max(1, len(rss) // 4)
+    result = {
+        "seconds": args.seconds, "clients": args.clients, "faults": {f: faults.count(f) for f in set(faults)},
+        "requests": tally, "unanswered": tally["no_answer"],
+        "in_flight_at_end": end.get("paddler_requests_in_flight"),
+        "buffered_at_end": end.get("paddler_requests_buffered"),
+        "greenlets_baseline_end": [baseline.get("paddler_greenlets"), end.get("paddler_greenlets")],
+        "fds_baseline_end": [baseline.get("process_open_fds"), end.get("process_open_fds")],
+        "worker_rss_mb_first_quarter_last_quarter_max": [round(sum(rss[:quarter]) / quarter, 1),
+                                                         round(sum(rss[-quarter:]) / quarter, 1), round(max(rss), 1)],
+    }
+    print(json.dumps(result, indent=1))
+    harness.stop_paddler(balancer)
+    for agent in agents:
+        agent.kill()
+    for sim in sims:
+        sim.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -57,12 +57,17 @@ def client_loop(port: int, stop: threading.Event, tally: dict[str, int], rng: ra
             tally["no_answer"] += 1
             continue
         status = data[9:12]
-        if status == b"200" and data.endswith(b"0\r\n\r\n"):
+        if not status:
+            tally["no_answer"] += 1  # the connection closed without a status line
+        elif status == b"200" and data.endswith(b"0\r\n\r\n"):
             tally["complete"] += 1
         elif status == b"200":
             tally["cut_visibly"] += 1  # a fault broke the stream; the client saw it end without the last chunk
         else:
-            tally[f"status_{status.decode(errors='replace')}"] = tally.get(f"status_{status.decode()}", 0) + 1
+            key = f"status_{status.decode(errors='replace')}"
+            tally[key] = tally.get(key, 0) + 1
+            if status in (b"429", b"503"):
+                time.sleep(0.5)  # as a client honouring Retry-After would, roughly
 
 
 def main() -> None:
@@ -74,6 +79,7 @@ def main() -> None:
     sims = [harness.simulator("--parallel", "8", "--decode-tokens-per-second", "60", name=f"soak-sim{i}")
             for i in range(3)]
     balancer = harness.paddler(sims, "--log-level", "warning", "--buffered-request-timeout", "30",
+                               "--max-buffered-requests", "200",
                                "--quarantine-duration", "1", name="soak-paddler", interval=0.5)
     agents = list(balancer.extra_procs)  # type: ignore[attr-defined]
     time.sleep(1)

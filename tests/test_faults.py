@@ -45,7 +45,8 @@ def settled(balancer: Proc, baseline: dict[str, float]) -> dict[str, float]:
 
 @contextmanager
 def misbehaving_upstream(mode: str) -> Iterator[int]:
-    """A TCP server that accepts and then: 'silent' says nothing, 'garbage' sends junk, 'close' hangs up."""
+    """A TCP server that accepts and then: 'silent' says nothing, 'garbage' sends junk, 'close' hangs up,
+    'headers_then_close' starts an answer and hangs up before its body."""
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", 0))
@@ -67,6 +68,11 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
                 conn.sendall(b"this is not HTTP at all\r\n\r\n")
                 conn.close()
             elif mode == "close":
+                conn.close()
+            elif mode == "headers_then_close":
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
                 conn.close()
             else:
                 held.append(conn)
@@ -103,7 +109,7 @@ def test_upstream_that_accepts_and_never_answers(fleet: Fleet) -> None:
 
 
 def test_upstream_that_answers_garbage_or_hangs_up(fleet: Fleet) -> None:
-    for mode in ("garbage", "close"):
+    for mode in ("garbage", "close", "headers_then_close"):
         with misbehaving_upstream(mode) as port:
             balancer = fleet_behind(fleet, port)
             baseline = internals(balancer)

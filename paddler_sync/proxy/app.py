@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -78,7 +79,7 @@ class ProxyApp:
                                                       ("Content-Length", str(len(body))), *exc.headers])
             return [body]
         start_response(f"{response.status} {response.reason}", up.response_headers(response))
-        return self._relay(environ, response, reservation, waited, started)
+        return Relay(self, environ, start_response, response, reservation, waited, started)
 
     def _management(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
         """The management API mounted under a prefix of the public port (one-port platforms)."""
@@ -159,10 +160,6 @@ class ProxyApp:
 
     # --- the response ---------------------------------------------------------------------------------
 
-    def _relay(self, environ: dict[str, Any], response: HTTPResponse, reservation: Reservation,
-               waited: float, started: float) -> Relay:
-        return Relay(self, environ, response, reservation, waited, started)
-
     def record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
                 started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused") -> None:
         """One finished request: into the metrics, and one access line."""
@@ -185,10 +182,11 @@ class Relay:
     a generator's own ``finally`` would never run), so the slot is given back there, exactly once.
     """
 
-    def __init__(self, proxy: ProxyApp, environ: dict[str, Any], response: HTTPResponse,
-                 reservation: Reservation, waited: float, started: float) -> None:
+    def __init__(self, proxy: ProxyApp, environ: dict[str, Any], start_response: StartResponse,
+                 response: HTTPResponse, reservation: Reservation, waited: float, started: float) -> None:
         self.proxy = proxy
         self.environ = environ
+        self.start_response = start_response
         self.response = response
         self.reservation = reservation
         self.waited = waited
@@ -197,6 +195,7 @@ class Relay:
         self.first_byte: float | None = None
         self.ending = "client_gone"
         self.closed = False
+        self.response_status = response.status
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -210,9 +209,20 @@ class Relay:
             self.ending = "upstream_error"
             logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
                            self.sent, type(exc).__name__)
-            abort_client_connection(self.environ)
+            if self.sent == 0:  # nothing reached the client yet (gunicorn sends headers with the first chunk)
+                yield self._replace_with_error()
+            else:
+                abort_client_connection(self.environ)
         finally:
             self.close()
+
+    def _replace_with_error(self) -> bytes:
+        """PEP 3333 lets an app change its status until the headers are sent: answer 502 instead."""
+        body = error_bytes(502, "the llama.cpp server broke off its answer before sending any of it")
+        self.response_status = 502
+        self.start_response(status_line(502), [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(body)))], sys.exc_info())
+        return body
 
     def close(self) -> None:
         """Close the upstream connection at once (llama.cpp frees its slot too), then give the slot back."""
@@ -223,7 +233,7 @@ class Relay:
         self.response.release_conn()
         draining = self.ending == "upstream_error" and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
-        self.proxy.record(self.environ, self.response.status, self.reservation, self.waited, self.started,
+        self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
                         self.first_byte, self.sent, self.ending)
 
 

@@ -234,7 +234,7 @@ class Relay:
         draining = self.ending == "upstream_error" and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
-                        self.first_byte, self.sent, self.ending)
+                          self.first_byte, self.sent, self.ending)
 
 
 def _path_and_query(environ: dict[str, Any]) -> str:

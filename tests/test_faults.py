@@ -198,3 +198,37 @@ def test_slow_clients_on_both_ports_do_not_stall_others(fleet: Fleet) -> None:
     assert time.monotonic() - started < 2
     for sock in slow:
         sock.close()
+
+
+def test_balancer_restarted_under_load(fleet: Fleet) -> None:
+    """Clients get answers or a clean refusal while the balancer is down; nothing hangs; agents come back."""
+    balancer, _ = start_fleet(fleet, [2], "--graceful-timeout", "5", sim_args=("--decode-tokens-per-second", "100"))
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(str(complete(balancer, 10, timeout=20).status_code))
+            except requests.ConnectionError:
+                outcomes.append("refused")
+                time.sleep(0.1)
+            except requests.RequestException as exc:
+                outcomes.append(f"error {type(exc).__name__}")
+
+    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1)
+    assert balancer.stop(timeout=20) == 0
+    again = fleet.balancer(proxy_port=balancer.extra["proxy_port"], management_port=balancer.extra["management_port"])
+    wait_until(lambda: health(again)["agents_ready"] == 1, timeout=10)
+    time.sleep(1)
+    stop.set()
+    for worker in workers:
+        worker.join(30)
+    assert not any(o.startswith("error") for o in outcomes), outcomes  # no hang, no half answer
+    assert set(outcomes) <= {"200", "503", "refused"}
+    assert outcomes.count("200") > 4
+    assert outcomes[-1] == "200"  # served again after the restart
+    settled(again, internals(again))

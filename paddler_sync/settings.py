@@ -20,7 +20,6 @@ import configargparse
 from paddler_sync.addresses import AddressError, parse_address
 
 ENV_PREFIX = "PADDLER_"
-COMMANDS = ("balancer", "agent", "dashboard", "simulate")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -302,13 +301,6 @@ SETTINGS: tuple[Setting, ...] = (
 
 def settings_for(command: str) -> list[Setting]:
     return [s for s in SETTINGS if command in s.commands]
-
-
-def find_setting(flag_or_env: str, command: str) -> Setting | None:
-    for setting in settings_for(command):
-        if flag_or_env in (setting.flag, setting.env, setting.dest, *setting.aliases):
-            return setting
-    return None
 
 
 # --- parser ---------------------------------------------------------------------------------------

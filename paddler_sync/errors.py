@@ -7,12 +7,15 @@ from typing import Any
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "server_error",
-         503: "unavailable_error", 504: "timeout_error"}
+         413: "invalid_request_error", 414: "invalid_request_error", 417: "invalid_request_error",
+         429: "rate_limit_error", 431: "invalid_request_error", 500: "server_error", 501: "invalid_request_error",
+         502: "server_error", 503: "unavailable_error", 504: "timeout_error"}
 
 REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
-           500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+           405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 414: "URI Too Long",
+           417: "Expectation Failed", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
     worker = current_gunicorn_worker()
     if worker is not None:
         check_gunicorn_worker(worker, options)
+        answer_parse_errors_in_json(worker)
     balancer = Balancer(options)
     balancer.start()
     if worker is not None:
@@ -87,6 +88,17 @@ def check_gunicorn_worker(worker: Any, options: argparse.Namespace) -> None:
                        ", ".join(binds), options.reverseproxy_addr)
 
 
+def answer_parse_errors_in_json(worker: Any) -> None:
+    """Requests gunicorn cannot parse (too long, too many headers, bad framing) get our JSON errors.
+
+    gunicorn answers them itself, before the app sees anything, with an HTML body; clients of an
+    OpenAI-style API parse ``{"error": ...}``. Its status choice (400/414/431/501) is kept.
+    """
+    from paddler_sync.proxy.parse_errors import json_error_handler
+
+    worker.handle_error = json_error_handler(worker.handle_error, worker.log)
+
+
 def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
     """What the embedded gunicorn runs with; conf/gunicorn.conf.py sets the same for the bare command."""
     return {
@@ -97,6 +109,9 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         "graceful_timeout": math.ceil(options.graceful_timeout),  # gunicorn takes whole seconds
         "timeout": 30,
         "keepalive": 5,
+        "limit_request_line": options.max_request_line,
+        "limit_request_field_size": options.max_header_size,
+        "limit_request_fields": options.max_headers,
         "accesslog": None,
         "errorlog": "-",
         "loglevel": options.log_level,

@@ -77,6 +77,13 @@ def positive_count(text: str) -> int:
     return _integer(text, 1, "a positive count")
 
 
+def bounded_count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        return _integer(text, low, "a count", high)
+    parse.__name__ = "count"
+    return parse
+
+
 def byte_size(text: str) -> int:
     """Bytes, as ``1048576``, ``64k``, ``1m`` or ``1g`` (binary multiples)."""
     raw = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -233,6 +240,14 @@ SETTINGS: tuple[Setting, ...] = (
             "agent reports it healthy after that.", B, positive_duration, 10.0, metavar="SECONDS"),
     Setting("max-request-body", "Largest request body the proxy forwards; larger ones get 413.", B,
             byte_size, 8 << 20, metavar="BYTES", docs_default="8m"),
+    Setting("max-request-line", "Longest request line (method, path and query) the proxy reads; longer ones "
+            "get 414. At most 8190. Under a bare gunicorn command line, gunicorn's --limit-request-line applies.",
+            B, bounded_count(1, 8190), 8190, metavar="BYTES"),
+    Setting("max-header-size", "Largest single request header the proxy reads; larger ones get 431 "
+            "(under a bare gunicorn command line, its --limit-request-field_size applies).", B,
+            bounded_count(1, 65536), 8190, metavar="BYTES"),
+    Setting("max-headers", "Most request headers the proxy reads; more get 431 (under a bare "
+            "gunicorn command line, its --limit-request-fields applies).", B, bounded_count(1, 32768), 100),
     Setting("upstream-pool-size", "Idle connections kept open to each llama.cpp server. Each one pins one "
             "of llama.cpp's HTTP threads (--threads-http, a few more than its slots): keep it at most the "
             "slot count.", B, positive_count, 4),

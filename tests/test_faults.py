@@ -7,6 +7,7 @@ included) come from its Prometheus metrics, and must return to where they were b
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import threading
 import time
@@ -232,3 +233,52 @@ def test_balancer_restarted_under_load(fleet: Fleet) -> None:
     assert outcomes.count("200") > 4
     assert outcomes[-1] == "200"  # served again after the restart
     settled(again, internals(again))
+
+
+def stream_outcome(balancer: Proc, n_predict: int, started: list[bool] | None = None) -> str:
+    """'done' when the stream reached its last event, 'cut' when it ended early, 'error N' otherwise;
+    appends to ``started`` at its first token."""
+    try:
+        with requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=30,
+                           json={"prompt": "x", "n_predict": n_predict, "stream": True}) as response:
+            if response.status_code != 200:
+                return f"error {response.status_code}"
+            last = b""
+            for line in response.iter_lines():
+                if line and not last and started is not None:
+                    started.append(True)
+                last = line or last
+            return "done" if b'"stop":true' in last else "cut"
+    except requests.exceptions.ChunkedEncodingError:
+        return "cut"
+
+
+def test_processes_paused_and_resumed_like_a_partition(fleet: Fleet) -> None:
+    """SIGSTOP a llama.cpp mid-stream, then an agent: streams are cut by the read timeout, the silent
+    ones leave the fleet, traffic goes to the rest, and after SIGCONT both come back."""
+    balancer = fleet.balancer("--upstream-read-timeout", "1.5", "--buffered-request-timeout", "20")
+    sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "50") for _ in range(2)]
+    agent_procs = [fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"p{i}",
+                               "--llamacpp-timeout", "0.5", interval=INTERVAL) for i, sim in enumerate(sims)]
+    wait_until(lambda: [a["state"] for a in agents(balancer)] == ["ready", "ready"])
+    baseline = internals(balancer)
+
+    with ThreadPoolExecutor(4) as pool:
+        started: list[bool] = []
+        streams = [pool.submit(stream_outcome, balancer, 150, started) for _ in range(4)]  # 3 s, all 4 slots
+        wait_until(lambda: len(started) == 4)
+        sims[0].signal(signal.SIGSTOP)
+        wait_until(lambda: agent_named(balancer, "p0")["state"] != "ready", timeout=5)
+        outcomes = sorted(f.result(timeout=30) for f in streams)
+    assert outcomes == ["cut", "cut", "done", "done"], outcomes
+    assert all(complete(balancer, 2).status_code == 200 for _ in range(4))  # served by p1 alone
+
+    sims[0].signal(signal.SIGCONT)
+    wait_until(lambda: agent_named(balancer, "p0")["state"] == "ready")
+    agent_procs[1].signal(signal.SIGSTOP)
+    wait_until(lambda: agent_named(balancer, "p1") is None, timeout=5)  # silent for 3 intervals: dropped
+    assert all(complete(balancer, 2).status_code == 200 for _ in range(4))
+    agent_procs[1].signal(signal.SIGCONT)
+    wait_until(lambda: (a := agent_named(balancer, "p1")) and a["state"] == "ready")
+    assert health(balancer)["slots_total"] == 4
+    settled(balancer, baseline)

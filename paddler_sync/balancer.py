@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 import gevent
 from gevent.pool import Group, Pool
@@ -21,6 +23,7 @@ from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import POLICIES, Policy
 from paddler_sync.fleet.registry import Registry
+from paddler_sync.fleet.shared import SharedFleetSync, SharedLedger, SharedRegistry, SharedState
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.management.views import health_json
@@ -32,14 +35,15 @@ SWEEP_SECONDS = 0.2
 HISTORY_SECONDS = 1.0
 SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
+MANAGEMENT_BACKLOG = 256
 WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker exits with this
 
 
 class Balancer:
     def __init__(self, options: argparse.Namespace, policy: Policy | None = None) -> None:
         self.options = options
-        self.ledger = Ledger(policy or POLICIES[options.policy]())
-        self.registry = Registry(self.ledger, options.agent_missed_reports, options.max_agents)
+        self.shared: SharedFleetSync | None = None
+        self.ledger, self.registry = self._fleet_state(policy or POLICIES[options.policy]())
         self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
         self.greenlets = Group()
         self.shutting_down = False
@@ -50,14 +54,27 @@ class Balancer:
         self.management = create_management_app(self)
         self.management_server: WSGIServer | None = None
 
+    def _fleet_state(self, policy: Policy) -> tuple[Ledger, Registry]:
+        """The ledger and registry, in this process or mirrored from Redis; nothing else cares which."""
+        options = self.options
+        if options.state_backend == "local":
+            ledger = Ledger(policy)
+            return ledger, Registry(ledger, options.agent_missed_reports, options.max_agents)
+        state = SharedState(options.state_backend, options.state_prefix, options.lease_ttl)
+        shared_ledger = SharedLedger(state, policy)
+        registry = SharedRegistry(shared_ledger, options.agent_missed_reports, options.max_agents)
+        self.shared = SharedFleetSync(state, shared_ledger, registry, SWEEP_SECONDS)
+        return shared_ledger, registry
+
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         return self.proxy(environ, start_response)
 
     def start(self) -> None:
         addr = self.options.management_addr
-        server = WSGIServer((addr.host, addr.port), self.management, log=None, error_log=logger,
-                            spawn=Pool(MANAGEMENT_CONNECTIONS))
         try:
+            listener = management_listener(addr.host, addr.port, shared=self.shared is not None)
+            server = WSGIServer(listener, self.management, log=None, error_log=logger,
+                                spawn=Pool(MANAGEMENT_CONNECTIONS))
             server.start()
         except OSError as exc:
             logger.error("cannot listen for the management server on %s: %s. Another process holds the "
@@ -66,6 +83,12 @@ class Balancer:
             sys.exit(WORKER_BOOT_ERROR)
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")
+        if self.shared is not None:
+            self._spawn(self.shared.refresh_forever, "shared-ledger-refresh")
+            self._spawn(self.shared.listen_forever, "shared-ledger-wakeups")
+            self._spawn(self.shared.renew_forever, "shared-ledger-leases")
+            logger.info("slot ledger shared in %s (prefix %s, lease TTL %gs)", _redacted(self.options.state_backend),
+                        self.options.state_prefix, self.options.lease_ttl)
         self._spawn(self._sample_history_forever, "history-sampler")
         if self.options.statsd_addr is not None:
             self._spawn(self._report_statsd_forever, "statsd-reporter")
@@ -126,3 +149,28 @@ class Balancer:
             self.registry.expire()
             self.ledger.lift_expired_quarantines()
             gevent.sleep(SWEEP_SECONDS)
+
+
+def management_listener(host: str, port: int, shared: bool) -> socket.socket:
+    """With a shared ledger every gunicorn worker serves the management port (SO_REUSEPORT): a report
+    may land on any of them, as it may on any balancer. Alone, a second process must fail to bind."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(MANAGEMENT_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for the log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)

@@ -104,6 +104,12 @@ class FleetCollector(Collector):
             yield GaugeMetricFamily(f"paddler_{key}", help_text, value=health[key])
         yield GaugeMetricFamily("paddler_greenlets", "Live greenlets in the worker (a leak shows here).",
                                 value=live_greenlets())
+        if self.balancer.shared is not None:
+            state = self.balancer.shared.state
+            yield GaugeMetricFamily("paddler_shared_ledger_connections", "Open connections to Redis (the pool "
+                                    "grows with concurrent requests, up to its bound).", value=state.connections())
+            yield GaugeMetricFamily("paddler_shared_ledger_reachable", "1 while Redis answers.",
+                                    value=float(state.reachable))
         labels = ["agent_id", "agent_name", "addr"]
         families = {
             "slots_idle": GaugeMetricFamily("paddler_agent_slots_idle", "Free slots per server.", labels=labels),

@@ -2,7 +2,8 @@
 
 The factory runs inside the gunicorn worker, after gevent patched it (never with --preload: the
 app would then be imported unpatched in the master). One worker owns the in-process ledger, so a
-second worker would split it: the factory refuses to start in that case, and says what to do.
+second worker would split it: the factory refuses to start in that case, and says what to do,
+unless the ledger is shared in Redis (--state-backend), where any number of workers may run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("paddler_sync.server")
 APP_LOAD_ERROR = 4  # gunicorn halts when a worker exits with this: a bad setting must not respawn forever
 WORKER_BOOT_ERROR = 3
+MANY_WORKERS_NEED_REDIS = (
+    "refusing to start: gunicorn runs %d workers, and with --state-backend local each would keep its own slot "
+    "ledger, so two workers could both send a request to the last free slot. Run one worker (-w 1, and check "
+    "WEB_CONCURRENCY; one gevent worker serves thousands of streams), or share the ledger in Redis: "
+    "--state-backend redis://HOST:6379/0.")
 
 
 def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
@@ -72,11 +78,8 @@ def current_gunicorn_worker() -> Any:
 
 def check_gunicorn_worker(worker: Any, options: argparse.Namespace) -> None:
     cfg = worker.cfg
-    if cfg.workers != 1:
-        logger.error("refusing to start: gunicorn runs %d workers, and each would keep its own slot ledger, "
-                     "so two workers could both send a request to the last free slot. Run one worker "
-                     "(-w 1, and check WEB_CONCURRENCY); one gevent worker serves thousands of streams.",
-                     cfg.workers)
+    if cfg.workers != 1 and options.state_backend == "local":
+        logger.error(MANY_WORKERS_NEED_REDIS, cfg.workers)
         sys.exit(WORKER_BOOT_ERROR)
     if "gevent" not in str(cfg.worker_class_str).lower():
         logger.error("refusing to start: gunicorn's worker class is %s; run it with -k gevent, or every "
@@ -104,7 +107,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
     return {
         "bind": [str(options.reverseproxy_addr)],
         "worker_class": "gevent",
-        "workers": 1,
+        "workers": options.workers,
         "worker_connections": options.max_client_connections,
         "graceful_timeout": math.ceil(options.graceful_timeout),  # gunicorn takes whole seconds
         "timeout": 30,
@@ -138,5 +141,9 @@ class BalancerApplication(BaseApplication):
 
 
 def run_balancer(options: argparse.Namespace) -> int:
+    if options.workers > 1 and options.state_backend == "local":
+        print(f"paddler-sync balancer: --workers {options.workers} needs a shared ledger: add --state-backend "
+              f"redis://HOST:6379/0, or run --workers 1", file=sys.stderr)
+        return 2
     BalancerApplication(options).run()
     return 0

@@ -120,6 +120,15 @@ def name(text: str) -> str:
     return text
 
 
+def state_backend(text: str) -> str:
+    """``local`` or a Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+    value = text.strip()
+    if value == "local" or (value.startswith(("redis://", "rediss://", "unix://")) and len(value) > 8):
+        return value
+    raise argparse.ArgumentTypeError(f"'{text}' is not a state backend: expected local, or a Redis URL such as "
+                                     f"redis://127.0.0.1:6379/0")
+
+
 def log_level(text: str) -> str:
     value = text.strip().lower()
     if value not in LOG_LEVELS:
@@ -260,6 +269,16 @@ SETTINGS: tuple[Setting, ...] = (
             "(waiting requests get 503 at once). Under a bare gunicorn command line, gunicorn's own "
             "--graceful-timeout applies.", B, duration, 30.0, metavar="SECONDS"),
     Setting("max-agents", "Most agents the balancer accepts; reports from more get 429.", B, positive_count, 1024),
+    Setting("state-backend", "Where the slot ledger lives: local (in this process; one gunicorn worker) or a "
+            "Redis URL such as redis://127.0.0.1:6379/0, shared by many workers and balancers. With Redis, a "
+            "request that needs a slot gets 503 while Redis is unreachable.", B, state_backend, "local",
+            metavar="local|URL"),
+    Setting("state-prefix", "Prefix of the balancer's keys in Redis; balancers that share a prefix share a "
+            "fleet.", B, name, "paddler"),
+    Setting("lease-ttl", "With Redis: a slot taken by a balancer that stops renewing it (it died) returns "
+            "after this long.", B, positive_duration, 15.0, metavar="SECONDS"),
+    Setting("workers", "gunicorn worker processes of paddler-sync balancer (and conf/gunicorn.conf.py); more "
+            "than 1 needs a Redis --state-backend.", B, positive_count, 1),
     # agent
     Setting("local-llamacpp-addr", "The llama.cpp server this agent watches (polls /slots and /props). "
             "aws:metadata:local-ipv4[:PORT] takes the EC2 instance's private IPv4.", A, address,

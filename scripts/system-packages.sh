@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Debian packages the tests use: Chromium for the dashboard's browser tests, nothing else yet.
-# Installs only what is missing; without root (or apt) it says what to install and the browser tests skip.
+# Debian packages the tests use: Chromium for the dashboard's browser tests, redis-server for the shared
+# slot ledger's tests (the tests start their own redis-server on a free port; the system service is not used).
+# Installs only what is missing; without root (or apt) it says what to install: the browser tests skip, the Redis
+# tests fail with that advice.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "note: install ${missing[*]} (Debian packages) to run the browser tests; they are skipped without it" >&2
+  echo "note: install ${missing[*]} (Debian packages) to run the browser and Redis tests" >&2
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive

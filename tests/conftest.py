@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +95,15 @@ class Proc:
 class Fleet:
     """Starts and tracks processes for one test."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, redis_url: str | None = None) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self.redis_url = redis_url  # the shared ledger, when tested; each balancer gets its own prefix
+
+    def state_flags(self, prefix: str | None) -> list[str]:
+        if self.redis_url is None:
+            return []
+        return ["--state-backend", self.redis_url, "--state-prefix", prefix or f"t{uuid.uuid4().hex[:12]}"]
 
     def spawn(self, name: str, argv: list[str], port: int | None = None, env: dict[str, str] | None = None,
               wait_port: bool = True, timeout: float = 15.0, cwd: Path | None = None) -> Proc:
@@ -127,12 +135,14 @@ class Fleet:
                                     "--monitoring-interval", str(interval), *args], None, **kwargs)
 
     def balancer(self, *args: str, proxy_port: int | None = None, management_port: int | None = None,
-                 **kwargs: Any) -> Proc:
+                 prefix: str | None = None, **kwargs: Any) -> Proc:
+        """A balancer; with the Redis backend, ``prefix`` names the fleet it shares (default: a new one)."""
         proxy_port = proxy_port or free_port()
         management_port = management_port or free_port()
         proc = self.spawn("balancer", [PYTHON, "-m", "paddler_sync", "balancer",
                                        "--reverseproxy-addr", f"127.0.0.1:{proxy_port}",
-                                       "--management-addr", f"127.0.0.1:{management_port}", *args],
+                                       "--management-addr", f"127.0.0.1:{management_port}",
+                                       *self.state_flags(prefix), *args],
                           management_port, **kwargs)
         wait_until(lambda: port_open(proxy_port), message="the proxy port")
         proc.extra.update(proxy=f"http://127.0.0.1:{proxy_port}", management=f"http://127.0.0.1:{management_port}",
@@ -147,9 +157,60 @@ class Fleet:
                 proc.popen.wait(5)
 
 
+class RedisServer:
+    """A real redis-server on a free port, without persistence; stop/start keep its port."""
+
+    def __init__(self, workdir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: run scripts/system-packages.sh as root "
+                        "(apt-get install redis-server)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: port_open(self.port), message="redis-server")
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+SHARED_BACKEND_MODULES = {"test_proxy", "test_faults", "test_hostile_proxy"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The proxy, buffer and fault scenarios run against both slot ledgers: in-process and Redis."""
+    if "fleet" in metafunc.fixturenames and metafunc.module.__name__.split(".")[-1] in SHARED_BACKEND_MODULES:
+        metafunc.parametrize("state_backend", ["local", "redis"], indirect=True)
+
+
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path)
+def state_backend(request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL when the test runs against the shared ledger, else None."""
+    if getattr(request, "param", "local") == "local":
+        return None
+    return request.getfixturevalue("redis_server").url
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, state_backend: str | None) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path, state_backend)
     try:
         yield fleet
     finally:

@@ -125,4 +125,4 @@ def test_health_counts_the_fleet(client: FlaskClient) -> None:
     health = client.get("/health").get_json()
     assert health == {"status": "ok", "agents": 2, "agents_ready": 1, "slots_total": 4, "slots_idle": 3,
                       "slots_processing": 1, "requests_in_flight": 0, "requests_buffered": 0,
-                      "oldest_buffered_seconds": 0.0}
+                      "oldest_buffered_seconds": 0.0, "state_backend": "local", "state_backend_reachable": True}

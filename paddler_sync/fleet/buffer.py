@@ -1,6 +1,7 @@
 """The request buffer: requests that found no free slot wait here, in arrival order, never in llama.cpp.
 
-When a slot frees (a release, a report, a lifted quarantine) the ledger calls :meth:`dispatch`,
+When a slot frees (a release, a report, a lifted quarantine, a message from another worker through
+the shared ledger) the ledger calls :meth:`dispatch`,
 which hands reservations straight to the oldest waiters that can use them, one slot to one waiter:
 no thundering herd, and a new arrival never overtakes a waiter. A waiter that times out, or whose
 client leaves, takes itself out of the queue and takes nothing with it.
@@ -46,6 +47,12 @@ class BufferClosed(BufferRefusal):
     status = 503
 
 
+class StateUnavailable(BufferRefusal):
+    """The shared slot ledger (Redis) cannot be reached: fail closed, the client may retry."""
+
+    status = 503
+
+
 class ClientGone(BufferRefusal):
     status = 499
 
@@ -86,6 +93,7 @@ class RequestBuffer:
         """A reservation and how long it waited; raises a BufferRefusal when there is none to give."""
         if self._closed_reason:
             raise BufferClosed(self._closed_reason)
+        self.ledger.check_available()
         if not self._waiters:
             reservation = self.ledger.reserve()
             if reservation is not None:
@@ -98,8 +106,14 @@ class RequestBuffer:
     def dispatch(self) -> None:
         """Hand free slots to the oldest waiters, one slot each, in arrival order."""
         while self._waiters:
-            reservation = self.ledger.reserve()
+            try:
+                reservation = self.ledger.reserve()
+            except StateUnavailable:
+                return  # the waiters keep waiting; the shared ledger's refresh tries again
             if reservation is None:
+                return
+            if not self._waiters:  # they left while a shared ledger answered: nobody to hand it to
+                self.ledger.release(reservation)
                 return
             self._waiters.popleft().result.set(reservation)
 

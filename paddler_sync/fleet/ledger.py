@@ -56,6 +56,7 @@ class Reservation:
     upstream: Upstream
     uses_slot: bool = True
     released: bool = False
+    lease: str | None = None  # its name in the shared ledger (Redis), which lets it expire
 
     @property
     def addr(self) -> str:
@@ -80,6 +81,9 @@ class Ledger:
     def free_slots(self) -> int:
         now = self.clock()
         return sum(u.free(now) for u in self._upstreams.values())
+
+    def check_available(self) -> None:
+        """Raises StateUnavailable when slots cannot be taken at all (a shared ledger that is down)."""
 
     def in_flight(self) -> int:
         return sum(u.in_flight for u in self._upstreams.values())

@@ -59,6 +59,10 @@ class Registry:
             self._claim_address(agent_id, report, now)
             if len(self._agents) >= self.max_agents:
                 raise ReportError(429, f"the balancer already has {self.max_agents} agents, its limit")
+        self.ledger.report(agent_id, report.external_llamacpp_addr,  # first: a shared ledger may refuse it
+                           total=report.slots_idle + report.slots_processing,
+                           processing=report.slots_processing, routable=report.is_ready)
+        if record is None:
             record = self._agents[agent_id] = AgentRecord(agent_id, report, first_seen=now)
             logger.info("registered agent %s%s for llama.cpp at %s (%s)", agent_id, _named(report),
                         report.external_llamacpp_addr, report.state)
@@ -67,16 +71,18 @@ class Registry:
         record.report = report
         record.last_update = now
         record.reports += 1
-        self.ledger.report(agent_id, report.external_llamacpp_addr,
-                           total=report.slots_idle + report.slots_processing,
-                           processing=report.slots_processing, routable=report.is_ready)
         return record.reports == 1
 
     def remove(self, agent_id: str, why: str) -> bool:
+        if agent_id not in self._agents:
+            return False
+        self.ledger.remove(agent_id)
+        return self._forget(agent_id, why)
+
+    def _forget(self, agent_id: str, why: str) -> bool:
         record = self._agents.pop(agent_id, None)
         if record is None:
             return False
-        self.ledger.remove(agent_id)
         logger.info("removed agent %s%s at %s: %s", agent_id, _named(record.report),
                     record.report.external_llamacpp_addr, why)
         return True

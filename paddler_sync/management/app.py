@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from paddler_sync.errors import error_body
+from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
 from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
@@ -56,6 +57,10 @@ def create_management_app(balancer: Balancer) -> Flask:
         except ReportError as exc:
             return _error(exc.status, str(exc))
         return jsonify({"status": "registered" if registered else "accepted", "agent_id": agent_id}), 200
+
+    @app.errorhandler(StateUnavailable)
+    def state_unavailable(exc: StateUnavailable) -> tuple[Response, int]:
+        return _error(503, str(exc))
 
     @app.delete("/api/v1/agents/<agent_id>")
     def agent_deregister(agent_id: str) -> tuple[Response, int]:

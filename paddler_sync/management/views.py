@@ -69,4 +69,6 @@ def health_json(balancer: Balancer) -> dict[str, Any]:
         "requests_in_flight": balancer.ledger.in_flight(),
         "requests_buffered": balancer.buffer.waiting,
         "oldest_buffered_seconds": round(balancer.buffer.oldest_wait(), 3),
+        "state_backend": "local" if balancer.shared is None else "redis",
+        "state_backend_reachable": balancer.shared is None or balancer.shared.state.reachable,
     }

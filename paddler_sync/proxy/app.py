@@ -23,7 +23,7 @@ import urllib3.exceptions
 from urllib3 import HTTPResponse
 
 from paddler_sync.errors import error_bytes, status_line
-from paddler_sync.fleet.buffer import BufferRefusal, ClientGone
+from paddler_sync.fleet.buffer import BufferRefusal, ClientGone, StateUnavailable
 from paddler_sync.fleet.ledger import Reservation
 from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
@@ -133,6 +133,8 @@ class ProxyApp:
             return self.buffer.acquire(client_watch(environ))
         except ClientGone as exc:
             raise ProxyError(499, str(exc)) from None
+        except StateUnavailable as exc:  # Redis is checked again within a second
+            raise ProxyError(503, str(exc), [("Retry-After", "1")]) from None
         except BufferRefusal as exc:
             retry = [("Retry-After", str(max(1, round(self.buffer.timeout))))] if exc.status in (429, 503) else []
             raise ProxyError(exc.status, str(exc), retry) from None

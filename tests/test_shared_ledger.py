@@ -1,0 +1,254 @@
+"""The slot ledger shared in Redis: exact across workers and balancers, self-healing when one dies.
+
+The property test drives two SharedLedgers (two workers) against a real redis-server; the rest
+start real balancers (``paddler-sync balancer --workers 2`` and a bare ``gunicorn -w 2``),
+simulators and agents, and kill things with -9.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from paddler_sync.fleet.ledger import Reservation
+from paddler_sync.fleet.shared import SharedLedger, SharedState
+from tests.conftest import PYTHON, ROOT, Fleet, Proc, RedisServer, agents, free_port, port_open, run_cli, wait_until
+from tests.test_faults import background_traffic, internals, settled
+from tests.test_proxy import complete, health, sim_stats
+
+KEYS = ["a", "b", "c"]
+INTERVAL = 0.2
+
+
+# --- the ledger itself, two workers on one Redis -----------------------------------------------------
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TwoWorkers(RuleBasedStateMachine):
+    """Random interleavings of report / take / release / remove / refresh on two workers' mirrors."""
+
+    url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        prefix = f"p{uuid.uuid4().hex[:10]}"
+        self.clock = Clock()
+        self.workers = [SharedLedger(SharedState(self.url, prefix, lease_ttl=60), clock=self.clock) for _ in range(2)]
+        self.truth = self.workers[0].state
+        self.held: list[tuple[int, Reservation]] = []
+
+    def counts(self) -> dict[str, tuple[int, int, int, int]]:
+        """Redis's view: key -> (total, in_flight, external, draining)."""
+        rows, _ = self.truth.snapshot()
+        return {row[0]: (int(row[2]), int(row[6]), int(row[3]), int(row[7])) for row in rows}
+
+    @rule(worker=st.integers(0, 1), key=st.sampled_from(KEYS), total=st.integers(0, 4),
+          processing=st.integers(0, 4), routable=st.booleans(), port=st.sampled_from([1, 2]))
+    def report(self, worker: int, key: str, total: int, processing: int, routable: bool, port: int) -> None:
+        self.workers[worker].report(key, f"10.0.0.1:{port}{ord(key)}", total, min(processing, total), routable)
+        self.held = [(w, r) for w, r in self.held if r.addr == f"10.0.0.1:{port}{ord(key)}" or r.upstream.key != key]
+
+    @rule(worker=st.integers(0, 1), fresh=st.booleans())
+    def take(self, worker: int, fresh: bool) -> None:
+        ledger = self.workers[worker]
+        if fresh:
+            ledger.refresh()
+        before = self.counts()
+        free_before = {k: t - i - e - d for k, (t, i, e, d) in before.items()}
+        reservation = ledger.reserve()
+        if reservation is None:
+            if fresh:  # a worker with a fresh mirror refuses only when nothing is free anywhere
+                usable = {u.key for u in ledger.upstreams() if u.is_usable(self.clock())}
+                assert all(free_before[k] <= 0 for k in usable), (before, usable)
+            return
+        key = reservation.upstream.key
+        assert free_before[key] > 0, (before, key)  # the last slot is never taken twice
+        total, in_flight, external, draining = self.counts()[key]
+        assert in_flight + external + draining <= total
+        self.held.append((worker, reservation))
+
+    @precondition(lambda self: self.held)
+    @rule(index=st.integers(0, 50), draining=st.booleans())
+    def release(self, index: int, draining: bool) -> None:
+        worker, reservation = self.held.pop(index % len(self.held))
+        self.workers[worker].release(reservation, draining=draining)
+        assert not self.workers[worker].release(reservation)
+
+    @rule(worker=st.integers(0, 1), key=st.sampled_from(KEYS))
+    def remove(self, worker: int, key: str) -> None:
+        self.workers[worker].remove(key)
+        self.held = [(w, r) for w, r in self.held if r.upstream.key != key]
+
+    @rule(worker=st.integers(0, 1))
+    def refresh(self, worker: int) -> None:
+        self.workers[worker].refresh()
+        truth = self.counts()
+        assert {u.key for u in self.workers[worker].upstreams()} == set(truth)
+
+    @invariant()
+    def leases_are_exactly_the_reservations_held(self) -> None:
+        for key, (_, in_flight, _, _) in self.counts().items():
+            assert in_flight == sum(1 for _, r in self.held if r.upstream.key == key), (key, self.counts())
+
+
+@pytest.fixture
+def two_workers(redis_server: RedisServer) -> type[TwoWorkers]:
+    TwoWorkers.url = redis_server.url
+    return TwoWorkers
+
+
+def test_two_workers_never_take_the_last_slot_twice(two_workers: type[TwoWorkers]) -> None:
+    from hypothesis.stateful import run_state_machine_as_test
+
+    run_state_machine_as_test(two_workers, settings=settings(max_examples=60, stateful_step_count=40,
+                                                             deadline=None))
+
+
+# --- real balancers -------------------------------------------------------------------------------
+
+def gunicorn_balancer(fleet: Fleet, redis_url: str, prefix: str, workers: int, *args: str) -> Proc:
+    """A bare ``gunicorn -w N -k gevent wsgi:balancer``, configured through PADDLER_* variables."""
+    proxy, management = free_port(), free_port()
+    proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-w", str(workers),
+                                    "-b", f"127.0.0.1:{proxy}", "--no-control-socket", "--chdir", str(ROOT),
+                                    *args, "wsgi:balancer"], management,
+                       env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}", "PADDLER_STATE_BACKEND": redis_url,
+                            "PADDLER_STATE_PREFIX": prefix})
+    wait_until(lambda: port_open(proxy))
+    proc.extra.update(proxy=f"http://127.0.0.1:{proxy}", management=f"http://127.0.0.1:{management}",
+                      proxy_port=proxy, management_port=management)
+    return proc
+
+
+def shared_fleet(fleet: Fleet, redis_url: str, slots: list[int], tokens_per_second: str = "40",
+                 lease_ttl: str = "15", report_to: int | None = None) -> tuple[list[Proc], list[Proc]]:
+    """Two balancers (embedded gunicorn --workers 2, bare gunicorn -w 2) on one prefix; agents split between
+    them, or all report to balancer ``report_to``."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    fleet.redis_url = redis_url
+    first = fleet.balancer("--workers", "2", "--lease-ttl", lease_ttl, "--buffered-request-timeout", "60",
+                           prefix=prefix)
+    second = gunicorn_balancer(fleet, redis_url, prefix, 2)
+    balancers = [first, second]
+    sims = []
+    for i, n in enumerate(slots):
+        sim = fleet.simulator("--parallel", str(n), "--decode-tokens-per-second", tokens_per_second)
+        target = balancers[i % 2 if report_to is None else report_to]
+        fleet.agent(sim.port, target.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
+        sims.append(sim)
+    for balancer in balancers:
+        wait_until(lambda b=balancer: len(agents(b)) == len(slots) and all(a["state"] == "ready" for a in agents(b)))
+    return balancers, sims
+
+
+def test_two_balancers_with_two_workers_each_never_make_llamacpp_queue(fleet: Fleet,
+                                                                        redis_server: RedisServer) -> None:
+    balancers, sims = shared_fleet(fleet, redis_server.url, [2, 3, 1])
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda i: complete(balancers[i % 2], 15, timeout=60), range(48)))
+    assert [r.status_code for r in results] == [200] * 48
+    assert [sim_stats(s)["requests_deferred_total"] for s in sims] == [0, 0, 0]  # nobody ever queued in llama.cpp
+    assert sum(sim_stats(s)["requests_total"] for s in sims) == 48
+    for balancer in balancers:
+        wait_until(lambda b=balancer: health(b)["requests_in_flight"] == 0, timeout=5)
+        assert "Traceback" not in balancer.log()
+
+
+def test_worker_count_needs_the_shared_ledger(fleet: Fleet, redis_server: RedisServer) -> None:
+    refused = run_cli("balancer", "--workers", "2")
+    assert refused.returncode == 2 and "--state-backend" in refused.stderr
+    bare = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-w", "2", "-b",
+                                    f"127.0.0.1:{free_port()}", "--no-control-socket", "--chdir", str(ROOT),
+                                    "wsgi:balancer"], env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{free_port()}"})
+    assert bare.popen.wait(30) != 0 and "redis://" in bare.log()
+    bad = run_cli("balancer", "--state-backend", "mysql://x")
+    assert bad.returncode == 2 and "--state-backend" in bad.stderr and "redis://" in bad.stderr
+
+
+def test_a_balancer_killed_mid_load_gives_its_slots_back_within_the_lease_ttl(fleet: Fleet,
+                                                                              redis_server: RedisServer) -> None:
+    balancers, sims = shared_fleet(fleet, redis_server.url, [2, 2], tokens_per_second="20", lease_ttl="2",
+                                   report_to=1)
+    doomed, survivor = balancers
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(lambda: complete(doomed, 200, stream=True, timeout=60))
+        wait_until(lambda: health(survivor)["requests_in_flight"] == 4)  # the survivor sees the other's leases
+        doomed.kill()
+        killed = time.monotonic()
+        wait_until(lambda: health(survivor)["requests_in_flight"] == 0, timeout=10)
+        returned_after = time.monotonic() - killed
+    assert returned_after < 2 + 3  # TTL, plus a refresh and scheduling slack
+    wait_until(lambda: health(survivor)["slots_idle"] == 4)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda _: complete(survivor, 5), range(8)))
+    assert [sim_stats(s)["requests_deferred_total"] for s in sims] == [0, 0]
+
+
+def test_redis_restarted_under_load(fleet: Fleet, tmp_path: Path) -> None:
+    """While Redis is down, requests that need a slot get 503 + Retry-After at once; nothing hangs; after it
+    returns (empty: no persistence) the agents refill it and traffic flows again, with nothing leaked."""
+    server = RedisServer(tmp_path)
+    try:
+        fleet.redis_url = server.url
+        balancer = fleet.balancer("--workers", "1")
+        sim = fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "100")
+        fleet.agent(sim.port, balancer.extra["management_port"], "--name", "r", interval=INTERVAL)
+        wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready")
+        complete(balancer, 1)
+        baseline = internals(balancer)
+        with background_traffic(balancer, 3, 5) as outcomes:
+            time.sleep(0.7)
+            server.stop()
+            wait_until(lambda: "503" in outcomes, timeout=10)
+            assert health(balancer)["state_backend_reachable"] is False
+            time.sleep(0.5)
+            server.start()
+            wait_until(lambda: health(balancer)["state_backend_reachable"] and health(balancer)["agents_ready"] == 1,
+                       timeout=10)
+            served_before = outcomes.count("200")
+            wait_until(lambda: outcomes.count("200") > served_before + 3, timeout=10)
+        assert set(outcomes) <= {"200", "503"}, outcomes  # no hang, no error of another kind
+        assert outcomes.retry_after and set(outcomes.retry_after) == {"1"}
+        settled(balancer, baseline)
+        keys = redis.Redis.from_url(server.url).keys("*")
+        assert keys  # refilled by the agent's reports
+    finally:
+        server.stop()
+
+
+def test_balancer_starts_while_redis_is_down_and_recovers(fleet: Fleet, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.stop()
+    fleet.redis_url = server.url
+    balancer = fleet.balancer()
+    sim = fleet.simulator("--parallel", "1")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "late", interval=INTERVAL)
+    response = complete(balancer, 1, timeout=10)
+    assert response.status_code == 503 and "Redis" in response.json()["error"]["message"]
+    try:
+        server.start()
+        wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready", timeout=10)
+        assert complete(balancer, 1).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_redis_server_is_the_debian_package() -> None:
+    """The tests run the real thing; scripts/system-packages.sh installs it."""
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("Redis server v=")

@@ -36,6 +36,26 @@ def nonstream_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def shared_table(shared: dict[str, Any]) -> list[str]:
+    lines = ["| concurrency | contender | req/s | vs local -w1 | p50 ms | p99 ms | balancer CPU µs/req | "
+             "Redis CPU µs/req |", "|---|---|---|---|---|---|---|---|"]
+    table = shared["table"]
+    for conc in ("16", "64"):
+        base = table.get("local -w1", {}).get(conc, {})
+        for name in ("local -w1", "redis -w1", "redis -w2"):
+            cell = table.get(name, {}).get(conc)
+            if not cell:
+                continue
+            ratio = cell["rps"] / base["rps"] if base.get("rps") else None
+            lines.append(f"| {conc} | {name} | {fmt(cell['rps'], 0)} | {fmt(ratio, 2)}× | {fmt(cell['p50_ms'], 3)} | "
+                         f"{fmt(cell['p99_ms'], 3)} | {fmt(cell['cpu_us_per_req'], 0)} | "
+                         f"{fmt(cell['redis_cpu_us_per_req'], 0)} |")
+    trip = shared["round_trip"]
+    lines += ["", f"One request's Redis work alone (take + release, from Python without gevent): p50 "
+                  f"{trip['p50_us']:.0f} µs, p99 {trip['p99_us']:.0f} µs."]
+    return lines
+
+
 def stream_table(table: dict[str, Any]) -> list[str]:
     lines = ["| contender | events/s | delay p50 ms | p99 ms | max ms | events per recv | TTFB p50 ms | complete | "
              "CPU µs/event | peak RSS MB (largest process) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -221,6 +241,12 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                 "every 10 s, preemptive counting in between, no buffer, so a request with no idle slot fails). "
                 "Misroutes are requests that waited inside a busy simulator (counted by the simulators).", ""]
         out += [*fleet_table(f), "", "![fleet](plot-fleet.png)", ""]
+    if "shared" in results:
+        out += ["## 4. The ledger shared in Redis: -w 2 against -w 1", "",
+                "The same wrk load as 1a against the in-process ledger with one worker, the Redis ledger with one "
+                "worker (what the round trips cost) and the Redis ledger with two workers (what a second core "
+                "buys on this 2-core machine, which also runs wrk, Redis and the simulators). Redis CPU is "
+                "redis-server's own per request.", "", *shared_table(results["shared"]), ""]
     out += LIMITS
     for name in plots(results, folder):
         if f"({name})" not in "\n".join(out):

@@ -26,6 +26,7 @@ from bench import harness
 from bench.buffer_scale import buffer_at_scale
 from bench.fleet import fleet_efficiency
 from bench.report import write_report
+from bench.shared import shared_ledger
 
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = '{"prompt":"hi","n_predict":1}'
@@ -163,9 +164,9 @@ def machine() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter runs (a few minutes)")
-    parser.add_argument("--only", choices=("overhead", "stream", "buffer", "fleet"), action="append")
+    parser.add_argument("--only", choices=("overhead", "stream", "buffer", "fleet", "shared"), action="append")
     args = parser.parse_args()
-    sections = set(args.only or ("overhead", "stream", "buffer", "fleet"))
+    sections = set(args.only or ("overhead", "stream", "buffer", "fleet", "shared"))
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick,
                                "command": "make bench-quick" if args.quick else "make bench",
@@ -195,6 +196,10 @@ def main() -> None:
         print("fleet efficiency", flush=True)
         results["fleet"] = fleet_efficiency(seconds=12 if args.quick else 30, reps=1,
                                             loads=(0.8, 1.1) if args.quick else (0.5, 0.8, 0.95, 1.1))
+        save()
+    if "shared" in sections:
+        print("shared ledger in Redis", flush=True)
+        results["shared"] = shared_ledger(wrk, reps=2 if args.quick else 3, seconds=3 if args.quick else 6)
         save()
     print(f"wrote bench/RESULTS.md in {results['elapsed_s']:.0f}s", flush=True)
 

@@ -252,3 +252,25 @@ def test_redis_server_is_the_debian_package() -> None:
     """The tests run the real thing; scripts/system-packages.sh installs it."""
     version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
     assert version.startswith("Redis server v=")
+
+
+def test_leases_of_long_streams_are_renewed(fleet: Fleet, redis_server: RedisServer) -> None:
+    """A stream that outlives --lease-ttl keeps its slot: the next request waits in the balancer, not in llama.cpp."""
+    fleet.redis_url = redis_server.url
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    balancer = fleet.balancer("--lease-ttl", "1", "--buffered-request-timeout", "30", prefix=prefix)
+    sim = fleet.simulator("--parallel", "1", "--decode-tokens-per-second", "20")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "one", interval=INTERVAL)
+    wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready")
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(complete, balancer, 60, True, 30)  # 3 s, three lease TTLs
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        time.sleep(2)
+        client = redis.Redis.from_url(redis_server.url)
+        leases = client.keys(f"{prefix}:leases:*")
+        assert len(leases) == 1 and client.zcard(leases[0]) == 1  # two TTLs on, the lease is alive
+        second = pool.submit(complete, balancer, 2)
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        assert health(balancer)["requests_in_flight"] == 1
+        assert long.result().status_code == 200 and second.result().status_code == 200
+    assert sim_stats(sim)["requests_deferred_total"] == 0

@@ -274,3 +274,25 @@ def test_leases_of_long_streams_are_renewed(fleet: Fleet, redis_server: RedisSer
         assert health(balancer)["requests_in_flight"] == 1
         assert long.result().status_code == 200 and second.result().status_code == 200
     assert sim_stats(sim)["requests_deferred_total"] == 0
+
+
+def test_releases_wake_the_other_workers_only_while_one_has_waiters(redis_server: RedisServer) -> None:
+    prefix = f"w{uuid.uuid4().hex[:10]}"
+    releasing, waiting = (SharedLedger(SharedState(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
+    releasing.report("s", "10.0.0.1:1", 2, 0, True)
+    subscriber = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe(f"{prefix}:capacity")
+
+    def messages_after_a_release() -> list[str]:
+        releasing.release(releasing.reserve())
+        seen = []
+        while (message := subscriber.get_message(timeout=0.3)) is not None:
+            seen.append(message["data"])
+        return seen
+
+    assert messages_after_a_release() == []  # nobody waits: nobody is woken
+    waiting.waiting_changed(True)
+    assert messages_after_a_release() == [b"release"]
+    waiting.waiting_changed(False)
+    assert messages_after_a_release() == []
+    subscriber.close()

@@ -116,16 +116,20 @@ class RequestBuffer:
                 self.ledger.release(reservation)
                 return
             self._waiters.popleft().result.set(reservation)
+            self._announce_if_empty()
 
     def close(self, reason: str) -> None:
         """Refuse new requests and send every waiter away (shutdown)."""
         self._closed_reason = reason
         while self._waiters:
             self._waiters.popleft().result.set_exception(BufferClosed(reason))
+        self._announce_if_empty()
 
     def _wait(self, waiter: Waiter, client: Watch | None) -> tuple[Reservation, float]:
         """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep."""
         self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self.ledger.waiting_changed(True)
         self.stats.buffered_total += 1
         if client is not None:
             client.start(lambda: self._client_left(waiter))
@@ -148,6 +152,7 @@ class RequestBuffer:
     def _client_left(self, waiter: Waiter) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
+            self._announce_if_empty()
             self.stats.abandoned += 1
             waiter.result.set_exception(ClientGone("the client left while waiting"))
 
@@ -155,8 +160,13 @@ class RequestBuffer:
         """A waiter leaving for any reason: out of the queue, and any slot it was handed goes back."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
+            self._announce_if_empty()
         elif waiter.result.successful():
             self.ledger.release(waiter.result.value)
+
+    def _announce_if_empty(self) -> None:
+        if not self._waiters:
+            self.ledger.waiting_changed(False)
 
     def _full_message(self) -> str:
         if self.max_waiting == 0:

@@ -82,6 +82,9 @@ class Ledger:
         now = self.clock()
         return sum(u.free(now) for u in self._upstreams.values())
 
+    def waiting_changed(self, anyone: bool) -> None:
+        """The buffer has waiters now (or none any more); a shared ledger tells the other workers."""
+
     def check_available(self) -> None:
         """Raises StateUnavailable when slots cannot be taken at all (a shared ledger that is down)."""
 

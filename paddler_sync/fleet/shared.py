@@ -7,13 +7,16 @@ as one Lua script, so it is atomic across workers and hosts:
 - ``take``: one slot on the chosen server, only if it still has one; the slot is a *lease* with a
   TTL that this worker renews while the request lives. A worker that dies stops renewing, and its
   slots return by themselves within ``--lease-ttl``.
-- ``release``: the lease goes (idempotent), and a ``capacity`` message wakes every worker's buffer.
+- ``release``: the lease goes (idempotent), and, while any worker has requests waiting (each marks
+  itself in ``PREFIX:waiting``), a ``capacity`` message wakes every worker's buffer. Without waiters
+  nobody needs waking, and the 0.2 s refresh keeps the mirrors current.
 - ``report`` / ``remove``: an agent's numbers, from whichever balancer it reports to.
 
 Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, quarantined_until, reported_at); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
-``PREFIX:agents`` (agent id → its record as JSON); channel ``PREFIX:capacity``. Lease expiry uses
+``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
+waiters → mark expiry); channel ``PREFIX:capacity``. Lease expiry uses
 Redis's own clock, so balancer clocks never disagree about it; report times and quarantines use the
 balancers' wall clocks (keep them in NTP sync, as for any fleet).
 
@@ -49,6 +52,7 @@ logger = logging.getLogger("paddler_sync.shared")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError,
                 ConnectionError, OSError)
 SOCKET_TIMEOUT = 1.0
+WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while it has waiters
 MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
 RETRY_PAUSE = 0.5
 
@@ -74,8 +78,15 @@ return {1, total, in_flight + 1, external, draining}
 RELEASE = NOW_MS + """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 if removed == 1 and ARGV[2] == '1' then redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1]) end
-redis.call('PUBLISH', ARGV[4], 'release')
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[4], 'release') end
 return removed
+"""
+
+WAITING = NOW_MS + """
+if ARGV[2] == '1' then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+else redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 1
 """
 
 RENEW = NOW_MS + """
@@ -154,6 +165,9 @@ class SharedState:
         self._remove = self.client.register_script(REMOVE)
         self._quarantine = self.client.register_script(QUARANTINE)
         self._snapshot = self.client.register_script(SNAPSHOT)
+        self._waiting = self.client.register_script(WAITING)
+        self.worker_id = uuid.uuid4().hex
+        self.waiting_key = f"{prefix}:waiting"
 
     def connections(self) -> int:
         """Connections open now (idle in the pool or in use), besides the pub/sub one."""
@@ -181,8 +195,12 @@ class SharedState:
 
     def release(self, key: str, lease: str, draining: bool) -> int:
         _, leases, draining_key = self.keys_of(key)
-        return self.call(self._release, [leases, draining_key],
+        return self.call(self._release, [leases, draining_key, self.waiting_key],
                          [lease, int(draining), self.lease_ttl_ms, self.channel])
+
+    def mark_waiting(self, anyone: bool) -> None:
+        """Releases publish only while some worker has waiters: a mark that lives WAITING_MARK_TTL unless renewed."""
+        self.call(self._waiting, [self.waiting_key], [self.worker_id, int(anyone), int(WAITING_MARK_TTL * 1000)])
 
     def renew(self, leases_by_key: dict[str, list[str]]) -> None:
         for key, leases in leases_by_key.items():
@@ -225,6 +243,7 @@ class SharedLedger(Ledger):
         self.leases: dict[str, str] = {}  # this worker's live leases: lease id -> server key
         self.agent_records: dict[str, str] = {}  # the mirror of PREFIX:agents, for the registry
         self.pending_record: str = "{}"  # the registry hands the record of the report being applied
+        self.has_waiters = False
 
     def reserve(self) -> Reservation | None:
         """Choose on the mirror, take in Redis; a server that turned out full is marked so and skipped.
@@ -248,6 +267,15 @@ class SharedLedger(Ledger):
                 if outcome == -2:
                     upstream.routable = False
         return None
+
+    def waiting_changed(self, anyone: bool) -> None:
+        self.has_waiters = anyone
+        with contextlib.suppress(StateUnavailable):
+            self.state.mark_waiting(anyone)
+
+    def keep_waiting_mark(self) -> None:
+        if self.has_waiters:
+            self.state.mark_waiting(True)
 
     def check_available(self) -> None:
         if not self.state.reachable:
@@ -415,6 +443,7 @@ class SharedFleetSync:
             self.wake.wait(timeout=self.refresh_interval)
             self.wake.clear()
             try:
+                self.ledger.keep_waiting_mark()
                 self.ledger.refresh()
                 self.registry.sync()
             except StateUnavailable:

@@ -5,7 +5,10 @@ an agent killed -9 and restarted, clients that hang up mid-stream. At the end th
 in flight with its greenlets and descriptors at their baseline, and every request must have been answered
 (a status line, or a stream cut visibly by a fault). Prints the figures as JSON.
 
-usage: python bench/soak.py [--seconds 600] [--clients 60]    (or: make soak, SOAK_SECONDS=...)
+usage: python bench/soak.py [--seconds 600] [--clients 60] [--redis [--workers 2]]   (or: make soak, SOAK_SECONDS=...)
+
+With --redis the ledger lives in a redis-server started here; with --workers 2 the figures of greenlets,
+descriptors and RSS are those of whichever worker answers /metrics, while in-flight is the shared count.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
+from bench.shared import redis_server
 
 
 def internals(balancer: harness.Service) -> dict[str, float]:
@@ -74,13 +78,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--clients", type=int, default=60)
+    parser.add_argument("--redis", action="store_true", help="share the ledger in a redis-server started here")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers (more than 1 needs --redis)")
     args = parser.parse_args()
+    shared: list[str] = []
+    redis_proc = None
+    if args.redis:
+        redis_proc, url = redis_server()
+        shared = ["--state-backend", url, "--lease-ttl", "5"]
+    shared += ["--workers", str(args.workers)]
     rng = random.Random(7)
     sims = [harness.simulator("--parallel", "8", "--decode-tokens-per-second", "60", name=f"soak-sim{i}")
             for i in range(3)]
     balancer = harness.paddler(sims, "--log-level", "warning", "--buffered-request-timeout", "30",
                                "--max-buffered-requests", "200",
-                               "--quarantine-duration", "1", name="soak-paddler", interval=0.5)
+                               "--quarantine-duration", "1", *shared, name="soak-paddler", interval=0.5)
     agents = list(balancer.extra_procs)  # type: ignore[attr-defined]
     time.sleep(1)
     baseline = internals(balancer)
@@ -141,6 +153,8 @@ def main() -> None:
         agent.kill()
     for sim in sims:
         sim.stop()
+    if redis_proc is not None:
+        redis_proc.terminate()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ from bench.shared import redis_server
 def internals(balancer: harness.Service) -> dict[str, float]:
     text = requests.get(balancer.management + "/metrics", timeout=5).text
     found = {k: float(v) for k, v in re.findall(r"^(paddler_greenlets|process_open_fds|paddler_requests_in_flight|"
-                                                r"paddler_requests_buffered) (\S+)$", text, re.M)}
+                                                r"paddler_requests_buffered|paddler_shared_ledger_connections) (\S+)$",
+                                                text, re.M)}
+    # the Redis pool grows with concurrency up to its bound: counted apart, not as a leak
+    found["redis_connections"] = found.pop("paddler_shared_ledger_connections", 0.0)
+    found["process_open_fds"] = found.get("process_open_fds", 0.0) - found["redis_connections"]
     found["worker_rss_mb"] = balancer.largest_rss() / 1e6
     return found
 
@@ -144,6 +148,7 @@ def main() -> None:
         "buffered_at_end": end.get("paddler_requests_buffered"),
         "greenlets_baseline_end": [baseline.get("paddler_greenlets"), end.get("paddler_greenlets")],
         "fds_baseline_end": [baseline.get("process_open_fds"), end.get("process_open_fds")],
+        "redis_connections_baseline_end": [baseline.get("redis_connections"), end.get("redis_connections")],
         "worker_rss_mb_first_quarter_last_quarter_max": [round(sum(rss[:quarter]) / quarter, 1),
                                                          round(sum(rss[-quarter:]) / quarter, 1), round(max(rss), 1)],
     }

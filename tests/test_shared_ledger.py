@@ -8,6 +8,7 @@ simulators and agents, and kill things with -9.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from paddler_sync.fleet.buffer import TicketLost
 from paddler_sync.fleet.ledger import Reservation
 from paddler_sync.fleet.shared import SharedLedger, SharedState
 from tests.conftest import PYTHON, ROOT, Fleet, Proc, RedisServer, agents, free_port, port_open, run_cli, wait_until
@@ -293,6 +295,75 @@ def test_releases_wake_the_other_workers_only_while_one_has_waiters(redis_server
     assert messages_after_a_release() == []  # nobody waits: nobody is woken
     waiting.waiting_changed(True)
     assert messages_after_a_release() == [b"release"]
-    waiting.waiting_changed(False)
+    waiting.state.mark_waiting(False)  # (in life the mark expires WAITING_MARK_TTL after the last waiter)
     assert messages_after_a_release() == []
     subscriber.close()
+
+
+def test_the_queue_is_fifo_across_workers_and_skips_dead_ones(redis_server: RedisServer) -> None:
+    prefix = f"q{uuid.uuid4().hex[:10]}"
+    a, b, c = (SharedLedger(SharedState(redis_server.url, prefix, lease_ttl=60)) for _ in range(3))
+    a.report("s", "10.0.0.1:1", 1, 0, True)
+    for ledger in (b, c):
+        ledger.refresh()
+    running = a.reserve()
+    older, newer = a.take_ticket(), b.take_ticket()
+    a.release(running)
+    b.refresh()
+    assert b.reserve(ticket=newer) is None  # the older request, on the other worker, goes first
+    assert b.reserve() is None  # and a new arrival does not jump the queue
+    served = a.reserve(ticket=older)
+    assert served is not None
+    a.release(served)
+    b.refresh()
+    served = b.reserve(ticket=newer)
+    assert served is not None
+    b.release(served)
+
+    dead, alive = c.take_ticket(), b.take_ticket()
+    c.state.mark_waiting(False)  # c died: its mark is gone (in life it expires after WAITING_MARK_TTL)
+    assert dead.name.startswith(c.state.worker_id)
+    assert b.reserve(ticket=alive) is not None  # a dead worker's waiter does not block the queue
+
+
+def test_a_ticket_survives_redis_losing_its_data(redis_server: RedisServer) -> None:
+    prefix = f"q{uuid.uuid4().hex[:10]}"
+    a, b = (SharedLedger(SharedState(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
+    a.report("s", "10.0.0.1:1", 1, 0, True)
+    first, second = a.take_ticket(), b.take_ticket()
+    client = redis.Redis.from_url(redis_server.url)
+    for key in client.keys(f"{prefix}:*"):
+        client.delete(key)  # what a restarted Redis without persistence looks like
+    a.report("s", "10.0.0.1:1", 1, 0, True)  # the agents refill it
+    b.refresh()
+    with pytest.raises(TicketLost):  # never put back by the waiter (it could be returned at that moment)
+        b.reserve(ticket=second)
+    first, second = a.take_ticket(), b.take_ticket()  # the buffer draws new ones, in its own order
+    assert b.reserve(ticket=second) is None
+    assert a.reserve(ticket=first) is not None
+
+
+def test_one_balancer_with_two_workers_serves_in_arrival_order(fleet: Fleet, redis_server: RedisServer) -> None:
+    fleet.redis_url = redis_server.url
+    balancer = fleet.balancer("--workers", "2", "--buffered-request-timeout", "60")
+    sim = fleet.simulator("--parallel", "1", "--decode-tokens-per-second", "50")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "one", interval=INTERVAL)
+    wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready")
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def request(i: int) -> None:
+        assert complete(balancer, 10, timeout=60).status_code == 200
+        with lock:
+            finished.append(i)
+
+    threads = []
+    for i in range(10):  # each one arrives while the one slot is busy, 50 ms after the previous
+        thread = threading.Thread(target=request, args=(i,))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(60)
+    assert finished == list(range(10))
+    assert sim_stats(sim)["requests_deferred_total"] == 0

@@ -18,7 +18,7 @@ from typing import Protocol
 import gevent
 from gevent.event import AsyncResult
 
-from paddler_sync.fleet.ledger import Ledger, Reservation
+from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket
 
 
 class Watch(Protocol):
@@ -53,6 +53,11 @@ class StateUnavailable(BufferRefusal):
     status = 503
 
 
+class TicketLost(Exception):
+    """A shared queue forgot this waiter's place (Redis restarted empty): it draws a new one.
+    Never re-added by the waiter itself: a ticket put back while it is being returned would stay forever."""
+
+
 class ClientGone(BufferRefusal):
     status = 499
 
@@ -61,6 +66,7 @@ class ClientGone(BufferRefusal):
 class Waiter:
     since: float = field(default_factory=time.monotonic)
     result: AsyncResult = field(default_factory=AsyncResult)
+    ticket: Ticket | None = None  # its place in a shared ledger's queue (None with the in-process ledger)
 
 
 @dataclass
@@ -80,6 +86,8 @@ class RequestBuffer:
         self.stats = BufferStats()
         self._waiters: deque[Waiter] = deque()
         self._closed_reason: str | None = None
+        self._dispatching = False
+        self._dispatch_again = False
         ledger.on_capacity(self.dispatch)
 
     @property
@@ -104,30 +112,55 @@ class RequestBuffer:
         return self._wait(Waiter(), client)
 
     def dispatch(self) -> None:
-        """Hand free slots to the oldest waiters, one slot each, in arrival order."""
+        """Hand free slots to the oldest waiters, one slot each, in arrival order.
+
+        One dispatch at a time: a shared ledger yields while Redis answers, and two dispatches serving
+        the same head could both redraw its ticket and orphan one. A wake-up meanwhile runs another round."""
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._dispatch_round()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_round(self) -> None:
         while self._waiters:
+            head = self._waiters[0]
             try:
-                reservation = self.ledger.reserve()
+                reservation = self.ledger.reserve(ticket=head.ticket)
             except StateUnavailable:
                 return  # the waiters keep waiting; the shared ledger's refresh tries again
+            except TicketLost:
+                if not self._redraw_ticket(head, head.ticket):
+                    return
+                continue
             if reservation is None:
                 return
-            if not self._waiters:  # they left while a shared ledger answered: nobody to hand it to
+            if head not in self._waiters:  # it left while a shared ledger answered: the slot goes back
                 self.ledger.release(reservation)
-                return
-            self._waiters.popleft().result.set(reservation)
+                continue
+            self._waiters.remove(head)
+            head.result.set(reservation)
             self._announce_if_empty()
 
     def close(self, reason: str) -> None:
         """Refuse new requests and send every waiter away (shutdown)."""
         self._closed_reason = reason
         while self._waiters:
-            self._waiters.popleft().result.set_exception(BufferClosed(reason))
+            waiter = self._waiters.popleft()
+            self.ledger.return_ticket(waiter.ticket)
+            waiter.result.set_exception(BufferClosed(reason))
         self._announce_if_empty()
 
     def _wait(self, waiter: Waiter, client: Watch | None) -> tuple[Reservation, float]:
         """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep."""
-        self._waiters.append(waiter)
+        waiter.ticket = self.ledger.take_ticket()
+        self._enqueue(waiter)
         if len(self._waiters) == 1:
             self.ledger.waiting_changed(True)
         self.stats.buffered_total += 1
@@ -152,6 +185,7 @@ class RequestBuffer:
     def _client_left(self, waiter: Waiter) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
+            self.ledger.return_ticket(waiter.ticket)
             self._announce_if_empty()
             self.stats.abandoned += 1
             waiter.result.set_exception(ClientGone("the client left while waiting"))
@@ -160,9 +194,38 @@ class RequestBuffer:
         """A waiter leaving for any reason: out of the queue, and any slot it was handed goes back."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
+            self.ledger.return_ticket(waiter.ticket)
             self._announce_if_empty()
         elif waiter.result.successful():
             self.ledger.release(waiter.result.value)
+
+    def _redraw_ticket(self, waiter: Waiter, lost: Ticket | None) -> bool:
+        """A new place at the end of the shared queue for a waiter whose ticket was lost."""
+        try:
+            ticket = self.ledger.take_ticket()
+        except StateUnavailable:
+            return False
+        if waiter in self._waiters and waiter.ticket == lost:
+            self._waiters.remove(waiter)
+            waiter.ticket = ticket
+            self._enqueue(waiter)
+        else:
+            self.ledger.return_ticket(ticket)
+        return True
+
+    def _enqueue(self, waiter: Waiter) -> None:
+        """Append, in ticket order: two arrivals may get their shared tickets back in either order, and the
+        local head must hold this worker's oldest ticket, or the shared queue would wait on it forever."""
+        self._waiters.append(waiter)
+        if waiter.ticket is None:
+            return
+        index = len(self._waiters) - 1
+        while index > 0 and (before := self._waiters[index - 1].ticket) is not None \
+                and before.number > waiter.ticket.number:
+            index -= 1
+        if index != len(self._waiters) - 1:
+            self._waiters.pop()
+            self._waiters.insert(index, waiter)
 
     def _announce_if_empty(self) -> None:
         if not self._waiters:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from paddler_sync.fleet.policy import MostFreeSlots, Policy, preference
 
@@ -47,6 +48,13 @@ class Upstream:
     def busy(self) -> int:
         """Slots the balancer believes are busy, capped at the total (for display and gauges)."""
         return min(self.total, self.in_flight + self.external + self.draining)
+
+
+class Ticket(NamedTuple):
+    """A waiting request's place in a shared ledger's queue: ``number`` orders it, ``name`` names it in Redis."""
+
+    number: int
+    name: str
 
 
 @dataclass(eq=False)
@@ -81,6 +89,13 @@ class Ledger:
     def free_slots(self) -> int:
         now = self.clock()
         return sum(u.free(now) for u in self._upstreams.values())
+
+    def take_ticket(self) -> Ticket | None:
+        """A place in the queue shared by every worker (a shared ledger); None here: the buffer's order is enough."""
+        return None
+
+    def return_ticket(self, ticket: Ticket | None) -> None:
+        """A waiter left without a slot: its place in the shared queue goes."""
 
     def waiting_changed(self, anyone: bool) -> None:
         """The buffer has waiters now (or none any more); a shared ledger tells the other workers."""
@@ -127,8 +142,9 @@ class Ledger:
 
     # --- taking and giving back ----------------------------------------------------------------------
 
-    def reserve(self) -> Reservation | None:
-        """Take one slot on the server the policy picks, or None when no server may take a request."""
+    def reserve(self, ticket: Ticket | None = None) -> Reservation | None:
+        """Take one slot on the server the policy picks, or None when no server may take a request.
+        ``ticket``: the waiter's place in a shared ledger's queue (this one has a single queue: the buffer's)."""
         upstream = self.policy.choose(list(self._upstreams.values()), self.clock())
         if upstream is None:
             return None

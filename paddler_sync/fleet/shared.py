@@ -11,12 +11,17 @@ as one Lua script, so it is atomic across workers and hosts:
   itself in ``PREFIX:waiting``), a ``capacity`` message wakes every worker's buffer. Without waiters
   nobody needs waking, and the 0.2 s refresh keeps the mirrors current.
 - ``report`` / ``remove``: an agent's numbers, from whichever balancer it reports to.
+- the queue: a request that must wait takes a numbered ticket, and ``take`` gives a slot only to the
+  oldest ticket of a live worker (a new arrival only when nobody waits), so the FIFO order holds
+  across every worker and balancer that shares the prefix. A worker's tickets count while its mark
+  in ``PREFIX:waiting`` lives (renewed every 0.2 s): a dead worker's waiters never block the queue.
 
 Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, quarantined_until, reported_at); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
 ``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
-waiters → mark expiry); channel ``PREFIX:capacity``. Lease expiry uses
+waiters → mark expiry); sorted set ``PREFIX:queue`` (ticket ``WORKER:N`` → N) and counter
+``PREFIX:tickets``; channel ``PREFIX:capacity``. Lease expiry uses
 Redis's own clock, so balancer clocks never disagree about it; report times and quarantines use the
 balancers' wall clocks (keep them in NTP sync, as for any fleet).
 
@@ -41,8 +46,8 @@ import gevent
 import redis
 from gevent.event import Event
 
-from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.ledger import Ledger, Reservation, Upstream
+from paddler_sync.fleet.buffer import StateUnavailable, TicketLost
+from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket, Upstream
 from paddler_sync.fleet.policy import Policy
 from paddler_sync.fleet.registry import AgentRecord, Registry
 from paddler_sync.fleet.reports import AgentReport
@@ -59,6 +64,19 @@ RETRY_PAUSE = 0.5
 NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
 TAKE = NOW_MS + """
+if ARGV[5] ~= '' then  -- a waiter: its worker is alive; a ticket Redis lost (restarted empty) is redrawn
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[8]), ARGV[7])
+  if not redis.call('ZSCORE', KEYS[4], ARGV[5]) then return {-4, 0, 0, 0, 0} end
+end
+local head = false
+for _ = 1, 100 do  -- the oldest ticket of a live worker; a dead worker's tickets go
+  local first = redis.call('ZRANGE', KEYS[4], 0, 0)
+  if #first == 0 then break end
+  local alive = redis.call('ZSCORE', KEYS[5], string.match(first[1], '^([^:]+):'))
+  if alive and tonumber(alive) >= now then head = first[1] break end
+  redis.call('ZREM', KEYS[4], first[1])
+end
+if head and head ~= ARGV[5] then return {-3, 0, 0, 0, 0} end
 if redis.call('HGET', KEYS[1], 'addr') ~= ARGV[1] then return {-1, 0, 0, 0, 0} end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -72,7 +90,15 @@ if h[3] ~= '1' or (tonumber(h[4]) or 0) > tonumber(ARGV[4]) then
 end
 if in_flight + external + draining >= total then return {0, total, in_flight, external, draining} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[4], ARGV[5]) end
 return {1, total, in_flight + 1, external, draining}
+"""
+
+ENQUEUE = NOW_MS + """
+local number = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], number, ARGV[1] .. ':' .. number)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+return number
 """
 
 RELEASE = NOW_MS + """
@@ -166,6 +192,8 @@ class SharedState:
         self._quarantine = self.client.register_script(QUARANTINE)
         self._snapshot = self.client.register_script(SNAPSHOT)
         self._waiting = self.client.register_script(WAITING)
+        self._enqueue = self.client.register_script(ENQUEUE)
+        self.queue_key = f"{prefix}:queue"
         self.worker_id = uuid.uuid4().hex
         self.waiting_key = f"{prefix}:waiting"
 
@@ -190,8 +218,25 @@ class SharedState:
         return StateUnavailable("the shared slot ledger (Redis, --state-backend) is unreachable; the balancer "
                                 "refuses requests that need a slot until it is back: retry in a moment")
 
-    def take(self, key: str, addr: str, lease: str, now: float) -> list[int]:
-        return self.call(self._take, self.keys_of(key), [addr, lease, self.lease_ttl_ms, now])
+    def take(self, key: str, addr: str, lease: str, now: float, ticket: Ticket | None) -> list[int]:
+        """Outcome 1 taken, 0 full, -1 gone, -2 not usable, -3 an older request waits (on some worker) first,
+        -4 the ticket is unknown (Redis lost its data)."""
+        return self.call(self._take, [*self.keys_of(key), self.queue_key, self.waiting_key],
+                         [addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
+                          ticket.number if ticket else 0,
+                          self.worker_id, int(WAITING_MARK_TTL * 1000)])
+
+    def take_ticket(self) -> Ticket:
+        number = self.call(self._enqueue, [f"{self.prefix}:tickets", self.queue_key, self.waiting_key],
+                           [self.worker_id, int(WAITING_MARK_TTL * 1000)])
+        return Ticket(number, f"{self.worker_id}:{number}")
+
+    def return_ticket(self, ticket: Ticket) -> None:
+        try:
+            self.client.zrem(self.queue_key, ticket.name)
+        except REDIS_ERRORS as exc:
+            self._mark(False, exc)
+            raise self.unavailable() from None
 
     def release(self, key: str, lease: str, draining: bool) -> int:
         _, leases, draining_key = self.keys_of(key)
@@ -244,8 +289,9 @@ class SharedLedger(Ledger):
         self.agent_records: dict[str, str] = {}  # the mirror of PREFIX:agents, for the registry
         self.pending_record: str = "{}"  # the registry hands the record of the report being applied
         self.has_waiters = False
+        self.unreturned_tickets: set[Ticket] = set()
 
-    def reserve(self) -> Reservation | None:
+    def reserve(self, ticket: Ticket | None = None) -> Reservation | None:
         """Choose on the mirror, take in Redis; a server that turned out full is marked so and skipped.
         While Redis is known to be down (the mirror is stale), refuse at once rather than queue."""
         self.check_available()
@@ -255,7 +301,12 @@ class SharedLedger(Ledger):
             if upstream is None:
                 return None
             lease = uuid.uuid4().hex
-            outcome, total, in_flight, external, draining = self.state.take(upstream.key, upstream.addr, lease, now)
+            outcome, total, in_flight, external, draining = self.state.take(upstream.key, upstream.addr, lease, now,
+                                                                            ticket)
+            if outcome == -3:
+                return None  # not this request's turn: an older one waits, here or on another worker
+            if outcome == -4:
+                raise TicketLost(ticket)
             if outcome == 1:
                 self.leases[lease] = upstream.key
                 _mirror_counts(upstream, total, in_flight, external, draining)
@@ -268,14 +319,32 @@ class SharedLedger(Ledger):
                     upstream.routable = False
         return None
 
+    def take_ticket(self) -> Ticket | None:
+        return self.state.take_ticket()
+
+    def return_ticket(self, ticket: Ticket | None) -> None:
+        if ticket is None:
+            return
+        try:
+            self.state.return_ticket(ticket)
+        except StateUnavailable:
+            self.unreturned_tickets.add(ticket)  # it would block the queue head: retried by the refresh loop
+
     def waiting_changed(self, anyone: bool) -> None:
+        """Mark this worker at once when it has waiters; when it has none, let the mark expire by itself
+        (removing it could land after a new waiter's mark and orphan that waiter's ticket)."""
         self.has_waiters = anyone
-        with contextlib.suppress(StateUnavailable):
-            self.state.mark_waiting(anyone)
+        if anyone:
+            with contextlib.suppress(StateUnavailable):
+                self.state.mark_waiting(True)
 
     def keep_waiting_mark(self) -> None:
+        """Renew this worker's mark (its tickets count only while it lives), and retry returning tickets."""
         if self.has_waiters:
             self.state.mark_waiting(True)
+        for ticket in list(self.unreturned_tickets):
+            self.state.return_ticket(ticket)
+            self.unreturned_tickets.discard(ticket)
 
     def check_available(self) -> None:
         if not self.state.reachable:

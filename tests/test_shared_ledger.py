@@ -20,8 +20,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from paddler_sync.fleet import shared
 from paddler_sync.fleet.buffer import TicketLost
-from paddler_sync.fleet.ledger import Reservation
+from paddler_sync.fleet.ledger import Reservation, Ticket
 from paddler_sync.fleet.shared import SharedLedger, SharedState
 from tests.conftest import PYTHON, ROOT, Fleet, Proc, RedisServer, agents, free_port, port_open, run_cli, wait_until
 from tests.test_faults import background_traffic, internals, settled
@@ -41,7 +42,8 @@ class Clock:
 
 
 class TwoWorkers(RuleBasedStateMachine):
-    """Random interleavings of report / take / release / remove / refresh on two workers' mirrors."""
+    """Random interleavings of report / take / release / remove / refresh on two workers' mirrors, and of
+    requests that wait: tickets drawn, served (each worker serves its oldest) and given back."""
 
     url = ""
 
@@ -52,6 +54,7 @@ class TwoWorkers(RuleBasedStateMachine):
         self.workers = [SharedLedger(SharedState(self.url, prefix, lease_ttl=60), clock=self.clock) for _ in range(2)]
         self.truth = self.workers[0].state
         self.held: list[tuple[int, Reservation]] = []
+        self.tickets: list[tuple[int, Ticket]] = []  # outstanding, in the order they were drawn
 
     def counts(self) -> dict[str, tuple[int, int, int, int]]:
         """Redis's view: key -> (total, in_flight, external, draining)."""
@@ -72,6 +75,9 @@ class TwoWorkers(RuleBasedStateMachine):
         before = self.counts()
         free_before = {k: t - i - e - d for k, (t, i, e, d) in before.items()}
         reservation = ledger.reserve()
+        if self.tickets:
+            assert reservation is None  # a new arrival never jumps the queue
+            return
         if reservation is None:
             if fresh:  # a worker with a fresh mirror refuses only when nothing is free anywhere
                 usable = {u.key for u in ledger.upstreams() if u.is_usable(self.clock())}
@@ -82,6 +88,29 @@ class TwoWorkers(RuleBasedStateMachine):
         total, in_flight, external, draining = self.counts()[key]
         assert in_flight + external + draining <= total
         self.held.append((worker, reservation))
+
+    @rule(worker=st.integers(0, 1))
+    def draw_ticket(self, worker: int) -> None:
+        self.tickets.append((worker, self.workers[worker].take_ticket()))
+
+    @precondition(lambda self: self.tickets)
+    @rule(worker=st.integers(0, 1))
+    def take_with_the_workers_oldest_ticket(self, worker: int) -> None:
+        mine = [t for w, t in self.tickets if w == worker]
+        if not mine:
+            return
+        self.workers[worker].refresh()
+        reservation = self.workers[worker].reserve(ticket=mine[0])
+        if reservation is not None:
+            assert self.tickets[0] == (worker, mine[0])  # only the oldest ticket anywhere is served
+            self.tickets.remove((worker, mine[0]))
+            self.held.append((worker, reservation))
+
+    @precondition(lambda self: self.tickets)
+    @rule(index=st.integers(0, 50))
+    def waiter_leaves(self, index: int) -> None:
+        worker, ticket = self.tickets.pop(index % len(self.tickets))
+        self.workers[worker].return_ticket(ticket)
 
     @precondition(lambda self: self.held)
     @rule(index=st.integers(0, 50), draining=st.booleans())
@@ -108,7 +137,8 @@ class TwoWorkers(RuleBasedStateMachine):
 
 
 @pytest.fixture
-def two_workers(redis_server: RedisServer) -> type[TwoWorkers]:
+def two_workers(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> type[TwoWorkers]:
+    monkeypatch.setattr(shared, "WAITING_MARK_TTL", 600.0)  # both workers live through every example
     TwoWorkers.url = redis_server.url
     return TwoWorkers
 
@@ -116,7 +146,7 @@ def two_workers(redis_server: RedisServer) -> type[TwoWorkers]:
 def test_two_workers_never_take_the_last_slot_twice(two_workers: type[TwoWorkers]) -> None:
     from hypothesis.stateful import run_state_machine_as_test
 
-    run_state_machine_as_test(two_workers, settings=settings(max_examples=60, stateful_step_count=40,
+    run_state_machine_as_test(two_workers, settings=settings(max_examples=150, stateful_step_count=40,
                                                              deadline=None))
 
 

@@ -323,7 +323,7 @@ def test_releases_wake_the_other_workers_only_while_one_has_waiters(redis_server
         return seen
 
     assert messages_after_a_release() == []  # nobody waits: nobody is woken
-    waiting.waiting_changed(True)
+    waiting.state.mark_waiting(True)  # what drawing a ticket does to its worker
     assert messages_after_a_release() == [b"release"]
     waiting.state.mark_waiting(False)  # (in life the mark expires WAITING_MARK_TTL after the last waiter)
     assert messages_after_a_release() == []

@@ -136,7 +136,7 @@ class RequestBuffer:
             except StateUnavailable:
                 return  # the waiters keep waiting; the shared ledger's refresh tries again
             except TicketLost:
-                if not self._redraw_ticket(head, head.ticket):
+                if not self._redraw_ticket(head):
                     return
                 continue
             if reservation is None:
@@ -199,13 +199,13 @@ class RequestBuffer:
         elif waiter.result.successful():
             self.ledger.release(waiter.result.value)
 
-    def _redraw_ticket(self, waiter: Waiter, lost: Ticket | None) -> bool:
+    def _redraw_ticket(self, waiter: Waiter) -> bool:
         """A new place at the end of the shared queue for a waiter whose ticket was lost."""
         try:
             ticket = self.ledger.take_ticket()
         except StateUnavailable:
             return False
-        if waiter in self._waiters and waiter.ticket == lost:
+        if waiter in self._waiters:  # it may have left while Redis answered
             self._waiters.remove(waiter)
             waiter.ticket = ticket
             self._enqueue(waiter)

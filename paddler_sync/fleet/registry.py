@@ -59,9 +59,7 @@ class Registry:
             self._claim_address(agent_id, report, now)
             if len(self._agents) >= self.max_agents:
                 raise ReportError(429, f"the balancer already has {self.max_agents} agents, its limit")
-        self.ledger.report(agent_id, report.external_llamacpp_addr,  # first: a shared ledger may refuse it
-                           total=report.slots_idle + report.slots_processing,
-                           processing=report.slots_processing, routable=report.is_ready)
+        self._report_to_ledger(agent_id, report, record, now)  # first: a shared ledger may refuse it
         if record is None:
             record = self._agents[agent_id] = AgentRecord(agent_id, report, first_seen=now)
             logger.info("registered agent %s%s for llama.cpp at %s (%s)", agent_id, _named(report),
@@ -72,6 +70,10 @@ class Registry:
         record.last_update = now
         record.reports += 1
         return record.reports == 1
+
+    def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
+        self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
+                           processing=report.slots_processing, routable=report.is_ready)
 
     def remove(self, agent_id: str, why: str) -> bool:
         if agent_id not in self._agents:

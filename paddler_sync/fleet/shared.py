@@ -205,9 +205,12 @@ class SharedState:
         return [f"{self.prefix}:up:{key}", f"{self.prefix}:leases:{key}", f"{self.prefix}:draining:{key}"]
 
     def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a script; an unreachable Redis becomes StateUnavailable, which callers answer with 503."""
+        return self._guarded(script, keys=keys, args=args)
+
+    def _guarded(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a command; an unreachable Redis becomes StateUnavailable, which callers answer with 503."""
         try:
-            result = script(keys=keys, args=args)
+            result = command(*args, **kwargs)
         except REDIS_ERRORS as exc:
             self._mark(False, exc)
             raise self.unavailable() from None
@@ -232,11 +235,7 @@ class SharedState:
         return Ticket(number, f"{self.worker_id}:{number}")
 
     def return_ticket(self, ticket: Ticket) -> None:
-        try:
-            self.client.zrem(self.queue_key, ticket.name)
-        except REDIS_ERRORS as exc:
-            self._mark(False, exc)
-            raise self.unavailable() from None
+        self._guarded(self.client.zrem, self.queue_key, ticket.name)
 
     def release(self, key: str, lease: str, draining: bool) -> int:
         _, leases, draining_key = self.keys_of(key)
@@ -287,7 +286,6 @@ class SharedLedger(Ledger):
         self.state = state
         self.leases: dict[str, str] = {}  # this worker's live leases: lease id -> server key
         self.agent_records: dict[str, str] = {}  # the mirror of PREFIX:agents, for the registry
-        self.pending_record: str = "{}"  # the registry hands the record of the report being applied
         self.has_waiters = False
         self.unreturned_tickets: set[Ticket] = set()
 
@@ -331,12 +329,10 @@ class SharedLedger(Ledger):
             self.unreturned_tickets.add(ticket)  # it would block the queue head: retried by the refresh loop
 
     def waiting_changed(self, anyone: bool) -> None:
-        """Mark this worker at once when it has waiters; when it has none, let the mark expire by itself
-        (removing it could land after a new waiter's mark and orphan that waiter's ticket)."""
+        """Renew this worker's mark while it has waiters (drawing a ticket marked it already); with none
+        left, let the mark expire by itself (removing it could land after a new waiter's mark and orphan
+        that waiter's ticket)."""
         self.has_waiters = anyone
-        if anyone:
-            with contextlib.suppress(StateUnavailable):
-                self.state.mark_waiting(True)
 
     def keep_waiting_mark(self) -> None:
         """Renew this worker's mark (its tickets count only while it lives), and retry returning tickets."""
@@ -368,9 +364,10 @@ class SharedLedger(Ledger):
         self._capacity_may_have_grown()
         return bool(removed)
 
-    def report(self, key: str, addr: str, total: int, processing: int, routable: bool) -> None:
-        in_flight, external = self.state.report(key, addr, total, processing, routable, self.clock(),
-                                                self.pending_record)
+    def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
+               record: str = "{}") -> None:
+        """As the plain ledger's; ``record`` (the agent's record as JSON) is stored with it, for every balancer."""
+        in_flight, external = self.state.report(key, addr, total, processing, routable, self.clock(), record)
         upstream = self._upstreams.get(key)
         if upstream is None or upstream.addr != addr:
             upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
@@ -435,29 +432,27 @@ class SharedRegistry(Registry):
 
     ledger: SharedLedger
 
-    def apply(self, agent_id: str, report: AgentReport) -> bool:
-        record = self._agents.get(agent_id)
-        first_seen = record.first_seen if record is not None else self.clock()
-        reports = record.reports + 1 if record is not None else 1
-        self.ledger.pending_record = json.dumps({"report": report.to_json(), "first_seen": first_seen,
-                                                 "last_update": self.clock(), "reports": reports})
-        return super().apply(agent_id, report)
+    def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
+        stored = json.dumps({"report": report.to_json(),
+                             "first_seen": record.first_seen if record is not None else now,
+                             "last_update": now, "reports": record.reports + 1 if record is not None else 1})
+        self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
+                           processing=report.slots_processing, routable=report.is_ready, record=stored)
 
     def remove(self, agent_id: str, why: str) -> bool:
+        return self._remove(agent_id, why, reported_before=None)
+
+    def _remove(self, agent_id: str, why: str, reported_before: float | None) -> bool:
+        """With ``reported_before``, only if no balancer heard from the agent since."""
         if agent_id not in self._agents:
             return False
         try:
-            self.ledger.remove(agent_id)
-        except StateUnavailable:
-            self.ledger.forget(agent_id)  # drop it here at least; Redis drops it on the next report or expiry
-        return self._forget(agent_id, why)
-
-    def _remove_if_silent(self, agent_id: str, why: str, reported_before: float) -> bool:
-        try:
-            if not self.ledger.remove_if_silent(agent_id, reported_before):
+            if reported_before is None:
+                self.ledger.remove(agent_id)
+            elif not self.ledger.remove_if_silent(agent_id, reported_before):
                 return False  # another balancer heard from it meanwhile
         except StateUnavailable:
-            self.ledger.forget(agent_id)
+            self.ledger.forget(agent_id)  # drop it here at least; Redis drops it on the next report or expiry
         return self._forget(agent_id, why)
 
     def expire(self) -> list[str]:
@@ -465,7 +460,7 @@ class SharedRegistry(Registry):
         gone = []
         for record in list(self._agents.values()):
             limit = self.missed_reports * record.report.monitoring_interval
-            if now - record.last_update > limit and self._remove_if_silent(
+            if now - record.last_update > limit and self._remove(
                     record.agent_id, f"no report for {now - record.last_update:.1f}s ({self.missed_reports} "
                                      f"intervals of {record.report.monitoring_interval:g}s)",
                     reported_before=now - limit):

@@ -33,7 +33,8 @@ HINTS: dict[ServerState, str] = {
     ServerState.UNREACHABLE: "check that llama-server is running and listening on the agent's "
                              "--local-llamacpp-addr",
     ServerState.UNAUTHORIZED: "llama.cpp wants an API key: pass it to the agent with --llamacpp-api-key=YOURKEY",
-    ServerState.SLOTS_DISABLED: "the slots endpoint is off: start llama-server with --slots",
+    ServerState.SLOTS_DISABLED: "the slots endpoint is off: start llama-server with --slots (builds since "
+                                "mid-2025 serve it unless started with --no-slots)",
     ServerState.LOADING: "llama.cpp is still loading its model",
     ServerState.MALFORMED: "llama.cpp's /slots answer could not be read: is this a llama.cpp server?",
     ServerState.UNEXPECTED_STATUS: "llama.cpp answered /slots with an unexpected status",

@@ -260,6 +260,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream-pool-size", "Idle connections kept open to each llama.cpp server. Each one pins one "
             "of llama.cpp's HTTP threads (--threads-http, a few more than its slots): keep it at most the "
             "slot count.", B, positive_count, 4),
+    Setting("upstream-idle-timeout", "Close a pooled connection to llama.cpp once it has been idle this long. "
+            "llama.cpp closes kept-alive connections after 5 s idle (sooner when its HTTP threads run out), and a "
+            "request written on a connection it just closed is sent again on a fresh one: keep this below 5 s.",
+            B, positive_duration, 2.0, metavar="SECONDS"),
     Setting("policy", "How to pick a server: slots (most free slots; requests wait in the balancer when none is "
             "free), or the slot-blind round-robin and least-connections, kept for comparison benchmarks.", B,
             choice("slots", "round-robin", "least-connections"), "slots"),

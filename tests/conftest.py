@@ -232,3 +232,39 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     full_env.update(env or {})
     return subprocess.run([PYTHON, "-m", "paddler_sync", *args], capture_output=True, text=True, env=full_env,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+# --- real llama-server builds (tests/llamacpp_servers.py) ---------------------------------------------
+
+@pytest.fixture(scope="session")
+def llamacpp_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.llamacpp_servers import make_models, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+def real_builds() -> list[Any]:
+    """One pytest param per llama-server build found; a single skipped param when there is none."""
+    from tests.llamacpp_servers import find_builds, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-llama-server")]
+    return [pytest.param(build, id=build.name) for build in find_builds()]
+
+
+def spawn_llama_server(fleet: Fleet, build: Any, model: Path, *args: str, port: int | None = None,
+                       wait_healthy: bool = True) -> Proc:
+    """A real llama-server on a free loopback port, one compute thread (2-core machines), /metrics on."""
+    port = port or free_port()
+    proc = fleet.spawn(f"llama-{build.name}", [str(build.path), "-m", str(model), "--host", "127.0.0.1",
+                                               "--port", str(port), "-t", "1", "--metrics", *args], port)
+    if wait_healthy:
+        wait_until(lambda: requests.get(f"{proc.url}/health", timeout=2).status_code == 200
+                   or not proc.alive(), timeout=30, message=f"llama-server {build.name} healthy")
+        if not proc.alive():
+            raise AssertionError(f"llama-server exited:\n{proc.log()}")
+    return proc

@@ -2,7 +2,8 @@
 
     __call__      read the (bounded) body; decide whether the path takes a slot
     _connect      take a slot (or wait in the buffer), open the upstream request; on a refused
-                  connection quarantine that server and try another, while nothing was sent
+                  connection quarantine that server and try another, while nothing was sent;
+                  a client that leaves meanwhile cuts the upstream call (llama.cpp stops too)
     Relay         stream each upstream chunk to the client as it arrives
     Relay.close   the one place a slot is given back: normal end, client gone, upstream error
 
@@ -52,7 +53,7 @@ class ProxyApp:
         self.ledger = balancer.ledger
         self.buffer = balancer.buffer
         self.transport = up.Transport(options.upstream_pool_size, options.upstream_connect_timeout,
-                                      options.upstream_read_timeout)
+                                      options.upstream_read_timeout, options.upstream_idle_timeout)
         self.read_timeout = options.upstream_read_timeout
         self.rewrite_host = options.rewrite_host_header
         self.slots_endpoint = options.slots_endpoint_enable
@@ -115,6 +116,9 @@ class ProxyApp:
             waited += wait
             try:
                 return reservation, self._send(environ, body, reservation), waited
+            except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
+                self.ledger.release(reservation, draining=reservation.uses_slot)
+                raise ProxyError(499, str(exc)) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.release(reservation)
                 if not up.is_connect_failure(exc):
@@ -143,7 +147,8 @@ class ProxyApp:
         raw_uri = environ.get("RAW_URI", "")
         target = raw_uri if raw_uri.startswith("/") else _path_and_query(environ)
         headers = up.request_headers(environ, reservation.addr, self.rewrite_host, len(body))
-        return self.transport.send(environ["REQUEST_METHOD"], reservation.addr, target, headers, body or None)
+        return self.transport.send(environ["REQUEST_METHOD"], reservation.addr, target, headers, body or None,
+                                   client_watch(environ))
 
     def _quarantine(self, reservation: Reservation, exc: Exception) -> None:
         until = self.ledger.quarantine(reservation.upstream.key, self.quarantine_seconds)

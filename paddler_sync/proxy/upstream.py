@@ -1,68 +1,191 @@
-"""Talking to llama.cpp: the pooled requests session, header rules, and which paths take a slot.
+"""Talking to llama.cpp: which requests take a slot, header rules, and the pooled connections.
 
 The session trusts no environment (no proxy, netrc or CA-bundle lookups on every request: a free
-+29 % in shared/reference/proxy-anchors.md), sends only the client's headers, never retries a
-request that reached a server, and forwards bodies byte for byte (no decoding), so Content-Length
-and Content-Encoding stay true.
++29 % in shared/reference/proxy-anchors.md), sends only the client's headers, forwards bodies byte
+for byte (no decoding), so Content-Length and Content-Encoding stay true, and retries a request only
+when no server can have seen it: a refused connection (elsewhere, by the proxy) or a kept-alive
+connection that llama.cpp had already closed (here, on a fresh connection to the same server).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
-from typing import Any
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3 import HTTPConnectionPool, HTTPResponse
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util import Timeout
+from urllib3.connection import HTTPConnection
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
+from urllib3.util import Retry, Timeout
+from urllib3.util.url import _encode_target
 
-# Paths that become a llama.cpp task and so need a slot (native and OpenAI-compatible names).
+# Which POSTs become a llama.cpp task (generation, embedding, reranking, transcription) and so take a
+# slot: read off both real builds in ../shared/llamacpp (with every slot busy, these wait inside
+# llama.cpp; everything else answers at once) and checked by tests/test_real_llamacpp.py. Both the
+# native names and the OpenAI/Anthropic-compatible ones, with and without /v1, as llama-server routes them.
 SLOT_PATHS = frozenset({
-    "/completion", "/completions", "/v1/completions", "/chat/completions", "/v1/chat/completions",
-    "/infill", "/embedding", "/embeddings", "/v1/embeddings",
-    "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",
+    "/completion", "/completions", "/v1/completions",           # text completion
+    "/chat/completions", "/v1/chat/completions",                 # OpenAI chat
+    "/responses", "/v1/responses",                               # OpenAI Responses (2026 builds)
+    "/v1/messages",                                              # Anthropic Messages (2026 builds)
+    "/infill",                                                   # fill-in-the-middle
+    "/embedding", "/embeddings", "/v1/embeddings",               # embeddings
+    "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",      # reranking
+    "/audio/transcriptions", "/v1/audio/transcriptions",         # speech to text (2026 builds)
 })
+# Answered by llama.cpp's HTTP thread without a slot (documented, and tested as slot-free on the real builds):
+# /tokenize, /detokenize, /apply-template, /v1/messages/count_tokens, /v1/chat/completions/input_tokens,
+# /chat/completions/input_tokens, /v1/responses/input_tokens, /responses/input_tokens, every GET.
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+NO_RETRY = Retry(total=False, redirect=False)
 
 
 def uses_slot(method: str, path: str) -> bool:
-    return method == "POST" and path in SLOT_PATHS
+    return method == "POST" and path.rstrip("/") in SLOT_PATHS
+
+
+class ClientLeft(Exception):
+    """The client closed its connection while its request ran upstream; the upstream call was cut."""
+
+
+class Watch(Protocol):
+    def start(self, on_gone: Callable[[], None]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class UpstreamConnection(HTTPConnection):
+    """A connection that remembers when it went idle, so the pool can retire it before llama.cpp does."""
+
+    idle_since: float = 0.0
+
+
+class UpstreamPool(HTTPConnectionPool):
+    """One llama.cpp server's connections.
+
+    llama.cpp (cpp-httplib) closes a kept-alive connection after 5 s idle, and b4748 closes idle ones
+    early whenever a new connection waits for one of its HTTP threads (each open connection pins one).
+    A request written on such a connection gets no answer (``RemoteDisconnected``) although the server
+    never saw it. So idle connections are retired after ``idle_timeout``, well before the server's, and a
+    request that got nothing back on a reused connection is sent again on the next one: at most
+    ``maxsize + 1`` tries, the last on a connection opened for it.
+    """
+
+    ConnectionCls = UpstreamConnection
+    idle_timeout: float = 2.0
+
+    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
+        conn = super()._get_conn(timeout)
+        if conn.sock is not None and time.monotonic() - getattr(conn, "idle_since", 0.0) > self.idle_timeout:
+            conn.close()  # reconnects when used
+        return conn
+
+    def _put_conn(self, conn: HTTPConnection | None) -> None:
+        if conn is not None:
+            conn.idle_since = time.monotonic()  # type: ignore[attr-defined]
+        super()._put_conn(conn)
+
+    def send(self, method: str, target: str, headers: dict[str, str], body: bytes | None, timeout: Timeout,
+             client: Watch | None = None) -> HTTPResponse:
+        """The response, its headers read and its body not; ``client`` (when given) cuts the call if it leaves."""
+        for _ in range(self.pool.maxsize + 1 if self.pool else 1):
+            conn = self._get_conn()
+            reused = conn.sock is not None
+            cut = _Cut(conn, client)
+            try:
+                response = self._make_request(conn, method, _encode_target(target), timeout=timeout, body=body, headers=headers,
+                                              chunked=False, retries=NO_RETRY, response_conn=conn,
+                                              preload_content=False, decode_content=False)
+            except BaseException as exc:
+                conn.close()
+                self._put_conn(None)
+                if cut.fired:
+                    raise ClientLeft("the client left while llama.cpp ran its request") from exc
+                if reused and _nothing_came_back(exc):
+                    continue
+                if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
+                    raise ProtocolError("malformed answer", exc) from exc
+                raise
+            finally:
+                cut.stop()
+            return response  # type: ignore[return-value]
+        raise ProtocolError("every pooled connection was closed by the server", None)
+
+
+def _nothing_came_back(exc: BaseException) -> bool:
+    """The server closed or reset the connection before any byte of an answer (or refused our write)."""
+    return isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError
+                      | ConnectionAbortedError)
+
+
+class _Cut:
+    """While a request runs upstream, a client that hangs up closes the upstream connection too, so
+    llama.cpp stops generating for nobody (it polls its socket), as it would with the client itself."""
+
+    def __init__(self, conn: HTTPConnection, client: Watch | None) -> None:
+        self.conn = conn
+        self.client = client
+        self.fired = False
+        if client is not None:
+            client.start(self._client_gone)
+
+    def _client_gone(self) -> None:
+        self.fired = True
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
 
 
 class Transport:
     """Sends requests to llama.cpp servers through a requests session's connection pools.
 
-    The session (and its mounted HTTPAdapter) owns the pools: one per server, at most
-    ``pool_size`` idle connections each, no retries. The hot path then calls the server's pool
-    directly: requests' per-request layers (preparing, merging settings, hooks, cookies, the
-    Response wrapper) cost more CPU than the rest of the proxy together, and a proxy needs none
-    of them (bench/RESULTS.md has the profile).
+    The session (and its mounted HTTPAdapter) owns the pools: one :class:`UpstreamPool` per server,
+    at most ``pool_size`` idle connections each. The hot path then calls the server's pool directly:
+    requests' per-request layers (preparing, merging settings, hooks, cookies, the Response wrapper)
+    cost more CPU than the rest of the proxy together, and a proxy needs none of them
+    (bench/RESULTS.md has the profile).
     """
 
-    def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float,
+                 idle_timeout: float = UpstreamPool.idle_timeout) -> None:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.headers = CaseInsensitiveDict()
         self.adapter = HTTPAdapter(pool_connections=1024, pool_maxsize=pool_size, pool_block=False, max_retries=0)
+        self.adapter.poolmanager.pool_classes_by_scheme = {"http": UpstreamPool}
+        self.idle_timeout = idle_timeout
         self.session.mount("http://", self.adapter)
         self.timeout = Timeout(connect=connect_timeout, read=read_timeout)
-        self._pools: dict[str, HTTPConnectionPool] = {}
+        self._pools: dict[str, UpstreamPool] = {}
         # A full pool discards the extra connection: expected under bursts, not worth a warning per request.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
-    def send(self, method: str, addr: str, target: str, headers: dict[str, str], body: bytes | None) -> HTTPResponse:
+    def pool(self, addr: str) -> UpstreamPool:
         pool = self._pools.get(addr)
         if pool is None or pool.pool is None:  # built once by the adapter's pool manager (None: it closed it)
             host, _, port = addr.rpartition(":")
-            pool = self._pools[addr] = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port),
-                                                                                     scheme="http")
-        return pool.urlopen(method, target, body=body, headers=headers, retries=False, redirect=False,
-                            assert_same_host=False, preload_content=False, decode_content=False,
-                            timeout=self.timeout)
+            pool = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port), scheme="http")
+            pool.idle_timeout = self.idle_timeout  # type: ignore[attr-defined]
+            self._pools[addr] = pool  # type: ignore[assignment]
+        return pool
+
+    def send(self, method: str, addr: str, target: str, headers: dict[str, str], body: bytes | None,
+             client: Watch | None = None) -> HTTPResponse:
+        return self.pool(addr).send(method, target, headers, body, self.timeout, client)
 
 
 def request_headers(environ: dict[str, Any], upstream_addr: str, rewrite_host: bool,

@@ -52,7 +52,9 @@ def settled(balancer: Proc, baseline: dict[str, float]) -> dict[str, float]:
 @contextmanager
 def misbehaving_upstream(mode: str) -> Iterator[int]:
     """A TCP server that accepts and then: 'silent' says nothing, 'garbage' sends junk, 'close' hangs up,
-    'headers_then_close' starts an answer and hangs up before its body."""
+    'headers_then_close' starts an answer and hangs up before its body, 'answer_once' answers the first
+    request of each connection (keep-alive) and hangs up on the next one unanswered, as llama.cpp does when
+    it closes an idle connection just as a request is written on it."""
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", 0))
@@ -75,6 +77,8 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
                 conn.close()
             elif mode == "close":
                 conn.close()
+            elif mode == "answer_once":
+                threading.Thread(target=answer_once, args=(conn,), daemon=True).start()
             elif mode == "headers_then_close":
                 conn.recv(65536)
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -82,6 +86,14 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
                 conn.close()
             else:
                 held.append(conn)
+
+    def answer_once(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            body = b'{"content":"ok"}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nKeep-Alive: timeout=5, max=100\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            conn.recv(65536)  # the next request: hung up on unanswered
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -163,6 +175,19 @@ def test_upstream_that_answers_garbage_or_hangs_up(fleet: Fleet) -> None:
                 response = complete(balancer, 1, timeout=10)
                 assert response.status_code == 502 and response.json()["error"]["type"] == "server_error"
             settled(balancer, baseline)
+
+
+def test_a_request_on_a_connection_llamacpp_just_closed_is_sent_again_on_a_fresh_one(fleet: Fleet) -> None:
+    """No 502 for a request llama.cpp never saw: every reused connection here is closed under it."""
+    with misbehaving_upstream("answer_once") as port:
+        balancer = fleet_behind(fleet, port)
+        with requests.Session() as session:
+            statuses = [session.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x"}, timeout=10)
+                        .status_code for _ in range(12)]
+        with ThreadPoolExecutor(4) as pool:
+            statuses += [r.status_code for r in pool.map(lambda _: complete(balancer, 1, timeout=10), range(12))]
+    assert statuses == [200] * 24, statuses
+    assert "failed before answering" not in balancer.log()
 
 
 def test_clients_leaving_while_waiting_and_mid_stream_leak_nothing(fleet: Fleet) -> None:

@@ -102,9 +102,9 @@ class UpstreamPool(HTTPConnectionPool):
             reused = conn.sock is not None
             cut = _Cut(conn, client)
             try:
-                response = self._make_request(conn, method, _encode_target(target), timeout=timeout, body=body, headers=headers,
-                                              chunked=False, retries=NO_RETRY, response_conn=conn,
-                                              preload_content=False, decode_content=False)
+                response = self._make_request(conn, method, _encode_target(target), timeout=timeout, body=body,
+                                              headers=headers, chunked=False, retries=NO_RETRY,
+                                              response_conn=conn, preload_content=False, decode_content=False)
             except BaseException as exc:
                 conn.close()
                 self._put_conn(None)

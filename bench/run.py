@@ -2,7 +2,8 @@
 
 Sections: (1) proxy overhead, non-streaming and streaming, against direct, a naive requests proxy,
 HAProxy and nginx; (2) the buffer at scale; (3) fleet efficiency against round robin,
-least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule. Contenders alternate within
+least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (4) the Redis ledger; (5) closed-loop
+throughput on real llama-servers against least-connections and round robin. Contenders alternate within
 each repetition and the tables show medians, because this 2-core machine is shared and noisy.
 Benchmarks report; tests never assert these timings.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import harness
 from bench.buffer_scale import buffer_at_scale
 from bench.fleet import fleet_efficiency
+from bench.real_llamacpp import real_llamacpp
 from bench.report import write_report
 from bench.shared import shared_ledger
 
@@ -164,9 +166,10 @@ def machine() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter runs (a few minutes)")
-    parser.add_argument("--only", choices=("overhead", "stream", "buffer", "fleet", "shared"), action="append")
+    parser.add_argument("--only", choices=("overhead", "stream", "buffer", "fleet", "shared", "real"),
+                        action="append")
     args = parser.parse_args()
-    sections = set(args.only or ("overhead", "stream", "buffer", "fleet", "shared"))
+    sections = set(args.only or ("overhead", "stream", "buffer", "fleet", "shared", "real"))
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick,
                                "command": "make bench-quick" if args.quick else "make bench",
@@ -200,6 +203,10 @@ def main() -> None:
     if "shared" in sections:
         print("shared ledger in Redis", flush=True)
         results["shared"] = shared_ledger(wrk, reps=2 if args.quick else 3, seconds=3 if args.quick else 6)
+        save()
+    if "real" in sections:
+        print("real llama-servers: throughput against least-connections and round robin", flush=True)
+        results["real"] = real_llamacpp(reps=2 if args.quick else 3, seconds=8 if args.quick else 15)
         save()
     print(f"wrote bench/RESULTS.md in {results['elapsed_s']:.0f}s", flush=True)
 

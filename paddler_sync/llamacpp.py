@@ -47,6 +47,7 @@ class SlotsReading:
     error: str | None = None
     slots_idle: int = 0
     slots_processing: int = 0
+    is_sleeping: bool = False  # read from /props (2026 builds); /slots would have woken the server
 
     @property
     def is_authorized(self) -> bool | None:
@@ -67,6 +68,7 @@ class Props:
     total_slots: int | None = None
     model: str | None = None
     build: str | None = None
+    is_sleeping: bool | None = None  # 2026 builds started with --sleep-idle-seconds unload the model when idle
 
 
 class MalformedSlots(ValueError):
@@ -96,9 +98,11 @@ def parse_props(body: Any) -> Props:
     total = body.get("total_slots")
     model = body.get("model_path") or (body.get("default_generation_settings") or {}).get("model")
     build = body.get("build_info")
+    sleeping = body.get("is_sleeping")
     return Props(total_slots=total if isinstance(total, int) and not isinstance(total, bool) else None,
                  model=model if isinstance(model, str) else None,
-                 build=build if isinstance(build, str) else None)
+                 build=build if isinstance(build, str) else None,
+                 is_sleeping=sleeping if isinstance(sleeping, bool) else None)
 
 
 class LlamaCppClient:

@@ -293,6 +293,11 @@ SETTINGS: tuple[Setting, ...] = (
             A, text_value, None, aliases=("--local-llamacpp-api-key",), secret=True, metavar="KEY"),
     Setting("monitoring-interval", "How often the agent polls llama.cpp and reports to the balancer.",
             A, positive_duration, 1.0, metavar="SECONDS"),
+    Setting("llamacpp-sleep-idle-seconds", "The --sleep-idle-seconds llama-server was started with (2026 builds "
+            "unload the model after that long idle). Every /slots poll would wake it, so the agent then reads "
+            "/props each interval and /slots only while the server is busy or once per idle period, and reports "
+            "it sleeping; the balancer sends it a request only when no awake server has a free slot. 0: the "
+            "server never sleeps.", A, duration, 0.0, metavar="SECONDS"),
     Setting("name", "A display name for this agent in the API and dashboards.", A, name, None),
     Setting("aws-metadata-endpoint", "EC2 instance metadata service (IMDSv2) used to resolve "
             "aws:metadata:local-ipv4.", A, text_value, "http://169.254.169.254", metavar="URL"),

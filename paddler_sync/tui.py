@@ -38,7 +38,7 @@ def issues_text(agent: dict[str, Any]) -> str:
         until = time.strftime("%H:%M:%S", time.gmtime(agent["quarantined_until"]["secs_since_epoch"]))
         return f"Quarantined until {until} UTC"
     if agent["state"] == "ready":
-        return "None"
+        return "Sleeping: its first request reloads the model" if agent.get("is_sleeping") else "None"
     return SHORT_ISSUES.get(agent["state"], agent["state"])
 
 

@@ -119,3 +119,16 @@ def test_ties_go_to_fewer_in_flight_then_the_lower_address() -> None:
     first = ledger.reserve()
     second = ledger.reserve()
     assert (first.addr, second.addr) == ("10.0.0.1:1", "10.0.0.2:1")  # equal servers fill in turn
+
+
+def test_a_sleeping_server_gets_requests_only_when_no_awake_server_has_a_free_slot() -> None:
+    from paddler_sync.fleet.ledger import Ledger
+
+    ledger = Ledger(clock=lambda: 0.0)
+    ledger.report("sleepy", "10.0.0.1:1", total=4, processing=0, routable=True, sleeping=True)
+    ledger.report("awake", "10.0.0.2:1", total=1, processing=0, routable=True)
+    first = ledger.reserve()
+    assert first is not None and first.upstream.key == "awake"
+    second = ledger.reserve()
+    assert second is not None and second.upstream.key == "sleepy"
+    assert ledger.pick_without_slot().upstream.key == "awake"

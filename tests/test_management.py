@@ -123,6 +123,22 @@ def test_health_counts_the_fleet(client: FlaskClient) -> None:
         external_llamacpp_addr="127.0.0.1:9002", state="unauthorized", slots_idle=0, slots_processing=0,
         total_slots=None, is_authorized=False, is_slots_endpoint_enabled=None, error="Unauthorized"))
     health = client.get("/health").get_json()
-    assert health == {"status": "ok", "agents": 2, "agents_ready": 1, "slots_total": 4, "slots_idle": 3,
-                      "slots_processing": 1, "requests_in_flight": 0, "requests_buffered": 0,
+    assert health == {"status": "ok", "agents": 2, "agents_ready": 1, "agents_sleeping": 0, "slots_total": 4,
+                      "slots_idle": 3, "slots_processing": 1, "requests_in_flight": 0, "requests_buffered": 0,
                       "oldest_buffered_seconds": 0.0, "state_backend": "local", "state_backend_reachable": True}
+
+
+def test_a_sleeping_server_is_shown_as_such_and_contradictions_are_refused(client: FlaskClient) -> None:
+    assert client.post("/api/v1/agents/agent-1/report", json=good_report(
+        slots_idle=4, slots_processing=0, is_sleeping=True)).status_code == 200
+    row = client.get("/api/v1/agents").get_json()["agents"][0]
+    assert row["is_sleeping"] is True and row["state"] == "ready"
+    assert client.get("/health").get_json()["agents_sleeping"] == 1
+    from paddler_sync.management.dashboard import with_display_fields
+    from paddler_sync.tui import issues_text
+
+    assert any("Sleeping" in issue for issue in with_display_fields(row)["issues"])
+    assert issues_text(row).startswith("Sleeping")
+    busy = client.post("/api/v1/agents/agent-2/report", json=good_report(
+        external_llamacpp_addr="127.0.0.1:9002", is_sleeping=True))  # good_report has a busy slot
+    assert busy.status_code == 400 and "sleeping" in busy.get_json()["error"]["message"]

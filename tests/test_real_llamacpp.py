@@ -288,3 +288,28 @@ def test_no_502_when_llamacpp_closes_idle_connections(fleet: Fleet, build: Build
         list(pool.map(client, [5.0, 5.02, 0.3, 1.0]))
     assert statuses == [200] * 8, statuses
     assert "failed before answering" not in balancer.log()
+
+
+def test_a_sleeping_server_is_shown_and_used_only_when_awake_ones_are_full(fleet: Fleet, build: Build,
+                                                                          llamacpp_models) -> None:
+    """2026 builds unload the model after --sleep-idle-seconds; a /slots poll would wake them, /props does not."""
+    if not build.modern:
+        pytest.skip("--sleep-idle-seconds exists from the 2026 builds on")
+    balancer = fleet.balancer()
+    sleepy = serve(fleet, build, llamacpp_models, balancer, 1, "sleepy", "--sleep-idle-seconds", "1",
+                   agent_args=("--llamacpp-sleep-idle-seconds", "1"))
+    serve(fleet, build, llamacpp_models, balancer, 1, "awake", model="slow")
+    wait_until(lambda: agent_named(balancer, "sleepy")["is_sleeping"], timeout=10, message="the server asleep")
+    assert "handle_sleep: server is entering sleeping state" in sleepy.log()
+    assert health(balancer)["agents_sleeping"] == 1
+    # one request: the awake server takes it, the sleeping one sleeps on
+    assert generate(balancer.extra["proxy"], 4).status_code == 200
+    assert agent_named(balancer, "sleepy")["is_sleeping"]
+    # the awake server is busy: the sleeping one is woken for the next request, and serves it
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(generate, balancer.extra["proxy"], 300)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        assert generate(balancer.extra["proxy"], 4).status_code == 200
+        assert busy.result().status_code == 200
+    assert "exiting sleeping state" in sleepy.log()
+    wait_until(lambda: agent_named(balancer, "sleepy")["is_sleeping"], timeout=10, message="asleep again")

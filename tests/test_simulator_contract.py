@@ -75,9 +75,24 @@ def assert_same_headers(captured: list[tuple[str, str]], got: requests.structure
             assert got[key] == value, f"{key}: {got[key]!r} != {value!r}"
 
 
+def named_events(body: str) -> list[tuple[str, Any]]:
+    """(event name, data shape) of each block of a stream framed with ``event:`` lines; runs of one name
+    (the deltas, one per token) count once."""
+    out: list[tuple[str, Any]] = []
+    for block in sse_events(body):
+        name_line, _, data_line = block.partition("\n")
+        assert name_line.startswith("event: ") and data_line.startswith("data: "), block
+        name = name_line[len("event: "):]
+        if not out or out[-1][0] != name:
+            out.append((name, shape(json.loads(data_line[len("data: "):]))))
+    return out
+
+
 def assert_same_body(capture: Capture, response: requests.Response) -> None:
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith("text/event-stream"):
+    if content_type.startswith("text/event-stream") and capture.body.startswith("event: "):
+        assert named_events(response.text) == named_events(capture.body)
+    elif content_type.startswith("text/event-stream"):
         want, got = sse_events(capture.body), sse_events(response.text)
         assert (want[-1] == "data: [DONE]") == (got[-1] == "data: [DONE]")
         payload_want = [e for e in want if e != "data: [DONE]"]
@@ -157,6 +172,47 @@ CASES = [
 ]
 
 
+MODERN = ["--dialect", "modern", "--build-info", "b0-unknown"]
+CHAT = {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16}
+CASES_2026 = [
+    # the 2026 build (tests/captures/2026, recorded by scripts/record_captures.py) against --dialect modern
+    ("01-health-idle.txt", [], "GET", "/health", {}, None),
+    ("02-slots-idle.txt", [], "GET", "/slots", {}, None),
+    ("03-props.txt", [], "GET", "/props", {}, None),
+    ("04-metrics-idle.txt", [], "GET", "/metrics", {}, None),
+    ("05-v1-models.txt", [], "GET", "/v1/models", {}, None),
+    ("05b-models.txt", [], "GET", "/models", {}, None),
+    ("06-completion-nonstream.txt", [], "POST", "/completion", {}, {"prompt": "Hello, my name is", "n_predict": 16}),
+    ("07-completion-stream.txt", [], "POST", "/completion", {},
+     {"prompt": "Hello, my name is", "n_predict": 16, "stream": True}),
+    ("08-chat-nonstream.txt", [], "POST", "/v1/chat/completions", {}, CHAT),
+    ("09-chat-stream.txt", [], "POST", "/v1/chat/completions", {}, {**CHAT, "stream": True}),
+    ("10-v1-completions.txt", [], "POST", "/v1/completions", {},
+     {"model": "x", "prompt": "Once upon a time", "max_tokens": 16}),
+    ("10b-v1-completions-stream.txt", [], "POST", "/v1/completions", {},
+     {"model": "x", "prompt": "Once upon a time", "max_tokens": 4, "stream": True}),
+    ("11-tokenize.txt", [], "POST", "/tokenize", {}, {"content": "Hello world"}),
+    ("11c-detokenize.txt", [], "POST", "/detokenize", {}, {"tokens": [15043, 3186]}),
+    ("16-unknown-path.txt", [], "GET", "/nonexistent", {}, None),
+    ("19-health-v1.txt", [], "GET", "/v1/health", {}, None),
+    ("20-props-post-disabled.txt", [], "POST", "/props", {}, {}),
+    ("22-responses-nonstream.txt", [], "POST", "/v1/responses", {},
+     {"model": "x", "input": "Say hi", "max_output_tokens": 16}),
+    ("22b-responses-stream.txt", [], "POST", "/v1/responses", {},
+     {"model": "x", "input": "Say hi", "max_output_tokens": 4, "stream": True}),
+    ("23-messages-nonstream.txt", [], "POST", "/v1/messages", {}, CHAT),
+    ("23b-messages-stream.txt", [], "POST", "/v1/messages", {}, {**CHAT, "max_tokens": 4, "stream": True}),
+    ("24-messages-count-tokens.txt", [], "POST", "/v1/messages/count_tokens", {}, CHAT),
+    ("25-chat-input-tokens.txt", [], "POST", "/v1/chat/completions/input_tokens", {}, CHAT),
+    ("51-apikey-completion-nokey.txt", ["--api-key", "secret"], "POST", "/completion", {}, {"prompt": "x"}),
+    ("52-apikey-slots-nokey.txt", ["--api-key", "secret"], "GET", "/slots", {}, None),
+    ("53-apikey-health-nokey.txt", ["--api-key", "secret"], "GET", "/health", {}, None),
+    ("56-apikey-goodkey-stream.txt", ["--api-key", "secret"], "POST", "/completion",
+     {"Authorization": "Bearer secret"}, {"prompt": "x", "n_predict": 4, "stream": True}),
+    ("60-noslots-slots.txt", ["--no-slots"], "GET", "/slots", {}, None),
+]
+
+
 @pytest.fixture(scope="module")
 def simulators(tmp_path_factory: pytest.TempPathFactory):
     """One simulator per flag set, shared by the cases of this module."""
@@ -179,9 +235,29 @@ def simulators(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_capture(case: tuple, simulators) -> None:
+    replay(case, "", [], simulators)
+
+
+@pytest.mark.parametrize("case", CASES_2026, ids=[c[0] for c in CASES_2026])
+def test_modern_dialect_matches_the_2026_capture(case: tuple, simulators) -> None:
+    replay(case, "2026/", MODERN, simulators)
+
+
+def test_the_2026_slots_after_requests_match(simulators) -> None:
+    """A slot that has run a task shows its last task's figures (capture 15 was taken after requests)."""
+    base = simulators(MODERN)
+    requests.post(base + "/completion", json={"prompt": "hi", "n_predict": 4}, timeout=10)
+    want = json.loads(load_capture("2026/15-slots-fail-on-no-slot-idle.txt").body)
+    got = requests.get(base + "/slots?fail_on_no_slot=1", timeout=10).json()
+    used = [shape(s) for s in want if "id_task" in s]
+    assert used and all(shape(s) in (shape(want[0]), used[0]) for s in got)
+    assert any(shape(s) == used[0] for s in got)
+
+
+def replay(case: tuple, folder: str, dialect: list[str], simulators) -> None:
     name, flags, method, path, headers, body = case
-    capture = load_capture(name)
-    base = simulators(flags)
+    capture = load_capture(folder + name)
+    base = simulators([*dialect, *flags])
     response = requests.request(method, base + path, headers=headers,
                                 data=None if body is None else json.dumps(body), timeout=10)
     assert f"{response.status_code} {response.reason}" == capture.status

@@ -72,16 +72,19 @@ class BalancerClient:
 
 class Agent:
     def __init__(self, llamacpp: LlamaCppClient, balancer: BalancerClient, external_addr: Address,
-                 interval: float, name: str | None = None) -> None:
+                 interval: float, name: str | None = None, sleep_idle: float = 0.0) -> None:
         self.llamacpp = llamacpp
         self.balancer = balancer
         self.external_addr = external_addr
         self.interval = interval
         self.name = name
+        self.sleep_idle = sleep_idle  # llama-server's --sleep-idle-seconds (0: it never sleeps)
         self.props = Props()
         self._props_read_at = float("-inf")
         self._last_state: ServerState | None = None
         self._last_state_changed = True
+        self._last_slots: SlotsReading | None = None
+        self._last_slots_at = float("-inf")
 
     def run(self, stop: Event) -> None:
         """Tick on a fixed cadence (no drift); a slow tick skips the beats it overran."""
@@ -98,7 +101,7 @@ class Agent:
             stop.wait(due - now)
 
     def tick(self) -> AgentReport:
-        reading = self.llamacpp.read_slots()
+        reading = self._read_slots_letting_it_sleep() if self.sleep_idle else self.llamacpp.read_slots()
         self._note_state(reading)
         if reading.state is ServerState.READY and self._props_stale():
             self.props = self.llamacpp.read_props()
@@ -106,6 +109,25 @@ class Agent:
         report = self.build_report(reading)
         self.balancer.report(report)
         return report
+
+    def _read_slots_letting_it_sleep(self) -> SlotsReading:
+        """For a server that sleeps when idle: every /slots (and /metrics) request wakes it and restarts its
+        idle timer, /props does neither. So /props is read every tick; /slots only while the server is awake
+        and was last seen busy, or once the idle time has passed: an idle server is left alone long enough
+        to fall asleep. Meanwhile the balancer counts its own requests exactly; load from elsewhere on an
+        idle, awake server goes unseen for at most --llamacpp-sleep-idle-seconds + one interval."""
+        self.props = self.llamacpp.read_props()
+        self._props_read_at = time.monotonic()
+        last = self._last_slots
+        if self.props.is_sleeping and self.props.total_slots:
+            return SlotsReading(ServerState.READY, None, self.props.total_slots, 0, is_sleeping=True)
+        quiet = (last is not None and last.state is ServerState.READY and last.slots_processing == 0
+                 and self.props.total_slots is not None
+                 and time.monotonic() - self._last_slots_at < self.sleep_idle + self.interval)
+        if quiet:
+            return last  # type: ignore[return-value]
+        self._last_slots, self._last_slots_at = self.llamacpp.read_slots(), time.monotonic()
+        return self._last_slots
 
     def build_report(self, reading: SlotsReading) -> AgentReport:
         ready = reading.state is ServerState.READY
@@ -116,6 +138,7 @@ class Agent:
             is_slots_endpoint_enabled=reading.is_slots_endpoint_enabled,
             total_slots=reading.slots_idle + reading.slots_processing if ready else None,
             model=self.props.model, llamacpp_build=self.props.build,
+            is_sleeping=reading.is_sleeping if ready else None,
         )
 
     def _props_stale(self) -> bool:
@@ -169,7 +192,7 @@ def run_agent(options: argparse.Namespace) -> int:
     agent = Agent(
         LlamaCppClient(options.local_llamacpp_addr, options.llamacpp_api_key, options.llamacpp_timeout),
         BalancerClient(options.management_addr, agent_id, options.management_path_prefix, options.management_token),
-        external_address(options), options.monitoring_interval, options.name,
+        external_address(options), options.monitoring_interval, options.name, options.llamacpp_sleep_idle_seconds,
     )
     logger.info("agent %s watches llama.cpp at %s and reports it as %s to %s every %gs", agent_id,
                 options.local_llamacpp_addr, agent.external_addr, options.management_addr,

@@ -32,6 +32,7 @@ class Upstream:
     draining: int = 0
     routable: bool = False
     quarantined_until: float | None = None
+    sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
 
     def is_quarantined(self, now: float) -> bool:
         return self.quarantined_until is not None and now < self.quarantined_until
@@ -108,7 +109,8 @@ class Ledger:
 
     # --- changes from agents ----------------------------------------------------------------------
 
-    def report(self, key: str, addr: str, total: int, processing: int, routable: bool) -> None:
+    def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
+               sleeping: bool = False) -> None:
         upstream = self._upstreams.get(key)
         if upstream is None or upstream.addr != addr:
             upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
@@ -116,6 +118,7 @@ class Ledger:
         upstream.external = max(0, processing - upstream.in_flight)
         upstream.draining = 0
         upstream.routable = routable
+        upstream.sleeping = sleeping
         if routable:
             upstream.quarantined_until = None
         self._capacity_may_have_grown()

@@ -1,6 +1,7 @@
 """Which server gets the next request: a small, swappable choice.
 
-The default sends each request to the server with the most free slots; ties go to the one with
+The default sends each request to the awake server with the most free slots (a sleeping server, whose
+model must be loaded again, only when no awake one has a free slot); ties go to the one with
 fewer requests in flight from this balancer, then to the lowest address, so the order is stable
 and equal servers fill in turn. Benchmarks swap in round robin and least-connections through the
 same ``choose`` seam; routing by model, prompt-cache affinity and context fit will plug in here.
@@ -20,17 +21,17 @@ class Policy(Protocol):
     def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None: ...
 
 
-def preference(upstream: Upstream, now: float) -> tuple[int, int, str]:
-    """Smaller is better: most free slots, then fewest in flight, then the address."""
-    return (-upstream.free(now), upstream.in_flight, upstream.addr)
+def preference(upstream: Upstream, now: float) -> tuple[bool, int, int, str]:
+    """Smaller is better: awake before sleeping (whose first request reloads the model), most free slots,
+    then fewest in flight, then the address."""
+    return (upstream.sleeping, -upstream.free(now), upstream.in_flight, upstream.addr)
 
 
 class MostFreeSlots:
     """Only servers with a free slot qualify: a request never waits inside a busy llama.cpp."""
 
     def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
-        best = min(upstreams, key=lambda u: preference(u, now), default=None)
-        return best if best is not None and best.free(now) > 0 else None
+        return min((u for u in upstreams if u.free(now) > 0), key=lambda u: preference(u, now), default=None)
 
 
 class RoundRobin:

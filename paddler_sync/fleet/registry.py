@@ -73,7 +73,8 @@ class Registry:
 
     def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
         self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
-                           processing=report.slots_processing, routable=report.is_ready)
+                           processing=report.slots_processing, routable=report.is_ready,
+                           sleeping=bool(report.is_sleeping))
 
     def remove(self, agent_id: str, why: str) -> bool:
         if agent_id not in self._agents:

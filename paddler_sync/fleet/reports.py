@@ -48,6 +48,7 @@ class AgentReport:
     total_slots: int | None = None
     model: str | None = None
     llamacpp_build: str | None = None
+    is_sleeping: bool | None = None  # the model is unloaded until a request wakes the server
 
     @property
     def is_ready(self) -> bool:
@@ -89,6 +90,7 @@ def parse_report(raw: bytes) -> AgentReport:
         total_slots=_optional_slot_count(body, "total_slots"),
         model=_text(body, "model", MAX_TEXT),
         llamacpp_build=_text(body, "llamacpp_build", MAX_NAME),
+        is_sleeping=_tristate(body, "is_sleeping"),
     )
     _check_consistent(report)
     return report
@@ -104,6 +106,10 @@ def _check_consistent(r: AgentReport) -> None:
             raise ReportError(400, "contradictory report: state 'ready' with llama.cpp refusing access or slots")
         if r.error:
             raise ReportError(400, "contradictory report: state 'ready' with an error")
+        if r.is_sleeping and r.slots_processing:
+            raise ReportError(400, "contradictory report: a sleeping server with busy slots")
+    elif r.is_sleeping:
+        raise ReportError(400, f"contradictory report: state '{r.state}' cannot be sleeping")
     elif busy:
         raise ReportError(400, f"contradictory report: state '{r.state}' cannot have usable slots")
     if busy > MAX_SLOTS:

@@ -17,7 +17,7 @@ as one Lua script, so it is atomic across workers and hosts:
   in ``PREFIX:waiting`` lives (renewed every 0.2 s): a dead worker's waiters never block the queue.
 
 Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
-``PREFIX:up:KEY`` (addr, total, external, routable, quarantined_until, reported_at); sorted sets
+``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
 ``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
 waiters → mark expiry); sorted set ``PREFIX:queue`` (ticket ``WORKER:N`` → N) and counter
@@ -127,7 +127,7 @@ redis.call('DEL', KEYS[3])
 local in_flight = redis.call('ZCARD', KEYS[2])
 local external = math.max(0, tonumber(ARGV[4]) - in_flight)
 redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'total', ARGV[3], 'external', external, 'routable', ARGV[5],
-           'reported_at', ARGV[6])
+           'reported_at', ARGV[6], 'sleeping', ARGV[9])
 if ARGV[5] == '1' then redis.call('HDEL', KEYS[1], 'quarantined_until') end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
@@ -162,9 +162,9 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   else
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
     redis.call('ZREMRANGEBYSCORE', draining, '-inf', now)
-    local h = redis.call('HMGET', up, 'addr', 'total', 'external', 'routable', 'quarantined_until')
+    local h = redis.call('HMGET', up, 'addr', 'total', 'external', 'routable', 'quarantined_until', 'sleeping')
     table.insert(out, {key, h[1] or '', h[2] or '0', h[3] or '0', h[4] or '0', h[5] or '',
-                       redis.call('ZCARD', leases), redis.call('ZCARD', draining)})
+                       redis.call('ZCARD', leases), redis.call('ZCARD', draining), h[6] or '0'})
   end
 end
 return {out, redis.call('HGETALL', KEYS[2])}
@@ -251,9 +251,9 @@ class SharedState:
             self.call(self._renew, [self.keys_of(key)[1]], [self.lease_ttl_ms, *leases])
 
     def report(self, key: str, addr: str, total: int, processing: int, routable: bool, now: float,
-               record: str) -> list[int]:
+               record: str, sleeping: bool = False) -> list[int]:
         return self.call(self._report, [*self.keys_of(key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"],
-                         [key, addr, total, processing, int(routable), now, record, self.channel])
+                         [key, addr, total, processing, int(routable), now, record, self.channel, int(sleeping)])
 
     def remove(self, key: str, reported_before: float | None = None) -> bool:
         keys = [*self.keys_of(key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"]
@@ -365,14 +365,16 @@ class SharedLedger(Ledger):
         return bool(removed)
 
     def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
-               record: str = "{}") -> None:
+               sleeping: bool = False, record: str = "{}") -> None:
         """As the plain ledger's; ``record`` (the agent's record as JSON) is stored with it, for every balancer."""
-        in_flight, external = self.state.report(key, addr, total, processing, routable, self.clock(), record)
+        in_flight, external = self.state.report(key, addr, total, processing, routable, self.clock(), record,
+                                                sleeping)
         upstream = self._upstreams.get(key)
         if upstream is None or upstream.addr != addr:
             upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
         _mirror_counts(upstream, max(0, total), in_flight, external, 0)
         upstream.routable = routable
+        upstream.sleeping = sleeping
         if routable:
             upstream.quarantined_until = None
         self._capacity_may_have_grown()
@@ -409,13 +411,14 @@ class SharedLedger(Ledger):
         """Replace the mirror with Redis's view (one round trip), then let waiting requests try again."""
         rows, records = self.state.snapshot()
         seen = set()
-        for key, addr, total, external, routable, quarantined_until, in_flight, draining in rows:
+        for key, addr, total, external, routable, quarantined_until, in_flight, draining, sleeping in rows:
             seen.add(key)
             upstream = self._upstreams.get(key)
             if upstream is None or upstream.addr != addr:
                 upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
             _mirror_counts(upstream, int(total), int(in_flight), int(external), int(draining))
             upstream.routable = routable == "1"
+            upstream.sleeping = sleeping == "1"
             upstream.quarantined_until = float(quarantined_until) if quarantined_until else None
         for key in set(self._upstreams) - seen:
             del self._upstreams[key]
@@ -437,7 +440,8 @@ class SharedRegistry(Registry):
                              "first_seen": record.first_seen if record is not None else now,
                              "last_update": now, "reports": record.reports + 1 if record is not None else 1})
         self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
-                           processing=report.slots_processing, routable=report.is_ready, record=stored)
+                           processing=report.slots_processing, routable=report.is_ready,
+                           sleeping=bool(report.is_sleeping), record=stored)
 
     def remove(self, agent_id: str, why: str) -> bool:
         return self._remove(agent_id, why, reported_before=None)

@@ -52,6 +52,8 @@ def with_display_fields(agent: dict[str, Any]) -> dict[str, Any]:
     issues: list[str] = []
     if quarantined:
         issues.append(f"Quarantined until {format_time(quarantined['secs_since_epoch'])}: it refused a connection")
+    if agent.get("is_sleeping"):
+        issues.append("Sleeping: the model is unloaded; it gets requests only when no awake server has a free slot")
     if agent["state"] not in ("ready", "quarantined"):
         issues.append(agent["hint"] or agent["state"])
         if agent["error"]:

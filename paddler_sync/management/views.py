@@ -46,6 +46,7 @@ def agent_json(record: AgentRecord, upstream: Upstream | None, now: float) -> di
         "reported_slots_processing": report.slots_processing,
         "model": report.model,
         "llamacpp_build": report.llamacpp_build,
+        "is_sleeping": bool(report.is_sleeping),
         "monitoring_interval": report.monitoring_interval,
         "first_seen": system_time(record.first_seen),
     }
@@ -63,6 +64,7 @@ def health_json(balancer: Balancer) -> dict[str, Any]:
         "status": "shutting_down" if balancer.shutting_down else "ok",
         "agents": len(agents),
         "agents_ready": sum(1 for a in agents if a["state"] == ServerState.READY.value),
+        "agents_sleeping": sum(1 for a in agents if a["is_sleeping"]),
         "slots_total": sum(a["total_slots"] for a in agents),
         "slots_idle": sum(a["slots_idle"] for a in agents),
         "slots_processing": sum(a["slots_processing"] for a in agents),

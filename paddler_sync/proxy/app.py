@@ -205,11 +205,14 @@ class Relay:
         self.response_status = response.status
 
     def __iter__(self) -> Iterator[bytes]:
+        connection = self.response.connection
+        upstream_sock = connection.sock if connection is not None else None
         try:
             for chunk in self.response.stream(None, decode_content=False):
                 if self.first_byte is None:
                     self.first_byte = time.monotonic()
                 self.sent += len(chunk)
+                up.ack_at_once(upstream_sock)  # or llama.cpp b4748 holds its next event up to 40 ms
                 yield chunk
             self.ending = "done"
         except (urllib3.exceptions.HTTPError, OSError) as exc:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,16 @@ import gevent
 
 from paddler_sync.simulator import payloads
 from paddler_sync.simulator.engine import Engine, Slot
+from paddler_sync.simulator.formats import (
+    Completion,
+    Format,
+    MessagesFormat,
+    NativeFormat,
+    OpenAIFormat,
+    Outcome,
+    ResponsesFormat,
+    random_id,
+)
 from paddler_sync.simulator.payloads import dumps, error_body
 from paddler_sync.simulator.tokens import BOS_PIECE, TextGenerator, detokenize, split_pieces, tokenize
 from paddler_sync.sockets import peer_has_closed
@@ -51,32 +60,6 @@ class HttpError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass
-class Completion:
-    """One generation request, after parsing: what to run and how to answer."""
-
-    tokens: list[int]
-    prompt_text: str
-    n_predict: int
-    stream: bool
-    params: dict[str, Any]
-    model: str
-    truncated: bool = False
-
-
-@dataclass
-class Outcome:
-    """What a finished generation reports in its final event."""
-
-    slot_id: int = -1
-    n_prompt: int = 0
-    n_cached: int = 0
-    prompt_seconds: float = 0.0
-    n_decoded: int = 0
-    decode_seconds: float = 0.0
-    content: str = ""
 
 
 class SimulatorApp:
@@ -113,8 +96,23 @@ class SimulatorApp:
             ("POST", "/v1/reranking"): self.rerank,
             ("GET", "/simulator/stats"): self.simulator_stats,
         }
-        if config.dialect == "modern":
-            self.routes[("GET", "/v1/health")] = self.health
+        if self.modern:
+            self.routes.update({
+                ("GET", "/v1/health"): self.health,
+                ("POST", "/responses"): self.responses,
+                ("POST", "/v1/responses"): self.responses,
+                ("POST", "/v1/messages"): self.messages,
+                ("POST", "/v1/messages/count_tokens"): self.count_tokens,
+                ("POST", "/v1/chat/completions/input_tokens"): self.input_tokens,
+                ("POST", "/chat/completions/input_tokens"): self.input_tokens,
+                ("POST", "/v1/responses/input_tokens"): self.input_tokens,
+                ("POST", "/responses/input_tokens"): self.input_tokens,
+            })
+
+    @property
+    def modern(self) -> bool:
+        """The 2026 builds (tests/captures/2026): leaner /slots, new endpoints, errors that close the connection."""
+        return self.config.dialect == "modern"
 
     # --- WSGI --------------------------------------------------------------------------------------
 
@@ -135,7 +133,10 @@ class SimulatorApp:
                 raise HttpError(404, "File Not Found")
             return handler(Request(environ, origin, start_response))
         except HttpError as exc:
-            return self._send_json(start_response, origin, exc.code, error_body(exc.code, exc.message))
+            if self.modern:  # 2026 builds close the connection after an error
+                start_response = closing(start_response)
+            body = error_body(exc.code, exc.message, self.modern and exc.code in (401, 404))
+            return self._send_json(start_response, origin, exc.code, body)
 
     def _authorized(self, environ: dict[str, Any]) -> bool:
         return environ.get("HTTP_AUTHORIZATION", "") == f"Bearer {self.config.api_key}"
@@ -200,7 +201,8 @@ class SimulatorApp:
         return [body]
 
     def models(self, req: Request) -> list[bytes]:
-        return req.json(payloads.models_json(self.config.model, int(self.started), self.config.n_ctx))
+        return req.json(payloads.models_json(self.config.model, int(self.started), self.config.n_ctx,
+                                             self.engine.slots[0].n_ctx, self.config.dialect))
 
     def index(self, req: Request) -> list[bytes]:
         page = b"<!doctype html><title>llama.cpp - simulated</title><p>paddler_sync llama.cpp simulator</p>"
@@ -251,7 +253,7 @@ class SimulatorApp:
         body = req.body_json()
         job = self._parse_completion(body, prompt=body.get("prompt", ""), n_predict_keys=("n_predict",),
                                      model=body.get("model", "gpt-3.5-turbo"))
-        return self._respond(req, job, NativeFormat(job, self.config))
+        return self._respond(req, job, NativeFormat(job, self.modern, self.config.stamp_events))
 
     def oai_completion(self, req: Request) -> Any:
         self._refuse_on_embeddings_server()
@@ -259,7 +261,7 @@ class SimulatorApp:
         job = self._parse_completion(body, prompt=body.get("prompt", ""),
                                      n_predict_keys=("max_tokens", "n_predict"),
                                      model=body.get("model", "gpt-3.5-turbo"))
-        return self._respond(req, job, OpenAIFormat(job, self.config, self._completion_id(), chat=False))
+        return self._respond(req, job, self._openai(job, chat=False))
 
     def chat_completion(self, req: Request) -> Any:
         self._refuse_on_embeddings_server()
@@ -267,14 +269,44 @@ class SimulatorApp:
         prompt = chatml(messages_of(body), add_generation_prompt=True)
         job = self._parse_completion(body, prompt=prompt, n_predict_keys=("max_tokens", "n_predict"),
                                      model=body.get("model", "gpt-3.5-turbo"))
-        return self._respond(req, job, OpenAIFormat(job, self.config, self._completion_id(), chat=True))
+        return self._respond(req, job, self._openai(job, chat=True))
+
+    def _openai(self, job: Completion, chat: bool) -> OpenAIFormat:
+        return OpenAIFormat(job, self.modern, self.config.stamp_events, self._completion_id(),
+                            self.config.build_info, chat)
+
+    def responses(self, req: Request) -> Any:
+        """OpenAI Responses (2026 builds): ``input`` is text or a list of messages."""
+        self._refuse_on_embeddings_server()
+        body = req.body_json()
+        job = self._parse_completion(body, prompt=chatml(responses_input(body)),
+                                     n_predict_keys=("max_output_tokens",), model=body.get("model", self.config.model))
+        return self._respond(req, job, ResponsesFormat(job, self.config.stamp_events, self._ids))
+
+    def messages(self, req: Request) -> Any:
+        """Anthropic Messages (2026 builds)."""
+        self._refuse_on_embeddings_server()
+        body = req.body_json()
+        job = self._parse_completion(body, prompt=chatml(anthropic_messages(body)), n_predict_keys=("max_tokens",),
+                                     model=body.get("model", self.config.model))
+        return self._respond(req, job, MessagesFormat(job, self.config.stamp_events, self._ids))
+
+    def count_tokens(self, req: Request) -> list[bytes]:
+        """Answered by the HTTP thread, no slot: the chat prompt's length."""
+        return req.json({"input_tokens": len(tokenize(chatml(anthropic_messages(req.body_json())), add_bos=True))})
+
+    def input_tokens(self, req: Request) -> list[bytes]:
+        body = req.body_json()
+        messages = messages_of(body) if "messages" in body else responses_input(body)
+        return req.json({"input_tokens": len(tokenize(chatml(messages), add_bos=True)),
+                         "object": "response.input_tokens"})
 
     def _refuse_on_embeddings_server(self) -> None:
         if self.config.embeddings:
             raise HttpError(501, "This server does not support completions. Start it without `--embeddings`")
 
     def _completion_id(self) -> str:
-        return "chatcmpl-" + "".join(self._ids.choices(string.ascii_letters + string.digits, k=32))
+        return random_id(self._ids, "chatcmpl-")
 
     def _parse_completion(self, body: dict[str, Any], prompt: Any, n_predict_keys: tuple[str, ...],
                           model: str) -> Completion:
@@ -294,16 +326,19 @@ class SimulatorApp:
         n_predict = max(0, min(n_predict, n_ctx - len(tokens)))
         stream = bool(body.get("stream", False))
         stop = body.get("stop") if isinstance(body.get("stop"), list) else []
+        options = body.get("stream_options")
         return Completion(tokens=tokens, prompt_text=detokenize(tokens), n_predict=n_predict, stream=stream,
-                          params=payloads.request_params(n_predict, stream, stop), model=str(model),
-                          truncated=truncated)
+                          params=payloads.request_params(n_predict, stream, stop, self.config.dialect),
+                          model=str(model), truncated=truncated,
+                          include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
 
     def _respond(self, req: Request, job: Completion, fmt: Format) -> Any:
         if job.stream:
-            write = req.start_response("200 OK", [
-                ("Keep-Alive", "timeout=5, max=100"), ("Content-Type", "text/event-stream"),
-                ("Server", "llama.cpp"), ("Access-Control-Allow-Origin", req.origin),
-            ])
+            headers = [("Keep-Alive", "timeout=5, max=100"), ("Content-Type", "text/event-stream"),
+                       ("Server", "llama.cpp"), ("Access-Control-Allow-Origin", req.origin)]
+            if self.modern:
+                headers.append(("X-Accel-Buffering", "no"))
+            write = req.start_response("200 OK", headers)
             write(b"")  # headers leave now, as llama.cpp's do, even if the task then waits for a slot
             return self._stream(job, fmt)
         outcome = Outcome()
@@ -315,11 +350,10 @@ class SimulatorApp:
 
     def _stream(self, job: Completion, fmt: Format) -> Iterator[bytes]:
         outcome = Outcome()
+        yield from fmt.stream_start()
         for token, piece in self._generate(job, outcome):
-            yield sse(fmt.partial(token, piece, outcome.n_decoded), self.config.stamp_events)
-        yield sse(fmt.final(outcome, stream=True), self.config.stamp_events)
-        if fmt.done_marker:
-            yield b"data: [DONE]\n\n"
+            yield fmt.stream_token(token, piece, outcome)
+        yield from fmt.stream_end(outcome)
 
     def _generate(self, job: Completion, outcome: Outcome,
                   client_gone: Callable[[], bool] | None = None) -> Iterator[tuple[int, str]]:
@@ -428,78 +462,6 @@ class Request:
         return sock is not None and peer_has_closed(sock)
 
 
-# --- answer formats ------------------------------------------------------------------------------
-
-
-class NativeFormat:
-    """/completion: partial events with id_slot -1; the last one carries everything; no [DONE]."""
-
-    done_marker = False
-
-    def __init__(self, job: Completion, config: SimulatorConfig) -> None:
-        self.job = job
-
-    def partial(self, token: int, piece: str, n_decoded: int) -> dict[str, Any]:
-        return {"index": 0, "content": piece, "tokens": [token], "stop": False, "id_slot": -1,
-                "tokens_predicted": n_decoded, "tokens_evaluated": len(self.job.tokens)}
-
-    def final(self, o: Outcome, stream: bool = False) -> dict[str, Any]:
-        return {
-            "index": 0, "content": "" if stream else o.content, "tokens": [], "id_slot": o.slot_id, "stop": True,
-            "model": self.job.model, "tokens_predicted": o.n_decoded, "tokens_evaluated": o.n_prompt,
-            "generation_settings": self.job.params, "prompt": self.job.prompt_text, "has_new_line": False,
-            "truncated": self.job.truncated, "stop_type": "limit", "stopping_word": "",
-            "tokens_cached": max(0, o.n_prompt + o.n_decoded - 1),
-            "timings": payloads.timings_json(o.n_prompt - o.n_cached, o.prompt_seconds, o.n_decoded,
-                                             o.decode_seconds),
-        }
-
-
-class OpenAIFormat:
-    """/v1/completions and /v1/chat/completions: OpenAI chunks, usage always on the last, then [DONE]."""
-
-    done_marker = True
-
-    def __init__(self, job: Completion, config: SimulatorConfig, completion_id: str, chat: bool) -> None:
-        self.job = job
-        self.chat = chat
-        self.id = completion_id
-        self.fingerprint = config.build_info
-        self.created = int(time.time())
-
-    def partial(self, token: int, piece: str, n_decoded: int) -> dict[str, Any]:
-        if self.chat:
-            return {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": piece}}],
-                    "created": self.created, "id": self.id, "model": self.job.model,
-                    "system_fingerprint": self.fingerprint, "object": "chat.completion.chunk"}
-        return {"choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}],
-                "created": self.created, "model": self.job.model, "system_fingerprint": self.fingerprint,
-                "object": "text_completion", "id": self.id}
-
-    def final(self, o: Outcome, stream: bool = False) -> dict[str, Any]:
-        usage = {"completion_tokens": o.n_decoded, "prompt_tokens": o.n_prompt,
-                 "total_tokens": o.n_prompt + o.n_decoded}
-        timings = payloads.timings_json(o.n_prompt - o.n_cached, o.prompt_seconds, o.n_decoded, o.decode_seconds)
-        if self.chat and stream:
-            return {"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], "created": self.created,
-                    "id": self.id, "model": self.job.model, "system_fingerprint": self.fingerprint,
-                    "object": "chat.completion.chunk", "usage": usage, "timings": timings}
-        if self.chat:
-            choice = {"finish_reason": "length", "index": 0,
-                      "message": {"role": "assistant", "content": o.content}}
-            kind = "chat.completion"
-        else:
-            choice = {"text": "" if stream else o.content, "index": 0, "logprobs": None,
-                      "finish_reason": "length"}
-            kind = "text_completion"
-        return {"choices": [choice], "created": self.created, "model": self.job.model,
-                "system_fingerprint": self.fingerprint, "object": kind, "usage": usage, "id": self.id,
-                "timings": timings}
-
-
-Format = NativeFormat | OpenAIFormat
-
-
 # --- helpers -------------------------------------------------------------------------------------
 
 STATUS = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 404: "404 Not Found",
@@ -515,15 +477,10 @@ def closing(start_response: StartResponse) -> StartResponse:
     """Say ``Connection: close`` when the client asked to close, as llama.cpp's HTTP server does."""
 
     def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-        return start_response(status, [*headers, ("Connection", "close")], exc_info)
+        kept = [(k, v) for k, v in headers if k != "Keep-Alive"]  # one or the other, as cpp-httplib says
+        return start_response(status, [*kept, ("Connection", "close")], exc_info)
 
     return start
-
-
-def sse(event: dict[str, Any], stamp: bool) -> bytes:
-    if stamp:
-        event["stamp_ns"] = time.monotonic_ns()
-    return b"data: " + dumps(event) + b"\n\n"
 
 
 def start_task(slot: Slot, task_id: int, job: Completion) -> None:
@@ -542,6 +499,31 @@ def truncate_prompt(tokens: list[int], n_ctx: int) -> tuple[list[int], bool]:
     block = max(1, n_ctx // 2)
     erased = (len(tokens) - block) // block
     return tokens[erased * block:], True
+
+
+def responses_input(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI Responses' ``input``: a string (one user message) or a list of messages."""
+    given = body.get("input")
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    if isinstance(given, list) and given and all(isinstance(m, dict) for m in given):
+        return given
+    raise HttpError(400, "'input' is required")
+
+
+def anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Anthropic's ``system`` and ``messages`` (content as text or text blocks) as chat messages."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise HttpError(500, "'messages' is required")  # sic: the 2026 build answers 500 here
+    system = body.get("system")
+    out = [{"role": "system", "content": system}] if isinstance(system, str) else []
+    for message in messages:
+        content = message.get("content", "")
+        if isinstance(content, list):
+            content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
+        out.append({"role": message.get("role", "user"), "content": content})
+    return out
 
 
 def messages_of(body: dict[str, Any]) -> list[dict[str, str]]:

@@ -132,3 +132,83 @@ def test_a_sleeping_server_gets_requests_only_when_no_awake_server_has_a_free_sl
     second = ledger.reserve()
     assert second is not None and second.upstream.key == "sleepy"
     assert ledger.pick_without_slot().upstream.key == "awake"
+
+
+class LateReportsMachine(RuleBasedStateMachine):
+    """One llama.cpp server with other clients' load too, and reports that arrive after requests moved on.
+
+    The agent reads /slots (the truth at that moment) and its report lands later, after any number of
+    takes, releases and changes of other clients' load. Whatever the interleaving, a report leaves the
+    ledger's external load equal to what it truly was when /slots was read: a request of ours that ended
+    (or started) meanwhile is not mistaken for someone else's. So while no other load changed since the
+    last reading, a slot is taken only where one is truly free (no request queues inside llama.cpp), and
+    none stays hidden."""
+
+    TOTAL = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.ledger = Ledger(clock=self.clock)
+        self.external = 0  # the truth: busy slots that are not this balancer's
+        self.held: list[Reservation] = []
+        self.reading: tuple[float, int, int] | None = None  # (when read, busy then, external then): in transit
+        self.known_external: int | None = 0  # what the last report taught, while still true
+        self.ledger.report("s", "10.0.0.1:1", self.TOTAL, 0, True)
+
+    def tick(self) -> None:
+        self.clock.now += 0.001
+
+    @rule()
+    def take(self) -> None:
+        self.tick()
+        truly_free = self.TOTAL - len(self.held) - self.external
+        reservation = self.ledger.reserve()
+        if self.known_external == self.external:
+            assert (reservation is not None) == (truly_free > 0)
+        if reservation is not None:
+            self.held.append(reservation)
+
+    @precondition(lambda self: self.held)
+    @rule(index=st.integers(0, 10))
+    def release(self, index: int) -> None:
+        self.tick()
+        self.ledger.release(self.held.pop(index % len(self.held)))
+
+    @rule(delta=st.integers(-2, 2))
+    def other_clients_load_changes(self, delta: int) -> None:
+        self.tick()
+        room = self.TOTAL - len(self.held) - self.external
+        self.external = max(0, self.external + min(delta, room))
+
+    @rule()
+    def agent_reads_slots(self) -> None:
+        self.tick()
+        self.reading = (self.clock.now, len(self.held) + self.external, self.external)
+
+    @precondition(lambda self: self.reading is not None)
+    @rule()
+    def report_arrives(self) -> None:
+        self.tick()
+        read_at, busy, external_then = self.reading
+        self.reading = None
+        self.ledger.report("s", "10.0.0.1:1", self.TOTAL, busy, True, sampled_at=read_at)
+        assert self.ledger.get("s").external == external_then
+        self.known_external = external_then
+
+
+LateReportsMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+TestLateReports = LateReportsMachine.TestCase
+
+
+def test_a_request_that_ended_before_the_report_arrived_frees_its_slot_at_once() -> None:
+    clock = Clock()
+    ledger = Ledger(clock=clock)
+    ledger.report("s", "10.0.0.1:1", 2, 0, True)
+    first, _second = ledger.reserve(), ledger.reserve()
+    read_at = clock.now  # the agent reads /slots: both busy
+    clock.now += 0.004
+    ledger.release(first)  # one ends while the report travels
+    clock.now += 0.004
+    ledger.report("s", "10.0.0.1:1", 2, 2, True, sampled_at=read_at)
+    assert ledger.free_slots() == 1  # not hidden as "external" load until the next report

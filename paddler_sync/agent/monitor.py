@@ -85,6 +85,7 @@ class Agent:
         self._last_state_changed = True
         self._last_slots: SlotsReading | None = None
         self._last_slots_at = float("-inf")
+        self._read_at = time.monotonic()  # when the reading being reported came back from /slots
 
     def run(self, stop: Event) -> None:
         """Tick on a fixed cadence (no drift); a slow tick skips the beats it overran."""
@@ -101,7 +102,10 @@ class Agent:
             stop.wait(due - now)
 
     def tick(self) -> AgentReport:
-        reading = self._read_slots_letting_it_sleep() if self.sleep_idle else self.llamacpp.read_slots()
+        if self.sleep_idle:
+            reading = self._read_slots_letting_it_sleep()
+        else:
+            reading, self._read_at = self.llamacpp.read_slots(), time.monotonic()
         self._note_state(reading)
         if reading.state is ServerState.READY and self._props_stale():
             self.props = self.llamacpp.read_props()
@@ -120,13 +124,16 @@ class Agent:
         self._props_read_at = time.monotonic()
         last = self._last_slots
         if self.props.is_sleeping and self.props.total_slots:
+            self._read_at = time.monotonic()
             return SlotsReading(ServerState.READY, None, self.props.total_slots, 0, is_sleeping=True)
         quiet = (last is not None and last.state is ServerState.READY and last.slots_processing == 0
                  and self.props.total_slots is not None
                  and time.monotonic() - self._last_slots_at < self.sleep_idle + self.interval)
         if quiet:
+            self._read_at = self._last_slots_at
             return last  # type: ignore[return-value]
-        self._last_slots, self._last_slots_at = self.llamacpp.read_slots(), time.monotonic()
+        self._last_slots = self.llamacpp.read_slots()
+        self._last_slots_at = self._read_at = time.monotonic()
         return self._last_slots
 
     def build_report(self, reading: SlotsReading) -> AgentReport:
@@ -139,6 +146,7 @@ class Agent:
             total_slots=reading.slots_idle + reading.slots_processing if ready else None,
             model=self.props.model, llamacpp_build=self.props.build,
             is_sleeping=reading.is_sleeping if ready else None,
+            slots_sample_age=round(time.monotonic() - self._read_at, 6) if ready else None,
         )
 
     def _props_stale(self) -> bool:

@@ -4,8 +4,13 @@ A slot is taken in :meth:`Ledger.reserve` and given back in :meth:`Ledger.releas
 changes ``in_flight``. Agent reports (:meth:`Ledger.report`) bring the load this balancer did not
 send (another client, another balancer, a request llama.cpp still runs after its client left):
 
-    external = max(0, reported_processing - in_flight)     on each report
+    external = max(0, reported_processing - in_flight_when_sampled)     on each report
     free     = max(0, total - in_flight - external - draining)
+
+``in_flight_when_sampled`` is ``in_flight`` less the slots taken and plus the slots given back since the
+agent read /slots (each server keeps its recent moves): a request that ended between that reading and
+the report's arrival is no "external" load, and counting it so would hide a free slot for a whole
+reporting interval (measured: a quarter of the slots idle under short requests).
 
 The ledger does no I/O and never yields to the gevent hub, so each method is atomic without locks
 and property tests drive it directly. Reservations hold the record they were taken from, so a
@@ -15,11 +20,14 @@ release after the server was removed (or removed and registered again) changes n
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from paddler_sync.fleet.policy import MostFreeSlots, Policy, preference
+
+MOVES_KEPT = 1024  # a server's recent takes and releases: seconds of them at any realistic rate
 
 
 @dataclass(eq=False)
@@ -33,6 +41,11 @@ class Upstream:
     routable: bool = False
     quarantined_until: float | None = None
     sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
+    moves: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=MOVES_KEPT), repr=False)
+
+    def moved_since(self, since: float) -> int:
+        """Slots this balancer took (+1) and gave back (-1) here after ``since``."""
+        return sum(step for at, step in reversed(self.moves) if at > since) if self.moves else 0
 
     def is_quarantined(self, now: float) -> bool:
         return self.quarantined_until is not None and now < self.quarantined_until
@@ -110,11 +123,13 @@ class Ledger:
     # --- changes from agents ----------------------------------------------------------------------
 
     def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
-               sleeping: bool = False) -> None:
+               sleeping: bool = False, sampled_at: float | None = None) -> None:
+        """``sampled_at``: when the agent read /slots, on this ledger's clock (None: just now)."""
         upstream = self._upstreams.get(key)
         if upstream is None or upstream.addr != addr:
             upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
         upstream.total = max(0, total)
+        processing = as_of_now(upstream, processing, sampled_at)
         upstream.external = max(0, processing - upstream.in_flight)
         upstream.draining = 0
         upstream.routable = routable
@@ -152,6 +167,7 @@ class Ledger:
         if upstream is None:
             return None
         upstream.in_flight += 1
+        upstream.moves.append((self.clock(), 1))
         return Reservation(upstream)
 
     def pick_without_slot(self) -> Reservation | None:
@@ -172,8 +188,10 @@ class Ledger:
         if not reservation.uses_slot or self._upstreams.get(upstream.key) is not upstream:
             return False
         upstream.in_flight -= 1
-        if draining:
+        if draining:  # still running in llama.cpp: the next reading shows it, and must count it as external
             upstream.draining += 1
+        else:
+            upstream.moves.append((self.clock(), -1))
         self._capacity_may_have_grown()
         return True
 
@@ -186,3 +204,8 @@ class Ledger:
     def _capacity_may_have_grown(self) -> None:
         for listener in self._capacity_listeners:
             listener()
+
+
+def as_of_now(upstream: Upstream, processing: int, sampled_at: float | None) -> int:
+    """The busy slots a reading showed, moved on to now by what this balancer did since it was taken."""
+    return processing if sampled_at is None else processing + upstream.moved_since(sampled_at)

@@ -74,7 +74,7 @@ class Registry:
     def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
         self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
                            processing=report.slots_processing, routable=report.is_ready,
-                           sleeping=bool(report.is_sleeping))
+                           sleeping=bool(report.is_sleeping), sampled_at=sampled_at(report, now))
 
     def remove(self, agent_id: str, why: str) -> bool:
         if agent_id not in self._agents:
@@ -110,6 +110,11 @@ class Registry:
                 raise ReportError(409, f"llama.cpp at {report.external_llamacpp_addr} is already reported by agent "
                                        f"{other.agent_id}: run one agent per llama.cpp server")
             self.remove(other.agent_id, f"replaced by agent {agent_id} after {silent_for:.1f}s of silence")
+
+
+def sampled_at(report: AgentReport, now: float) -> float | None:
+    """When the agent read /slots, on the balancer's clock (the report's transit, a millisecond or so, aside)."""
+    return None if report.slots_sample_age is None else now - report.slots_sample_age
 
 
 def _named(report: AgentReport) -> str:

@@ -49,6 +49,7 @@ class AgentReport:
     model: str | None = None
     llamacpp_build: str | None = None
     is_sleeping: bool | None = None  # the model is unloaded until a request wakes the server
+    slots_sample_age: float | None = None  # seconds from the agent's /slots reading to sending this report
 
     @property
     def is_ready(self) -> bool:
@@ -91,6 +92,7 @@ def parse_report(raw: bytes) -> AgentReport:
         model=_text(body, "model", MAX_TEXT),
         llamacpp_build=_text(body, "llamacpp_build", MAX_NAME),
         is_sleeping=_tristate(body, "is_sleeping"),
+        slots_sample_age=_sample_age(body.get("slots_sample_age")),
     )
     _check_consistent(report)
     return report
@@ -132,6 +134,14 @@ def _interval(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not MIN_INTERVAL <= value <= MAX_INTERVAL:
         raise ReportError(400, f"monitoring_interval must be a number of seconds from {MIN_INTERVAL} "
                                f"to {MAX_INTERVAL:g}")
+    return float(value)
+
+
+def _sample_age(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_INTERVAL:
+        raise ReportError(400, f"slots_sample_age must be a number of seconds from 0 to {MAX_INTERVAL:g}")
     return float(value)
 
 

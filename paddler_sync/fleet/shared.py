@@ -47,9 +47,9 @@ import redis
 from gevent.event import Event
 
 from paddler_sync.fleet.buffer import StateUnavailable, TicketLost
-from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket, Upstream
+from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket, Upstream, as_of_now
 from paddler_sync.fleet.policy import Policy
-from paddler_sync.fleet.registry import AgentRecord, Registry
+from paddler_sync.fleet.registry import AgentRecord, Registry, sampled_at
 from paddler_sync.fleet.reports import AgentReport
 
 logger = logging.getLogger("paddler_sync.shared")
@@ -308,6 +308,7 @@ class SharedLedger(Ledger):
             if outcome == 1:
                 self.leases[lease] = upstream.key
                 _mirror_counts(upstream, total, in_flight, external, draining)
+                upstream.moves.append((now, 1))
                 return Reservation(upstream, lease=lease)
             if outcome == -1:
                 self._upstreams.pop(upstream.key, None)
@@ -356,6 +357,8 @@ class SharedLedger(Ledger):
         mirrored = self._upstreams.get(key)
         if mirrored is reservation.upstream and mirrored.in_flight > 0:
             mirrored.in_flight -= 1
+        if not draining:
+            reservation.upstream.moves.append((self.clock(), -1))
         try:
             removed = self.state.release(key, reservation.lease, draining)
         except StateUnavailable:
@@ -365,13 +368,16 @@ class SharedLedger(Ledger):
         return bool(removed)
 
     def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
-               sleeping: bool = False, record: str = "{}") -> None:
-        """As the plain ledger's; ``record`` (the agent's record as JSON) is stored with it, for every balancer."""
-        in_flight, external = self.state.report(key, addr, total, processing, routable, self.clock(), record,
-                                                sleeping)
+               sleeping: bool = False, sampled_at: float | None = None, record: str = "{}") -> None:
+        """As the plain ledger's; ``record`` (the agent's record as JSON) is stored with it, for every balancer.
+        The reading is moved on by this worker's own takes and releases since it (other workers' are not known
+        here: one of theirs that ended meanwhile may hide a slot until the next report)."""
         upstream = self._upstreams.get(key)
         if upstream is None or upstream.addr != addr:
             upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
+        processing = max(0, as_of_now(upstream, processing, sampled_at))
+        in_flight, external = self.state.report(key, addr, total, processing, routable, self.clock(), record,
+                                                sleeping)
         _mirror_counts(upstream, max(0, total), in_flight, external, 0)
         upstream.routable = routable
         upstream.sleeping = sleeping
@@ -441,7 +447,7 @@ class SharedRegistry(Registry):
                              "last_update": now, "reports": record.reports + 1 if record is not None else 1})
         self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
                            processing=report.slots_processing, routable=report.is_ready,
-                           sleeping=bool(report.is_sleeping), record=stored)
+                           sleeping=bool(report.is_sleeping), sampled_at=sampled_at(report, now), record=stored)
 
     def remove(self, agent_id: str, why: str) -> bool:
         return self._remove(agent_id, why, reported_before=None)

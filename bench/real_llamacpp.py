@@ -139,6 +139,8 @@ def real_llamacpp(reps: int, seconds: float) -> dict[str, Any]:
         options = ("--log-level", "warning", "--max-buffered-requests", "1024", "--buffered-request-timeout", "120")
         contenders = {
             "paddler_sync": harness.paddler(servers, *options),
+            "paddler_sync_early_5ms": harness.paddler(servers, *options, "--early-dispatch", "5ms",
+                                                      name="paddler_sync_early"),
             "least_connections": harness.naive(servers),
             "round_robin": harness.paddler(servers, *options, "--policy", "round-robin", name="round_robin"),
         }

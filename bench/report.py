@@ -196,6 +196,26 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     return made
 
 
+def real_table(real: dict[str, Any]) -> list[str]:
+    rows = ["| scenario | contender | tokens/s | vs least-conn. | p50 ms | p99 ms | slots used per decode (of 4) | "
+            "samples with a request deferred in llama.cpp | most deferred at once | balancer CPU s/s | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for scenario, cells in real["scenarios"].items():
+        base = cells["least_connections"]["tokens_per_s"]
+        for name, c in cells.items():
+            if name == "runs":
+                continue
+            rows.append(f"| {scenario} | {name} | {c['tokens_per_s']:,.0f} | {c['tokens_per_s'] / base:.2f}× | "
+                        f"{c['p50_ms']:,.0f} | {c['p99_ms']:,.0f} | {c['occupancy']:.2f} | "
+                        f"{100 * c['deferred_share']:.0f} % | {c['deferred_max']:.0f} | {c['cpu_s_per_s']:.2f} | "
+                        f"{c['errors']:.0f} |")
+    rows += ["", "Every run (tokens/s, in run order):", ""]
+    rows += [f"- {scenario}: " + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in runs)}"
+                                           for name, runs in cells["runs"].items())
+             for scenario, cells in real["scenarios"].items()]
+    return rows
+
+
 def write_report(results: dict[str, Any], folder: Path) -> None:
     m = results["machine"]
     out = ["# Benchmark results", "",
@@ -247,6 +267,21 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                 "worker (what the round trips cost) and the Redis ledger with two workers (what a second core "
                 "buys on this 2-core machine, which also runs wrk, Redis and the simulators). Redis CPU is "
                 "redis-server's own per request.", "", *shared_table(results["shared"]), ""]
+    if "real" in results and "scenarios" in results["real"]:
+        r = results["real"]
+        out += ["## 5. Real llama-servers: throughput against least-connections and round robin", "",
+                f"Two real `llama-server` ({r['build']}) with `-np 4 -t 1 --threads-http 80`, the random-weight "
+                "models of ../shared/llamacpp/make_models.py (tiny: ~2,000 tokens/s for one stream; slow: ~115); "
+                "closed-loop clients (bench/closed_loop_client.py) send non-streaming `/completion` with n_predict 64 "
+                f"and `ignore_eos`, {r['seconds']:g} s per run, {r['reps']} interleaved runs, medians. "
+                "least_connections is the naive gevent proxy of section 1 (slot-blind: llama.cpp queues the excess); "
+                "round_robin is paddler_sync with `--policy round-robin`; paddler_sync runs with "
+                "`--max-buffered-requests 1024` so 64 clients can wait; paddler_sync_early_5ms adds "
+                "`--early-dispatch 5ms` (one request per server handed over 5 ms before a running one is "
+                "foreseen to end). Every 250 ms each server's /metrics is read: "
+                "`requests_deferred` (requests queued inside llama.cpp) and, from `n_decode_total` and "
+                "`n_busy_slots_per_decode`, how many of the 4 slots each decode step used. Everything, the llama "
+                "servers included, shares 2 cores, so runs vary by ±20 %.", "", *real_table(r), ""]
     out += LIMITS
     for name in plots(results, folder):
         if f"({name})" not in "\n".join(out):

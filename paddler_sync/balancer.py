@@ -58,7 +58,7 @@ class Balancer:
         """The ledger and registry, in this process or mirrored from Redis; nothing else cares which."""
         options = self.options
         if options.state_backend == "local":
-            ledger = Ledger(policy)
+            ledger = Ledger(policy, early_lead=options.early_dispatch)
             return ledger, Registry(ledger, options.agent_missed_reports, options.max_agents)
         state = SharedState(options.state_backend, options.state_prefix, options.lease_ttl)
         shared_ledger = SharedLedger(state, policy)

@@ -264,6 +264,12 @@ SETTINGS: tuple[Setting, ...] = (
             "llama.cpp closes kept-alive connections after 5 s idle (sooner when its HTTP threads run out), and a "
             "request written on a connection it just closed is sent again on a fresh one: keep this below 5 s.",
             B, positive_duration, 2.0, metavar="SECONDS"),
+    Setting("early-dispatch", "Hand a waiting request to a full llama.cpp server this long (e.g. 10ms) "
+            "before one of its requests is expected to end (from the request's n_predict / max_tokens and the "
+            "server's measured time per token), so llama.cpp starts it in the very step the slot frees instead of "
+            "after a round trip through the balancer. At most one request per server waits inside llama.cpp "
+            "this way. 0: never (no request ever waits inside llama.cpp). In-process ledger only.", B,
+            duration, 0.0, metavar="DURATION"),
     Setting("policy", "How to pick a server: slots (most free slots; requests wait in the balancer when none is "
             "free), or the slot-blind round-robin and least-connections, kept for comparison benchmarks.", B,
             choice("slots", "round-robin", "least-connections"), "slots"),

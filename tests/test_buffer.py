@@ -123,3 +123,37 @@ def test_a_killed_waiter_takes_nothing_and_a_served_one_owns_its_slot() -> None:
     assert ledger.in_flight() == 1
     ledger.release(reservation)
     assert ledger.in_flight() == 0 and ledger.free_slots() == 1
+
+
+def test_early_hand_over_sends_one_waiter_just_before_a_slot_is_due_to_free() -> None:
+    """--early-dispatch: one request more per server, a moment before a running one should end; never two."""
+    ledger = Ledger(early_lead=0.05)
+    buffer = RequestBuffer(ledger, 10, 5.0)
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    running, _ = buffer.acquire()
+    ledger.expect_end(running, ledger.clock() + 0.3)
+    results: list = []
+    waiters = [gevent.spawn(lambda: results.append(buffer.acquire())) for _ in range(2)]
+    gevent.sleep(0.1)
+    assert buffer.waiting == 2 and not results  # not due yet: nothing is sent to the full server
+    gevent.sleep(0.25)  # 0.05 s before the running request's end: the oldest waiter goes
+    assert len(results) == 1 and results[0][0].early and buffer.waiting == 1
+    assert ledger.get("a").overbooked == 1
+    ledger.expect_end(results[0][0], ledger.clock() + 0.3)
+    gevent.sleep(0.1)
+    assert buffer.waiting == 1  # at most one request waits inside llama.cpp per server
+    ledger.release(running)  # its slot frees: the early one runs in it; the second waits for a free slot
+    assert ledger.get("a").overbooked == 0 and ledger.free_slots() == 0 and buffer.waiting == 1
+    ledger.release(results[0][0])
+    gevent.joinall(waiters, timeout=2, raise_error=True)
+    assert len(results) == 2 and not results[1][0].early
+
+
+def test_without_early_hand_over_a_full_server_gets_nothing_whatever_is_due() -> None:
+    ledger, buffer = make(timeout=0.3)
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    running, _ = buffer.acquire()
+    ledger.expect_end(running, ledger.clock())
+    with pytest.raises(BufferTimeout):
+        buffer.acquire()
+    assert ledger.next_early_chance() is None

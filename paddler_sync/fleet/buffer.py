@@ -88,6 +88,8 @@ class RequestBuffer:
         self._closed_reason: str | None = None
         self._dispatching = False
         self._dispatch_again = False
+        self._early_timer = None  # wakes the buffer when a request may be handed over early
+        self._early_at = float("inf")
         ledger.on_capacity(self.dispatch)
 
     @property
@@ -140,6 +142,7 @@ class RequestBuffer:
                     return
                 continue
             if reservation is None:
+                self._wake_for_early_hand_over()
                 return
             if head not in self._waiters:  # it left while a shared ledger answered: the slot goes back
                 self.ledger.release(reservation)
@@ -147,6 +150,22 @@ class RequestBuffer:
             self._waiters.remove(head)
             head.result.set(reservation)
             self._announce_if_empty()
+
+    def _wake_for_early_hand_over(self) -> None:
+        """One timer for the soonest moment a running request is due to end (--early-dispatch)."""
+        at = self.ledger.next_early_chance()
+        if at is None or at >= self._early_at:
+            return
+        if self._early_timer is not None:
+            self._early_timer.close()
+        self._early_at = at
+        self._early_timer = gevent.get_hub().loop.timer(max(0.0, at - self.ledger.clock()))
+        self._early_timer.start(self._early_timer_fired)
+
+    def _early_timer_fired(self) -> None:
+        self._early_at = float("inf")
+        self._early_timer = None
+        self.dispatch()
 
     def close(self, reason: str) -> None:
         """Refuse new requests and send every waiter away (shutdown)."""
@@ -163,6 +182,7 @@ class RequestBuffer:
         self._enqueue(waiter)
         if len(self._waiters) == 1:
             self.ledger.waiting_changed(True)
+            self._wake_for_early_hand_over()
         self.stats.buffered_total += 1
         if client is not None:
             client.start(lambda: self._client_left(waiter))

@@ -12,6 +12,11 @@ agent read /slots (each server keeps its recent moves): a request that ended bet
 the report's arrival is no "external" load, and counting it so would hide a free slot for a whole
 reporting interval (measured: a quarter of the slots idle under short requests).
 
+With ``early_lead`` (``--early-dispatch``) a full server may take one request more a moment before one
+of its running requests is expected to end (:meth:`Ledger.expect_end`): llama.cpp then starts it in the very
+step the slot frees, instead of after the round trip a hand-off through the balancer costs. How many it
+holds beyond its slots is derived (``overbooked``), never counted apart, and is at most one.
+
 The ledger does no I/O and never yields to the gevent hub, so each method is atomic without locks
 and property tests drive it directly. Reservations hold the record they were taken from, so a
 release after the server was removed (or removed and registered again) changes nothing.
@@ -42,6 +47,21 @@ class Upstream:
     quarantined_until: float | None = None
     sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
     moves: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=MOVES_KEPT), repr=False)
+    ends: dict[Reservation, float] = field(default_factory=dict, repr=False)  # when running requests should end
+
+    @property
+    def overbooked(self) -> int:
+        """Requests sent here beyond its slots (handed over early): they wait inside llama.cpp."""
+        return max(0, self.in_flight + self.external + self.draining - self.total)
+
+    def soonest_end(self) -> float | None:
+        return min(self.ends.values()) if self.ends else None
+
+    def early_room(self, now: float, lead: float) -> bool:
+        """Full, nothing waiting inside it yet, and a running request due to end within ``lead``."""
+        soonest = self.soonest_end()
+        return (soonest is not None and soonest <= now + lead and self.is_usable(now) and self.total > 0
+                and self.free(now) == 0 and self.overbooked == 0)
 
     def moved_since(self, since: float) -> int:
         """Slots this balancer took (+1) and gave back (-1) here after ``since``."""
@@ -79,6 +99,7 @@ class Reservation:
     uses_slot: bool = True
     released: bool = False
     lease: str | None = None  # its name in the shared ledger (Redis), which lets it expire
+    early: bool = False  # handed over before a slot was free (it waits inside llama.cpp until one is)
 
     @property
     def addr(self) -> str:
@@ -86,9 +107,11 @@ class Reservation:
 
 
 class Ledger:
-    def __init__(self, policy: Policy | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, policy: Policy | None = None, clock: Callable[[], float] = time.time,
+                 early_lead: float = 0.0) -> None:
         self.policy: Policy = policy or MostFreeSlots()
         self.clock = clock
+        self.early_lead = early_lead  # seconds; 0: a request is only ever sent to a free slot
         self._upstreams: dict[str, Upstream] = {}
         self._capacity_listeners: list[Callable[[], None]] = []
 
@@ -163,12 +186,33 @@ class Ledger:
     def reserve(self, ticket: Ticket | None = None) -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request.
         ``ticket``: the waiter's place in a shared ledger's queue (this one has a single queue: the buffer's)."""
-        upstream = self.policy.choose(list(self._upstreams.values()), self.clock())
+        now = self.clock()
+        upstream = self.policy.choose(list(self._upstreams.values()), now)
+        early = upstream is None and self.early_lead > 0
+        if early:
+            upstream = self._soonest_to_free(now)
         if upstream is None:
             return None
         upstream.in_flight += 1
-        upstream.moves.append((self.clock(), 1))
-        return Reservation(upstream)
+        upstream.moves.append((now, 1))
+        return Reservation(upstream, early=early)
+
+    def _soonest_to_free(self, now: float) -> Upstream | None:
+        ready = [u for u in self._upstreams.values() if u.early_room(now, self.early_lead)]
+        return min(ready, key=lambda u: u.soonest_end() or now, default=None)
+
+    def expect_end(self, reservation: Reservation, at: float) -> None:
+        """The request should end at ``at`` (this ledger's clock): a waiting one may go there shortly before."""
+        if self.early_lead > 0 and not reservation.released and reservation.uses_slot:
+            reservation.upstream.ends[reservation] = at
+            self._capacity_may_have_grown()
+
+    def next_early_chance(self) -> float | None:
+        """When a waiting request could next be handed over early, if ever (None)."""
+        if self.early_lead <= 0:
+            return None
+        times = [end for u in self._upstreams.values() if u.overbooked == 0 and (end := u.soonest_end()) is not None]
+        return min(times) - self.early_lead if times else None
 
     def pick_without_slot(self) -> Reservation | None:
         """Any usable server, for requests that run no llama.cpp task (health, models, tokenize...)."""
@@ -185,6 +229,7 @@ class Ledger:
             return False
         reservation.released = True
         upstream = reservation.upstream
+        upstream.ends.pop(reservation, None)
         if not reservation.uses_slot or self._upstreams.get(upstream.key) is not upstream:
             return False
         upstream.in_flight -= 1

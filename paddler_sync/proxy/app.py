@@ -26,6 +26,7 @@ from urllib3 import HTTPResponse
 from paddler_sync.errors import error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, ClientGone, StateUnavailable
 from paddler_sync.fleet.ledger import Reservation
+from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, requested_tokens
 from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
 from paddler_sync.sockets import ClientWatch
@@ -61,6 +62,8 @@ class ProxyApp:
         self.quarantine_seconds = options.quarantine_duration
         self.management_prefix = options.management_path_prefix
         self.metrics = balancer.metrics
+        self.speeds = DecodeSpeeds()
+        self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Relay | list[bytes]:
         started = time.monotonic()
@@ -72,7 +75,8 @@ class ProxyApp:
             self._refuse_slots_endpoint(path)
             body = self._read_body(environ)
             takes_slot = up.uses_slot(method, path)
-            reservation, response, waited = self._connect(environ, body, takes_slot)
+            tokens = requested_tokens(body) if takes_slot and self.foresee_ends else None
+            reservation, response, waited = self._connect(environ, body, takes_slot, tokens)
         except ProxyError as exc:
             self.record(environ, exc.status, None, 0.0, started)
             body = error_bytes(exc.status, str(exc))
@@ -80,7 +84,7 @@ class ProxyApp:
                                                       ("Content-Length", str(len(body))), *exc.headers])
             return [body]
         start_response(f"{response.status} {response.reason}", up.response_headers(response))
-        return Relay(self, environ, start_response, response, reservation, waited, started)
+        return Relay(self, environ, start_response, response, reservation, waited, started, tokens)
 
     def _management(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
         """The management API mounted under a prefix of the public port (one-port platforms)."""
@@ -105,8 +109,8 @@ class ProxyApp:
             raise ProxyError(413, f"the request body is larger than {self.max_body} bytes (--max-request-body)")
         return body
 
-    def _connect(self, environ: dict[str, Any], body: bytes,
-                 takes_slot: bool) -> tuple[Reservation, HTTPResponse, float]:
+    def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool,
+                 tokens: int | None = None) -> tuple[Reservation, HTTPResponse, float]:
         """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
         to which nothing was sent yet, goes to another one, or waits for one. A quarantined server that its
         agent reports healthy again may serve the retry."""
@@ -114,6 +118,8 @@ class ProxyApp:
         for _ in range(MAX_CONNECT_ATTEMPTS):
             reservation, wait = self._reserve(environ, takes_slot)
             waited += wait
+            if tokens is not None:
+                self._foresee_end(reservation, tokens)
             try:
                 return reservation, self._send(environ, body, reservation), waited
             except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
@@ -149,6 +155,11 @@ class ProxyApp:
         headers = up.request_headers(environ, reservation.addr, self.rewrite_host, len(body))
         return self.transport.send(environ["REQUEST_METHOD"], reservation.addr, target, headers, body or None,
                                    client_watch(environ))
+
+    def _foresee_end(self, reservation: Reservation, tokens: int) -> None:
+        expected = self.speeds.expected_seconds(reservation.addr, tokens)
+        if expected is not None:
+            self.ledger.expect_end(reservation, self.ledger.clock() + expected)
 
     def _quarantine(self, reservation: Reservation, exc: Exception) -> None:
         until = self.ledger.quarantine(reservation.upstream.key, self.quarantine_seconds)
@@ -190,7 +201,8 @@ class Relay:
     """
 
     def __init__(self, proxy: ProxyApp, environ: dict[str, Any], start_response: StartResponse,
-                 response: HTTPResponse, reservation: Reservation, waited: float, started: float) -> None:
+                 response: HTTPResponse, reservation: Reservation, waited: float, started: float,
+                 tokens: int | None = None) -> None:
         self.proxy = proxy
         self.environ = environ
         self.start_response = start_response
@@ -203,6 +215,8 @@ class Relay:
         self.ending = "client_gone"
         self.closed = False
         self.response_status = response.status
+        self.tokens = tokens  # the generation limit asked for, when --early-dispatch foresees ends
+        self.last_chunk = b""
 
     def __iter__(self) -> Iterator[bytes]:
         connection = self.response.connection
@@ -212,6 +226,7 @@ class Relay:
                 if self.first_byte is None:
                     self.first_byte = time.monotonic()
                 self.sent += len(chunk)
+                self.last_chunk = chunk
                 up.ack_at_once(upstream_sock)  # or llama.cpp b4748 holds its next event up to 40 ms
                 yield chunk
             self.ending = "done"
@@ -225,6 +240,12 @@ class Relay:
                 abort_client_connection(self.environ)
         finally:
             self.close()
+
+    def _learn_speed(self) -> None:
+        """Its time in llama.cpp over the tokens it generated: how fast this server goes at present."""
+        tokens = generated_tokens(self.last_chunk) or self.tokens or 0
+        started = self.started + self.waited
+        self.proxy.speeds.learn(self.reservation.addr, time.monotonic() - started, tokens)
 
     def _replace_with_error(self) -> bytes:
         """PEP 3333 lets an app change its status until the headers are sent: answer 502 instead."""
@@ -243,6 +264,8 @@ class Relay:
         self.response.release_conn()
         draining = self.ending == "upstream_error" and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
+        if self.tokens is not None and self.ending == "done" and self.response_status == 200:
+            self._learn_speed()
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
                           self.first_byte, self.sent, self.ending)
 

@@ -195,9 +195,11 @@ SHARED_BACKEND_MODULES = {"test_proxy", "test_faults", "test_hostile_proxy"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """The proxy, buffer and fault scenarios run against both slot ledgers: in-process and Redis."""
+    """The proxy, buffer and fault scenarios run against both slot ledgers: in-process and Redis; those marked
+    ``ledger_agnostic`` (headers, parsing, command lines: nothing a slot store decides) on the in-process one."""
     if "fleet" in metafunc.fixturenames and metafunc.module.__name__.split(".")[-1] in SHARED_BACKEND_MODULES:
-        metafunc.parametrize("state_backend", ["local", "redis"], indirect=True)
+        agnostic = metafunc.definition.get_closest_marker("ledger_agnostic") is not None
+        metafunc.parametrize("state_backend", ["local"] if agnostic else ["local", "redis"], indirect=True)
 
 
 @pytest.fixture

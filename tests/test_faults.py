@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import pytest
 import requests
 
 from tests.conftest import Fleet, Proc, agent_named, agents, wait_until
@@ -177,6 +178,7 @@ def test_upstream_that_answers_garbage_or_hangs_up(fleet: Fleet) -> None:
             settled(balancer, baseline)
 
 
+@pytest.mark.ledger_agnostic
 def test_a_request_on_a_connection_llamacpp_just_closed_is_sent_again_on_a_fresh_one(fleet: Fleet) -> None:
     """No 502 for a request llama.cpp never saw: every reused connection here is closed under it."""
     with misbehaving_upstream("answer_once") as port:

@@ -13,6 +13,7 @@ import json
 import socket
 import string
 
+import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,6 +47,7 @@ def error_message(response: requests.Response) -> str:
     return response.json()["error"]["message"]
 
 
+@pytest.mark.ledger_agnostic
 def test_limits_on_request_line_and_headers_are_clear_json_errors(fleet: Fleet) -> None:
     balancer, _ = start_fleet(fleet, [2], "--max-request-line", "1024", "--max-header-size", "512",
                               "--max-headers", "20", "--max-request-body", "4k")

@@ -182,6 +182,7 @@ def test_a_client_that_leaves_while_waiting_takes_nothing(fleet: Fleet) -> None:
     assert sim_stats(sim)["requests_total"] == 1  # the abandoned request never reached llama.cpp
 
 
+@pytest.mark.ledger_agnostic
 def test_sse_events_arrive_one_by_one_with_their_spacing(fleet: Fleet) -> None:
     balancer, _ = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "20"))
     arrivals = []
@@ -197,6 +198,7 @@ def test_sse_events_arrive_one_by_one_with_their_spacing(fleet: Fleet) -> None:
     assert all(0.02 < gap < 0.2 for gap in gaps), gaps  # ~50 ms apart, as llama.cpp sent them
 
 
+@pytest.mark.ledger_agnostic
 def test_slots_endpoint_blocked_then_allowed(fleet: Fleet) -> None:
     balancer, _ = start_fleet(fleet, [2])
     blocked = requests.get(balancer.extra["proxy"] + "/slots", timeout=5)
@@ -213,6 +215,7 @@ def _echo_upstream() -> dict:
             ("POST", "/completion"): (200, '{"content": "ok"}')}
 
 
+@pytest.mark.ledger_agnostic
 def test_headers_host_kept_or_rewritten_forwarded_for_and_hop_by_hop(fleet: Fleet) -> None:
     for rewrite in (False, True):
         balancer = fleet.balancer(*(["--rewrite-host-header"] if rewrite else []))
@@ -232,6 +235,7 @@ def test_headers_host_kept_or_rewritten_forwarded_for_and_hop_by_hop(fleet: Flee
         assert "X-Secret-Hop" not in headers and headers.get("Connection") != "close, X-Secret-Hop"
 
 
+@pytest.mark.ledger_agnostic
 def test_client_authorization_reaches_llamacpp_untouched(fleet: Fleet) -> None:
     balancer = fleet.balancer()
     sim = fleet.simulator("--api-key", "secret")
@@ -244,6 +248,7 @@ def test_client_authorization_reaches_llamacpp_untouched(fleet: Fleet) -> None:
     assert ok.status_code == 200
 
 
+@pytest.mark.ledger_agnostic
 def test_oversized_body_is_413(fleet: Fleet) -> None:
     balancer, _ = start_fleet(fleet, [1], "--max-request-body", "1k")
     response = requests.post(balancer.extra["proxy"] + "/completion", data=b"x" * 5000, timeout=5)
@@ -291,6 +296,7 @@ def _gunicorn(fleet: Fleet, args: list[str], env: dict[str, str], port: int | No
     return fleet.spawn(name, [gunicorn, *args], port, env={**env, "PYTHONPATH": str(ROOT)}, wait_port=port is not None)
 
 
+@pytest.mark.ledger_agnostic
 def test_bare_gunicorn_command_serves_proxy_and_management(fleet: Fleet) -> None:
     proxy, management = free_port(), free_port()
     proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b",
@@ -305,6 +311,7 @@ def test_bare_gunicorn_command_serves_proxy_and_management(fleet: Fleet) -> None
     assert "the proxy serves on gunicorn's bind" in proc.log()  # -b and --reverseproxy-addr disagree
 
 
+@pytest.mark.ledger_agnostic
 def test_gunicorn_with_the_config_file(fleet: Fleet) -> None:
     proxy, management = free_port(), free_port()
     env = {"PADDLER_REVERSEPROXY_ADDR": f"127.0.0.1:{proxy}", "PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"}
@@ -315,6 +322,7 @@ def test_gunicorn_with_the_config_file(fleet: Fleet) -> None:
     assert "gunicorn's bind" not in proc.log()
 
 
+@pytest.mark.ledger_agnostic
 def test_gunicorn_with_two_workers_refuses_to_start(fleet: Fleet) -> None:
     proxy, management = free_port(), free_port()
     proc = _gunicorn(fleet, ["-k", "gevent", "-w", "2", "-b", f"127.0.0.1:{proxy}", "--no-control-socket",
@@ -325,6 +333,7 @@ def test_gunicorn_with_two_workers_refuses_to_start(fleet: Fleet) -> None:
     assert "refusing to start: gunicorn runs 2 workers" in proc.log()
 
 
+@pytest.mark.ledger_agnostic
 def test_gunicorn_refuses_a_bad_setting_without_respawning(fleet: Fleet) -> None:
     proc = _gunicorn(fleet, ["-k", "gevent", "-b", f"127.0.0.1:{free_port()}", "--no-control-socket",
                              "--chdir", str(ROOT), "wsgi:balancer"], {"PADDLER_MAX_BUFFERED_REQUESTS": "lots"}, None)
@@ -333,6 +342,7 @@ def test_gunicorn_refuses_a_bad_setting_without_respawning(fleet: Fleet) -> None
     assert "PADDLER_MAX_BUFFERED_REQUESTS" in proc.log() and "'lots'" in proc.log()
 
 
+@pytest.mark.ledger_agnostic
 def test_procfile_web_command_starts(fleet: Fleet) -> None:
     line = (ROOT / "Procfile").read_text().splitlines()[0]
     assert line.startswith("web: ")
@@ -346,6 +356,7 @@ def test_procfile_web_command_starts(fleet: Fleet) -> None:
     assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable_error"
 
 
+@pytest.mark.ledger_agnostic
 def test_management_api_under_a_prefix_of_the_proxy_port(fleet: Fleet) -> None:
     balancer = fleet.balancer("--management-path-prefix", "/_paddler")
     sim = fleet.simulator("--parallel", "2")
@@ -358,12 +369,14 @@ def test_management_api_under_a_prefix_of_the_proxy_port(fleet: Fleet) -> None:
                          timeout=5).status_code == 200
 
 
+@pytest.mark.ledger_agnostic
 def test_balancer_stops_cleanly_on_sigterm(fleet: Fleet) -> None:
     balancer = fleet.balancer()
     balancer.signal(signal.SIGTERM)
     assert balancer.popen.wait(15) == 0
 
 
+@pytest.mark.ledger_agnostic
 def test_an_upstream_that_stalls_mid_stream_is_cut_after_the_read_timeout(fleet: Fleet) -> None:
     balancer, (sim,) = start_fleet(fleet, [1], "--upstream-read-timeout", "1",
                                    sim_args=("--decode-tokens-per-second", "20"))

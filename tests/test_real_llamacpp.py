@@ -271,7 +271,10 @@ def test_2026_endpoints_take_slots_through_the_balancer(fleet: Fleet, build: Bui
 def test_no_502_when_llamacpp_closes_idle_connections(fleet: Fleet, build: Build, llamacpp_models) -> None:
     """llama.cpp closes a kept-alive connection after 5 s idle and (b4748) whenever a new connection waits for
     one of its few HTTP threads (-np 1: three). Requests with pauses around those moments, and an agent
-    opening a connection every 50 ms, must all be answered: none may be written on a closed connection."""
+    opening a connection every 50 ms, must all be answered: none may be written on a closed connection.
+    (The 2026 build grows its thread pool instead; the 5 s idle close is the same, so one build suffices.)"""
+    if build.modern:
+        pytest.skip("b4748 shows both ways llama.cpp closes idle connections; the 2026 build only one")
     balancer = fleet.balancer("--upstream-idle-timeout", "30")  # keep idle connections past llama.cpp's 5 s
     server = serve(fleet, build, llamacpp_models, balancer, 1, "one", interval=0.05)
     statuses: list[int] = []
@@ -313,3 +316,19 @@ def test_a_sleeping_server_is_shown_and_used_only_when_awake_ones_are_full(fleet
         assert busy.result().status_code == 200
     assert "exiting sleeping state" in sleepy.log()
     wait_until(lambda: agent_named(balancer, "sleepy")["is_sleeping"], timeout=10, message="asleep again")
+
+
+def test_two_balancers_sharing_the_ledger_in_redis_never_make_llamacpp_queue(fleet: Fleet, build: Build,
+                                                                            llamacpp_models, redis_server) -> None:
+    shared = ("--state-backend", redis_server.url, "--state-prefix", f"real-{build.name}-{time.monotonic_ns()}")
+    first, second = fleet.balancer(*shared), fleet.balancer(*shared)
+    servers = [serve(fleet, build, llamacpp_models, balancer, 2, f"s{i}")
+               for i, balancer in enumerate((first, second))]
+    wait_until(lambda: health(first)["slots_total"] == 4 and health(second)["slots_total"] == 4,
+               message="both balancers see the whole fleet")
+    with DeferredSampler(servers) as sampler, ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: generate((first, second)[i % 2].extra["proxy"], 96, stream=True),
+                                range(12)))
+        assert all(read_all(a) for a in answers)
+    assert [a.status_code for a in answers] == [200] * 12
+    assert sampler.peak == 0, f"requests queued inside llama.cpp: {sampler.peak}"

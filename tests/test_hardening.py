@@ -137,7 +137,7 @@ def fuzz_client():
     return balancer.management.test_client()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(changes=st.dictionaries(st.sampled_from([*FIELDS, "extra"]), JSON_VALUES, max_size=4),
        agent_id=st.text(min_size=1, max_size=80).filter(lambda s: "/" not in s and s not in (".", "..")))
 def test_fuzzed_reports_never_crash_the_management_server(changes: dict[str, Any], agent_id: str) -> None:
@@ -149,7 +149,7 @@ def test_fuzzed_reports_never_crash_the_management_server(changes: dict[str, Any
         assert response.get_json()["error"]["message"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(body=st.binary(max_size=2048))
 def test_random_bytes_are_a_clear_4xx(body: bytes) -> None:
     response = fuzz_client().post("/api/v1/agents/a/report", data=body, content_type="application/json")

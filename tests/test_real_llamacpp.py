@@ -201,7 +201,9 @@ def test_a_server_killed_mid_stream_cuts_that_stream_only(fleet: Fleet, build: B
 def test_sigterm_lets_a_real_stream_finish(fleet: Fleet, build: Build, llamacpp_models) -> None:
     balancer = fleet.balancer("--graceful-timeout", "20")
     serve(fleet, build, llamacpp_models, balancer, 1, "one", model="slow")
-    stream = generate(balancer.extra["proxy"], 150, stream=True)
+    stream = requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=60,
+                           headers={"Connection": "close"},  # no idle kept-alive connection for shutdown to wait on
+                           json={"prompt": "Once", "n_predict": 150, "ignore_eos": True, "stream": True})
     assert stream.status_code == 200
     time.sleep(0.3)
     balancer.signal(signal.SIGTERM)

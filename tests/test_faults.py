@@ -78,6 +78,8 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
                 conn.close()
             elif mode == "close":
                 conn.close()
+            elif mode == "sse_with_comments":
+                threading.Thread(target=sse_with_comments, args=(conn,), daemon=True).start()
             elif mode == "answer_once":
                 threading.Thread(target=answer_once, args=(conn,), daemon=True).start()
             elif mode == "headers_then_close":
@@ -87,6 +89,15 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
                 conn.close()
             else:
                 held.append(conn)
+
+    def sse_with_comments(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for event in SSE_WITH_COMMENTS:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                time.sleep(0.05)
+            conn.sendall(b"0\r\n\r\n")
 
     def answer_once(conn: socket.socket) -> None:
         with conn:
@@ -176,6 +187,21 @@ def test_upstream_that_answers_garbage_or_hangs_up(fleet: Fleet) -> None:
                 response = complete(balancer, 1, timeout=10)
                 assert response.status_code == 502 and response.json()["error"]["type"] == "server_error"
             settled(balancer, baseline)
+
+
+SSE_WITH_COMMENTS = [b": ping\n\n", b"event: response.created\ndata: {\"type\":\"response.created\"}\n\n",
+                     b": ping\n\n", b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"]
+
+
+@pytest.mark.ledger_agnostic
+def test_sse_comments_and_named_events_are_relayed_as_they_come(fleet: Fleet) -> None:
+    """The 2026 builds' keep-alive comments (': ping') and the Responses / Anthropic 'event:' framing."""
+    with misbehaving_upstream("sse_with_comments") as port:
+        balancer = fleet_behind(fleet, port)
+        response = requests.post(balancer.extra["proxy"] + "/v1/responses", json={"input": "x", "stream": True},
+                                 stream=True, timeout=10)
+        assert response.status_code == 200
+        assert b"".join(response.iter_content(None)) == b"".join(SSE_WITH_COMMENTS)
 
 
 @pytest.mark.ledger_agnostic

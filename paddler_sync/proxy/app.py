@@ -41,10 +41,16 @@ MAX_CONNECT_ATTEMPTS = 16
 
 
 class ProxyError(Exception):
-    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
+    """An answer the balancer gives itself; ``ending``, ``reservation`` and ``waited`` go to the access log."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
+                 ending: str = "refused", reservation: Reservation | None = None, waited: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers or []
+        self.ending = ending
+        self.reservation = reservation
+        self.waited = waited
 
 
 class ProxyApp:
@@ -78,7 +84,7 @@ class ProxyApp:
             tokens = requested_tokens(body) if takes_slot and self.foresee_ends else None
             reservation, response, waited = self._connect(environ, body, takes_slot, tokens)
         except ProxyError as exc:
-            self.record(environ, exc.status, None, 0.0, started)
+            self.record(environ, exc.status, exc.reservation, exc.waited, started, ending=exc.ending)
             body = error_bytes(exc.status, str(exc))
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
@@ -124,7 +130,8 @@ class ProxyApp:
                 return reservation, self._send(environ, body, reservation), waited
             except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
                 self.ledger.release(reservation, draining=reservation.uses_slot)
-                raise ProxyError(499, str(exc)) from None
+                raise ProxyError(499, str(exc), ending="client_gone", reservation=reservation,
+                                 waited=waited) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.release(reservation)
                 if not up.is_connect_failure(exc):

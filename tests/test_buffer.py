@@ -157,3 +157,25 @@ def test_without_early_hand_over_a_full_server_gets_nothing_whatever_is_due() ->
     with pytest.raises(BufferTimeout):
         buffer.acquire()
     assert ledger.next_early_chance() is None
+
+
+def test_early_hand_over_never_spins_on_a_server_that_cannot_take_one() -> None:
+    """A foreseen end that has passed, on a server that is not usable: no timer loop while a request waits."""
+    ledger = Ledger(early_lead=0.05)
+    buffer = RequestBuffer(ledger, 10, 0.3)
+    ledger.report("a", "10.0.0.1:1", 1, 0, True)
+    running, _ = buffer.acquire()
+    ledger.expect_end(running, ledger.clock() - 1.0)
+    ledger.report("a", "10.0.0.1:1", 1, 1, False)  # its agent now says it cannot serve
+    rounds = 0
+    original = buffer._dispatch_round
+
+    def counted() -> None:
+        nonlocal rounds
+        rounds += 1
+        original()
+
+    buffer._dispatch_round = counted  # type: ignore[method-assign]
+    with pytest.raises(BufferTimeout):
+        buffer.acquire()
+    assert rounds < 10, rounds

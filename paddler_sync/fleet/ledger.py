@@ -54,18 +54,18 @@ class Upstream:
         """Requests sent here beyond its slots (handed over early): they wait inside llama.cpp."""
         return max(0, self.in_flight + self.external + self.draining - self.total)
 
-    def soonest_end(self) -> float | None:
-        return min(self.ends.values()) if self.ends else None
+    def may_overbook(self, now: float) -> bool:
+        """Usable and full, nothing waiting inside it yet, and a running request whose end is foreseen."""
+        return (bool(self.ends) and self.is_usable(now) and self.total > 0 and self.free(now) == 0
+                and self.overbooked == 0)
 
     def early_room(self, now: float, lead: float) -> bool:
-        """Full, nothing waiting inside it yet, and a running request due to end within ``lead``."""
-        soonest = self.soonest_end()
-        return (soonest is not None and soonest <= now + lead and self.is_usable(now) and self.total > 0
-                and self.free(now) == 0 and self.overbooked == 0)
+        """It may take one request more now: a running one is due to end within ``lead``."""
+        return self.may_overbook(now) and min(self.ends.values()) <= now + lead
 
     def moved_since(self, since: float) -> int:
         """Slots this balancer took (+1) and gave back (-1) here after ``since``."""
-        return sum(step for at, step in reversed(self.moves) if at > since) if self.moves else 0
+        return sum(step for at, step in reversed(self.moves) if at > since)
 
     def is_quarantined(self, now: float) -> bool:
         return self.quarantined_until is not None and now < self.quarantined_until
@@ -199,7 +199,7 @@ class Ledger:
 
     def _soonest_to_free(self, now: float) -> Upstream | None:
         ready = [u for u in self._upstreams.values() if u.early_room(now, self.early_lead)]
-        return min(ready, key=lambda u: u.soonest_end() or now, default=None)
+        return min(ready, key=lambda u: min(u.ends.values()), default=None)
 
     def expect_end(self, reservation: Reservation, at: float) -> None:
         """The request should end at ``at`` (this ledger's clock): a waiting one may go there shortly before."""
@@ -211,7 +211,8 @@ class Ledger:
         """When a waiting request could next be handed over early, if ever (None)."""
         if self.early_lead <= 0:
             return None
-        times = [end for u in self._upstreams.values() if u.overbooked == 0 and (end := u.soonest_end()) is not None]
+        now = self.clock()
+        times = [min(u.ends.values()) for u in self._upstreams.values() if u.may_overbook(now)]
         return min(times) - self.early_lead if times else None
 
     def pick_without_slot(self) -> Reservation | None:

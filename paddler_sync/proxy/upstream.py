@@ -14,8 +14,7 @@ import http.client
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -25,6 +24,8 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
 from urllib3.util import Retry, Timeout
 from urllib3.util.url import _encode_target
+
+from paddler_sync.fleet.buffer import Watch
 
 # Which POSTs become a llama.cpp task (generation, embedding, reranking, transcription) and so take a
 # slot: read off both real builds in ../shared/llamacpp (with every slot busy, these wait inside
@@ -55,12 +56,6 @@ def uses_slot(method: str, path: str) -> bool:
 
 class ClientLeft(Exception):
     """The client closed its connection while its request ran upstream; the upstream call was cut."""
-
-
-class Watch(Protocol):
-    def start(self, on_gone: Callable[[], None]) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux

@@ -34,12 +34,18 @@ MAX_PENDING_TIMINGS = 20_000  # per StatsD interval; beyond it, samples are drop
 HISTORY_POINTS = 300
 
 
+ENDING_OUTCOMES = {  # how each ending named in the access log is counted
+    "client_gone": "client_gone", "queue_full": "rejected", "timed_out": "timed_out",
+    "upstream_timeout": "timed_out", "upstream_error": "upstream_error", "upstream_refused": "upstream_error",
+}
+
+
 def outcome_of(status: int, ending: str) -> str:
-    if ending == "client_gone" or status == 499:
-        return "client_gone"
-    if ending == "upstream_error" or status == 502:
-        return "upstream_error"
-    return {429: "rejected", 504: "timed_out"}.get(status, "refused" if ending == "refused" else "served")
+    if ending in ENDING_OUTCOMES:
+        return ENDING_OUTCOMES[ending]
+    if ending == "done":
+        return "upstream_error" if status == 502 else "served"
+    return "refused"
 
 
 class Metrics:

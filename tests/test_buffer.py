@@ -108,6 +108,7 @@ def test_a_client_that_leaves_while_waiting_takes_nothing() -> None:
     with pytest.raises(ClientGone):
         waiter.get(timeout=2)
     assert buffer.waiting == 0 and buffer.stats.abandoned == 1 and watch.stopped
+    assert waiter.exception.ending == "client_gone" and waiter.exception.waited >= 0.04
 
 
 def test_a_killed_waiter_takes_nothing_and_a_served_one_owns_its_slot() -> None:

@@ -100,6 +100,12 @@ def test_prometheus_metrics(fleet: Fleet) -> None:
     assert 'paddler_requests_total{outcome="served"} 2.0' in text
     assert 'paddler_requests_total{outcome="timed_out"} 1.0' in text
     assert re.search(r"^paddler_queue_wait_seconds_count 3\.0$", text, re.M)
+    # the timed-out request waited longest of all, and is counted so: not as a request that never waited
+    assert re.search(r'^paddler_queue_wait_seconds_bucket\{le="0\.25"\} 2\.0$', text, re.M)
+    assert re.search(r'^paddler_queue_wait_seconds_bucket\{le="0\.5"\} 3\.0$', text, re.M)
+    timed_out = re.search(r'"POST /completion" 504 upstream=- wait=([\d.]+)ms ttfb=- duration=[\d.]+ms '
+                          r'bytes=(\d+) end=timed_out', balancer.log())
+    assert timed_out and float(timed_out.group(1)) >= 290 and int(timed_out.group(2)) > 50
     assert re.search(r"^paddler_time_to_first_byte_seconds_count 2\.0$", text, re.M)
     assert "paddler_request_duration_seconds_bucket" in text
     assert re.search(rf'^paddler_agent_slots_idle{{addr="[^"]+",agent_id="{agent_id}",agent_name="s0"}} 2\.0$',

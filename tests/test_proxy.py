@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import socket
 import threading
@@ -95,6 +96,7 @@ def test_full_buffer_answers_429_with_retry_after(fleet: Fleet) -> None:
         error = refused.json()["error"]
         assert error["type"] == "rate_limit_error" and "--max-buffered-requests" in error["message"]
         assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert re.search(r'"POST /completion" 429 upstream=- wait=0\.0ms .* end=queue_full', balancer.log())
 
 
 def test_buffering_off_answers_429_at_once(fleet: Fleet) -> None:
@@ -175,11 +177,14 @@ def test_a_client_that_leaves_while_waiting_takes_nothing(fleet: Fleet) -> None:
         body = json.dumps({"prompt": "x", "n_predict": 5})
         sock.sendall(f"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
         wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        time.sleep(0.2)
         sock.close()
         wait_until(lambda: health(balancer)["requests_buffered"] == 0, timeout=2)
         running.result()
     time.sleep(0.3)
     assert sim_stats(sim)["requests_total"] == 1  # the abandoned request never reached llama.cpp
+    left = re.search(r'"POST /completion" 499 upstream=- wait=([\d.]+)ms .* end=client_gone', balancer.log())
+    assert left and float(left.group(1)) >= 200  # its wait is recorded, as long as it was
 
 
 @pytest.mark.ledger_agnostic

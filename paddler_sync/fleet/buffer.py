@@ -30,27 +30,34 @@ class Watch(Protocol):
 
 
 class BufferRefusal(Exception):
-    """The request gets no slot; ``status`` and the message say what to answer."""
+    """The request gets no slot; ``status`` and the message say what to answer, ``ending`` names it in the
+    access log and metrics, and ``waited`` is how long it waited first (a timeout waited longest of all)."""
 
     status = 503
+    ending = "refused"
+    waited = 0.0
 
 
 class BufferFull(BufferRefusal):
     status = 429
+    ending = "queue_full"
 
 
 class BufferTimeout(BufferRefusal):
     status = 504
+    ending = "timed_out"
 
 
 class BufferClosed(BufferRefusal):
     status = 503
+    ending = "shutting_down"
 
 
 class StateUnavailable(BufferRefusal):
     """The shared slot ledger (Redis) cannot be reached: fail closed, the client may retry."""
 
     status = 503
+    ending = "state_unavailable"
 
 
 class TicketLost(Exception):
@@ -60,6 +67,7 @@ class TicketLost(Exception):
 
 class ClientGone(BufferRefusal):
     status = 499
+    ending = "client_gone"
 
 
 @dataclass(eq=False)
@@ -133,6 +141,11 @@ class RequestBuffer:
     def _dispatch_round(self) -> None:
         while self._waiters:
             head = self._waiters[0]
+            if head.result.ready():  # its client left; its place goes back here or in its greenlet, once
+                self._waiters.popleft()
+                self.ledger.return_ticket(head.ticket)
+                self._announce_if_empty()
+                continue
             try:
                 reservation = self.ledger.reserve(ticket=head.ticket)
             except StateUnavailable:
@@ -191,8 +204,14 @@ class RequestBuffer:
         except gevent.Timeout:
             self._forget(waiter)
             self.stats.timed_out += 1
-            raise BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
-                                f"(--buffered-request-timeout); retry later or add servers") from None
+            timeout = BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
+                                    f"(--buffered-request-timeout); retry later or add servers")
+            timeout.waited = time.monotonic() - waiter.since
+            raise timeout from None
+        except BufferRefusal as refusal:
+            self._forget(waiter)
+            refusal.waited = time.monotonic() - waiter.since
+            raise
         except BaseException:
             self._forget(waiter)
             raise
@@ -203,10 +222,9 @@ class RequestBuffer:
         return reservation, time.monotonic() - waiter.since
 
     def _client_left(self, waiter: Waiter) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
-            self.ledger.return_ticket(waiter.ticket)
-            self._announce_if_empty()
+        """Runs in an event-loop callback, where nothing may block (a shared ledger's Redis call would fail
+        there): it only wakes the waiter, whose own greenlet gives its place back (``_forget``)."""
+        if waiter in self._waiters and not waiter.result.ready():
             self.stats.abandoned += 1
             waiter.result.set_exception(ClientGone("the client left while waiting"))
 

@@ -24,7 +24,7 @@ import urllib3.exceptions
 from urllib3 import HTTPResponse
 
 from paddler_sync.errors import error_bytes, status_line
-from paddler_sync.fleet.buffer import BufferRefusal, ClientGone, StateUnavailable
+from paddler_sync.fleet.buffer import BufferRefusal, StateUnavailable
 from paddler_sync.fleet.ledger import Reservation
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, requested_tokens
 from paddler_sync.metrics import outcome_of
@@ -84,8 +84,8 @@ class ProxyApp:
             tokens = requested_tokens(body) if takes_slot and self.foresee_ends else None
             reservation, response, waited = self._connect(environ, body, takes_slot, tokens)
         except ProxyError as exc:
-            self.record(environ, exc.status, exc.reservation, exc.waited, started, ending=exc.ending)
             body = error_bytes(exc.status, str(exc))
+            self.record(environ, exc.status, exc.reservation, exc.waited, started, sent=len(body), ending=exc.ending)
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
             return [body]
@@ -103,16 +103,17 @@ class ProxyApp:
     def _refuse_slots_endpoint(self, path: str) -> None:
         if not self.slots_endpoint and (path == "/slots" or path.startswith("/slots/")):
             raise ProxyError(403, "/slots is not served through the balancer: it shows other users' prompts. "
-                                  "Start the balancer with --slots-endpoint-enable to allow it.")
+                                  "Start the balancer with --slots-endpoint-enable to allow it.", ending="forbidden")
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         length = environ.get("CONTENT_LENGTH")
         if length and length.isdigit() and int(length) > self.max_body:
             raise ProxyError(413, f"the request body has {length} bytes; this balancer forwards at most "
-                                  f"{self.max_body} (--max-request-body)")
+                                  f"{self.max_body} (--max-request-body)", ending="body_too_large")
         body = environ["wsgi.input"].read(self.max_body + 1)
         if len(body) > self.max_body:
-            raise ProxyError(413, f"the request body is larger than {self.max_body} bytes (--max-request-body)")
+            raise ProxyError(413, f"the request body is larger than {self.max_body} bytes (--max-request-body)",
+                             ending="body_too_large")
         return body
 
     def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool,
@@ -122,7 +123,11 @@ class ProxyApp:
         agent reports healthy again may serve the retry."""
         waited = 0.0
         for _ in range(MAX_CONNECT_ATTEMPTS):
-            reservation, wait = self._reserve(environ, takes_slot)
+            try:
+                reservation, wait = self._reserve(environ, takes_slot)
+            except ProxyError as exc:
+                exc.waited += waited  # a retry after a refused connection waited twice
+                raise
             waited += wait
             if tokens is not None:
                 self._foresee_end(reservation, tokens)
@@ -135,26 +140,31 @@ class ProxyApp:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.release(reservation)
                 if not up.is_connect_failure(exc):
-                    raise self._upstream_error(reservation, exc) from None
+                    raise self._upstream_error(reservation, exc, waited) from None
                 self._quarantine(reservation, exc)
-        raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts")
+        raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts",
+                         ending="upstream_refused", waited=waited)
 
     def _reserve(self, environ: dict[str, Any], takes_slot: bool) -> tuple[Reservation, float]:
         if not takes_slot:
             reservation = self.ledger.pick_without_slot()
             if reservation is None:
                 raise ProxyError(503, "no llama.cpp server is ready to answer; agents register them "
-                                      "(see /api/v1/agents on the management server)", [("Retry-After", "1")])
+                                      "(see /api/v1/agents on the management server)", [("Retry-After", "1")],
+                                 ending="no_server")
             return reservation, 0.0
         try:
             return self.buffer.acquire(client_watch(environ))
-        except ClientGone as exc:
-            raise ProxyError(499, str(exc)) from None
-        except StateUnavailable as exc:  # Redis is checked again within a second
-            raise ProxyError(503, str(exc), [("Retry-After", "1")]) from None
         except BufferRefusal as exc:
-            retry = [("Retry-After", str(max(1, round(self.buffer.timeout))))] if exc.status in (429, 503) else []
-            raise ProxyError(exc.status, str(exc), retry) from None
+            raise ProxyError(exc.status, str(exc), self._retry_after(exc), ending=exc.ending,
+                             waited=exc.waited) from None
+
+    def _retry_after(self, refusal: BufferRefusal) -> list[tuple[str, str]]:
+        if isinstance(refusal, StateUnavailable):  # Redis is checked again within a second
+            return [("Retry-After", "1")]
+        if refusal.status in (429, 503):
+            return [("Retry-After", str(max(1, round(self.buffer.timeout))))]
+        return []
 
     def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation) -> HTTPResponse:
         raw_uri = environ.get("RAW_URI", "")
@@ -175,13 +185,15 @@ class ProxyApp:
             logger.warning("quarantined llama.cpp at %s for %gs: connection failed (%s); trying another server",
                            reservation.addr, self.quarantine_seconds, type(exc).__name__)
 
-    def _upstream_error(self, reservation: Reservation, exc: Exception) -> ProxyError:
+    def _upstream_error(self, reservation: Reservation, exc: Exception, waited: float) -> ProxyError:
         if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
             logger.warning("llama.cpp at %s sent no response within %gs", reservation.addr, self.read_timeout)
             return ProxyError(504, f"the llama.cpp server did not answer within {self.read_timeout:g}s "
-                                   f"(--upstream-read-timeout)")
+                                   f"(--upstream-read-timeout)", ending="upstream_timeout",
+                              reservation=reservation, waited=waited)
         logger.warning("llama.cpp at %s failed before answering: %s", reservation.addr, exc)
-        return ProxyError(502, f"the llama.cpp server failed before answering ({type(exc).__name__})")
+        return ProxyError(502, f"the llama.cpp server failed before answering ({type(exc).__name__})",
+                          ending="upstream_error", reservation=reservation, waited=waited)
 
     # --- the response ---------------------------------------------------------------------------------
 

@@ -77,9 +77,9 @@ class Balancer:
                                 spawn=Pool(MANAGEMENT_CONNECTIONS))
             server.start()
         except OSError as exc:
-            logger.error("cannot listen for the management server on %s: %s. Another process holds the "
-                         "address, or gunicorn runs more than one worker (each would own its own ledger).",
-                         addr, exc.strerror)
+            logger.error("cannot listen for the management server on %s: %s. Another program holds it (`ss -ltnp` "
+                         "shows which): stop it, or choose another address with --management-addr "
+                         "(PADDLER_MANAGEMENT_ADDR)", addr, exc.strerror)
             sys.exit(WORKER_BOOT_ERROR)
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")
@@ -97,10 +97,13 @@ class Balancer:
             logger.warning("the management server on %s is reachable from other hosts and has no "
                            "--management-token: anyone who reaches it can register a llama.cpp address and "
                            "receive traffic", addr)
-        if self.options.management_path_prefix:
-            logger.warning("the management API is also served under %s on the proxy port: anyone who reaches the "
-                           "proxy can register servers there, so keep that path behind your platform's access "
-                           "control", self.options.management_path_prefix)
+        prefix = self.options.management_path_prefix
+        if prefix and not (self.options.management_token or self.options.management_read_token):
+            logger.warning("the management API under %s on the proxy port stays closed (403) until you set "
+                           "--management-token (PADDLER_MANAGEMENT_TOKEN): anyone who reaches the proxy would reach "
+                           "it. /health there is open.", prefix)
+        elif prefix:
+            logger.info("management API also under %s on the proxy port (token required)", prefix)
 
     def watch_worker(self, worker: Any) -> None:
         """Under gunicorn: when the worker is told to stop, begin a graceful shutdown."""

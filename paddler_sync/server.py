@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -85,10 +87,62 @@ def check_gunicorn_worker(worker: Any, options: argparse.Namespace) -> None:
         logger.error("refusing to start: gunicorn's worker class is %s; run it with -k gevent, or every "
                      "stream would hold a whole worker", cfg.worker_class_str)
         sys.exit(WORKER_BOOT_ERROR)
+    if not cfg.control_socket_disable and options.state_backend == "local":
+        logger.warning("gunicorn's control socket is open at %s: `gunicornc worker add` (like SIGTTIN) would start "
+                       "a second worker with a slot ledger of its own. Start gunicorn with --no-control-socket, or "
+                       "with -c conf/gunicorn.conf.py (which turns it off)", cfg.control_socket)
     binds = [str(b) for b in cfg.bind]
-    if str(options.reverseproxy_addr) not in binds:
+    if str(options.reverseproxy_addr) not in binds and not is_default(options, "reverseproxy-addr"):
         logger.warning("gunicorn binds %s but --reverseproxy-addr is %s: the proxy serves on gunicorn's bind",
                        ", ".join(binds), options.reverseproxy_addr)
+
+
+def is_default(options: argparse.Namespace, name: str) -> bool:
+    """Left as shipped: then gunicorn's own -b (a platform's $PORT) is no contradiction worth a warning."""
+    from paddler_sync.settings import SETTINGS
+
+    setting = next(s for s in SETTINGS if s.name == name)
+    return getattr(options, setting.dest) == setting.default
+
+
+def refuse_taken_addresses(arbiter: Any, options: argparse.Namespace) -> None:
+    """gunicorn's ``on_starting`` hook: an address held by another program fails at once, naming the setting.
+
+    Left alone, gunicorn retries a taken address for five seconds, then exits saying only
+    ``connection to ('127.0.0.1', 8080) failed``. Sockets handed over (re-exec, systemd) are not checked.
+    """
+    if arbiter.LISTENERS or "GUNICORN_FD" in os.environ or "LISTEN_FDS" in os.environ:
+        return
+    proxy_addr = str(options.reverseproxy_addr)
+    for bind in arbiter.cfg.bind:
+        problem = address_problem(str(bind))
+        if problem is None:
+            continue
+        setting = ("--reverseproxy-addr (PADDLER_REVERSEPROXY_ADDR)" if str(bind) == proxy_addr
+                   else "gunicorn's -b / --bind (on a platform, its $PORT)")
+        arbiter.log.error("cannot listen on %s for the reverse proxy: %s. Another program holds it (`ss -ltnp` "
+                          "shows which): stop it, or choose another address with %s", bind, problem, setting)
+        sys.exit(1)
+
+
+def address_problem(bind: str) -> str | None:
+    """Why nothing could listen on ``host:port`` now (None when it could); unix sockets are not checked."""
+    if bind.startswith(("unix:", "fd://")) or ":" not in bind:
+        return None
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return None  # gunicorn says what is wrong with it
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def answer_parse_errors_in_json(worker: Any) -> None:
@@ -122,6 +176,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         # gunicornc could add workers at run time, splitting the ledger; several balancers would also
         # fight over one default socket path.
         "control_socket_disable": True,
+        "on_starting": lambda arbiter: refuse_taken_addresses(arbiter, options),
     }
 
 

@@ -355,12 +355,54 @@ def settings_for(command: str) -> list[Setting]:
 # --- parser ---------------------------------------------------------------------------------------
 
 
+class ConfFileParser(configargparse.DefaultConfigFileParser):
+    """``key = value`` lines, checked as they are read: an unknown key is named with its file, its line and
+    the setting it most likely meant; every key remembers where it came from, for later errors.
+
+    ``max_buffered_requests`` is read as ``max-buffered-requests`` (both spellings are natural in a file).
+    """
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+        self.known = {name.removeprefix("--") for s in settings_for(command) for name in (s.flag, *s.aliases)}
+        self.known.add("config")
+        self.origins: dict[str, str] = {}
+
+    def parse(self, stream: Any) -> dict[str, Any]:
+        source = getattr(stream, "name", "the config file")
+        items: dict[str, Any] = {}
+        for number, line in enumerate(stream, start=1):
+            for key, value in super().parse([line]).items():
+                canonical = key.removeprefix("--").replace("_", "-")
+                if canonical not in self.known:
+                    raise configargparse.ConfigFileParserException(self._unknown(key, source, number))
+                items[canonical] = value
+                self.origins[canonical] = f"{source} line {number}"
+        return items
+
+    def _unknown(self, key: str, source: str, number: int) -> str:
+        import difflib
+
+        message = f"unknown setting `{key}` in {source} line {number}"
+        canonical = key.removeprefix("--").replace("_", "-")
+        elsewhere = [c for s in SETTINGS if s.name == canonical for c in s.commands]
+        if elsewhere:
+            return f"{message}: it is a setting of `paddler-sync {elsewhere[0]}`, not of `{self.command}`"
+        guesses = difflib.get_close_matches(canonical, sorted(self.known), n=1)
+        if guesses:
+            guess = guesses[0].replace("-", "_") if "_" in key else guesses[0]
+            return f"{message} (did you mean `{guess}`?)"
+        return f"{message}: `paddler-sync {self.command} --help` lists every setting"
+
+
 class SettingsParser(configargparse.ArgumentParser):
     """A flat parser for one command whose errors are one line, naming the setting and its source."""
 
     def __init__(self, command: str, **kwargs: Any) -> None:
         self.command = command
-        super().__init__(**kwargs)
+        self.conf_files = ConfFileParser(command)
+        super().__init__(config_file_parser_class=self.conf_files, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"paddler-sync {self.command}: error: {message}{self._source_hint(message)}\n")
@@ -376,7 +418,8 @@ class SettingsParser(configargparse.ArgumentParser):
                 return ""
             if setting.env in os.environ:
                 return f" (from the environment variable {setting.env})"
-            return " (from the config file)"
+            origin = self.conf_files.origins.get(setting.name, "the config file")
+            return f" (from {origin})"
         return ""
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None,  # type: ignore[override]

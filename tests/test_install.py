@@ -19,6 +19,7 @@ import requests
 from tests.conftest import ROOT, Fleet, free_port, port_open, wait_until
 
 pytestmark = pytest.mark.timeout(600)
+BUILD_OUTPUT: list[str] = []  # pip's output while building the wheel (the fixture builds it once)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bin/ of a fresh venv with the built wheel and its declared dependencies only."""
     scratch = tmp_path_factory.mktemp("install")
     wheels = scratch / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(ROOT)])
+    BUILD_OUTPUT.append(run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(ROOT)]))
     run([sys.executable, "-m", "venv", str(scratch / "venv")])
     bin_dir = scratch / "venv" / "bin"
     wheel = next(wheels.glob("paddler_sync-*.whl"))
@@ -34,9 +35,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bin_dir
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str]) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, f"{argv} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def test_the_wheel_builds_without_warnings_and_carries_the_templates(installed: Path) -> None:
+    assert "Warning" not in BUILD_OUTPUT[0], BUILD_OUTPUT[0]
+    probe = subprocess.run([str(installed / "python"), "-c", "import importlib.resources as r; print(sorted(p.name "
+                            "for p in r.files('paddler_sync.management.templates').iterdir()))"],
+                           capture_output=True, text=True)
+    assert "dashboard.html" in probe.stdout, probe.stderr
 
 
 def streamed_completion(proxy_port: int) -> list[dict]:

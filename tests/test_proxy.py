@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
 import socket
@@ -305,15 +306,19 @@ def _gunicorn(fleet: Fleet, args: list[str], env: dict[str, str], port: int | No
 def test_bare_gunicorn_command_serves_proxy_and_management(fleet: Fleet) -> None:
     proxy, management = free_port(), free_port()
     proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b",
-                                    f"127.0.0.1:{proxy}", "--no-control-socket", "--chdir", str(ROOT), "wsgi:balancer"],
-                       management, env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"})
+                                    f"127.0.0.1:{proxy}", "--chdir", str(ROOT), "wsgi:balancer"],
+                       management, env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}",
+                                        "PADDLER_REVERSEPROXY_ADDR": "127.0.0.1:1", "HOME": str(fleet.workdir),
+                                        "XDG_RUNTIME_DIR": ""})
     wait_until(lambda: port_open(proxy))
     sim = fleet.simulator("--parallel", "2")
     fleet.agent(sim.port, management, interval=INTERVAL)
     wait_until(lambda: requests.get(f"http://127.0.0.1:{management}/health", timeout=5).json()["slots_idle"] == 2)
     response = requests.post(f"http://127.0.0.1:{proxy}/completion", json={"prompt": "x", "n_predict": 2}, timeout=5)
     assert response.status_code == 200
-    assert "the proxy serves on gunicorn's bind" in proc.log()  # -b and --reverseproxy-addr disagree
+    assert "the proxy serves on gunicorn's bind" in proc.log()  # -b and an explicit --reverseproxy-addr disagree
+    # bare gunicorn opens its control socket; the balancer says what that risks and how to close it
+    assert "gunicorn's control socket is open" in proc.log() and "--no-control-socket" in proc.log()
 
 
 @pytest.mark.ledger_agnostic
@@ -348,28 +353,68 @@ def test_gunicorn_refuses_a_bad_setting_without_respawning(fleet: Fleet) -> None
 
 
 @pytest.mark.ledger_agnostic
-def test_procfile_web_command_starts(fleet: Fleet) -> None:
+def test_procfile_web_command_starts_quietly_with_its_management_path(fleet: Fleet) -> None:
+    """As a platform runs it: the line through a shell, from the app's root, with $PORT and the venv on PATH."""
     line = (ROOT / "Procfile").read_text().splitlines()[0]
     assert line.startswith("web: ")
     port, management = free_port(), free_port()
-    command = line[len("web: "):].replace("$PORT", str(port)).split()
-    command[0] = str(Path(PYTHON).parent / command[0])
-    fleet.spawn("procfile", command, port, cwd=ROOT,  # Procfile commands run from the app's root
-                env={"PORT": str(port), "PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"})
+    proc = fleet.spawn("procfile", ["bash", "-c", line[len("web: "):]], port, cwd=ROOT,
+                       env={"PORT": str(port), "PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}",
+                            "PADDLER_MANAGEMENT_TOKEN": "s3cret",
+                            "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"})
     wait_until(lambda: port_open(management))
-    response = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    public = f"http://127.0.0.1:{port}"
+    response = requests.get(public + "/v1/models", timeout=5)
     assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable_error"
+    assert requests.get(public + "/_paddler/health", timeout=5).json()["status"] == "ok"
+    assert requests.get(public + "/_paddler/api/v1/agents", timeout=5).status_code == 401
+    assert requests.get(public + "/_paddler/api/v1/agents", headers={"Authorization": "Bearer s3cret"},
+                        timeout=5).json() == {"agents": []}
+    log = proc.log()
+    assert "WARNING" not in log and "Control socket" not in log, log  # the conf turns gunicorn's control socket off
+
+
+@pytest.mark.ledger_agnostic
+def test_the_management_path_on_the_public_port_is_closed_without_a_token(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--management-path-prefix", "/_paddler")
+    assert requests.get(balancer.extra["proxy"] + "/_paddler/health", timeout=5).json()["status"] == "ok"
+    closed = requests.get(balancer.extra["proxy"] + "/_paddler/api/v1/agents", timeout=5)
+    assert closed.status_code == 403 and "PADDLER_MANAGEMENT_TOKEN" in closed.json()["error"]["message"]
+    assert "stays closed (403) until you set --management-token" in balancer.log()
+
+
+@pytest.mark.ledger_agnostic
+def test_a_taken_proxy_or_management_port_is_named_at_once(fleet: Fleet) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        started = time.monotonic()
+        proxy = fleet.spawn("taken-proxy", [PYTHON, "-m", "paddler_sync", "balancer", "--reverseproxy-addr",
+                                            f"127.0.0.1:{taken}", "--management-addr", f"127.0.0.1:{free_port()}"])
+        assert proxy.popen.wait(20) != 0 and time.monotonic() - started < 4  # gunicorn alone retries for 5 s
+        assert (f"cannot listen on 127.0.0.1:{taken} for the reverse proxy: Address already in use" in proxy.log()
+                and "--reverseproxy-addr" in proxy.log())
+        management = fleet.spawn("taken-management", [PYTHON, "-m", "paddler_sync", "balancer",
+                                                      "--reverseproxy-addr", f"127.0.0.1:{free_port()}",
+                                                      "--management-addr", f"127.0.0.1:{taken}"])
+        assert management.popen.wait(20) != 0
+    assert "choose another address with --management-addr" in management.log()
+    assert "more than one worker" not in management.log()
 
 
 @pytest.mark.ledger_agnostic
 def test_management_api_under_a_prefix_of_the_proxy_port(fleet: Fleet) -> None:
-    balancer = fleet.balancer("--management-path-prefix", "/_paddler")
+    balancer = fleet.balancer("--management-path-prefix", "/_paddler", "--management-token", "s3cret")
     sim = fleet.simulator("--parallel", "2")
     fleet.spawn("agent", [PYTHON, "-m", "paddler_sync", "agent", "--local-llamacpp-addr", f"127.0.0.1:{sim.port}",
                           "--management-addr", f"127.0.0.1:{balancer.extra['proxy_port']}",
-                          "--management-path-prefix", "/_paddler", "--monitoring-interval", "0.2"])
+                          "--management-path-prefix", "/_paddler", "--monitoring-interval", "0.2"],
+                env={"PADDLER_MANAGEMENT_TOKEN": "s3cret"})
     via_proxy = balancer.extra["proxy"] + "/_paddler/api/v1/agents"
-    wait_until(lambda: len(requests.get(via_proxy, timeout=5).json()["agents"]) == 1)
+    assert requests.get(via_proxy, timeout=5).status_code == 401
+    wait_until(lambda: len(requests.get(via_proxy, headers={"Authorization": "Bearer s3cret"},
+                                        timeout=5).json()["agents"]) == 1)
     assert requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 1},
                          timeout=5).status_code == 200
 

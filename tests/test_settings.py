@@ -110,12 +110,34 @@ def test_bad_value_from_the_environment_names_the_variable(tmp_path: Path) -> No
     assert "PADDLER_MANAGEMENT_ADDR" in result.stderr and "'127.0.0.1:http'" in result.stderr
 
 
-def test_bad_value_from_a_config_file_says_so(tmp_path: Path) -> None:
+def test_bad_value_from_a_config_file_names_the_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "agent.conf").write_text("monitoring-interval = never\n")
+    (tmp_path / "conf" / "agent.conf").write_text("# the agent\n\nname = gpu-1\nmonitoring-interval = never\n")
     result = run_cli("agent", cwd=tmp_path)
     assert result.returncode == 2
-    assert "--monitoring-interval" in result.stderr and "config file" in result.stderr
+    assert "--monitoring-interval" in result.stderr and "(from conf/agent.conf line 4)" in result.stderr
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("max_bufered_requests = 3", "unknown setting `max_bufered_requests` in conf/balancer.conf line 2 "
+                                 "(did you mean `max_buffered_requests`?)"),
+    ("max-bufered-requests = 3", "(did you mean `max-buffered-requests`?)"),
+    ("local-llamacpp-addr = 127.0.0.1:8081", "it is a setting of `paddler-sync agent`, not of `balancer`"),
+    ("frobnicate = 1", "unknown setting `frobnicate` in conf/balancer.conf line 2: `paddler-sync balancer --help`"),
+])
+def test_unknown_config_keys_are_named_with_file_line_and_fix(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "balancer.conf").write_text(f"# settings\n{line}\n")
+    result = run_cli("balancer", cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "unrecognized arguments" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_config_keys_may_use_underscores(tmp_path: Path) -> None:
+    conf = tmp_path / "balancer.conf"
+    conf.write_text("max_buffered_requests = 7\nmanagement_dashboard_enable = true\n")
+    options = parse_settings("balancer", args=[], config_files=[str(conf)])
+    assert options.max_buffered_requests == 7 and options.management_dashboard_enable is True
 
 
 def test_unknown_setting_and_unknown_command(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ class ProxyApp:
         self.max_body = options.max_request_body
         self.quarantine_seconds = options.quarantine_duration
         self.management_prefix = options.management_path_prefix
+        self.management_has_token = bool(options.management_token or options.management_read_token)
         self.metrics = balancer.metrics
         self.speeds = DecodeSpeeds()
         self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
@@ -93,9 +94,18 @@ class ProxyApp:
         return Relay(self, environ, start_response, response, reservation, waited, started, tokens)
 
     def _management(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
-        """The management API mounted under a prefix of the public port (one-port platforms)."""
+        """The management API mounted under a prefix of the public port (one-port platforms).
+
+        Anyone who reaches the public port reaches it, so without a token only /health answers there."""
         environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.management_prefix
         environ["PATH_INFO"] = environ["PATH_INFO"][len(self.management_prefix):] or "/"
+        if not self.management_has_token and environ["PATH_INFO"] != "/health":
+            body = error_bytes(403, f"the management API under {self.management_prefix} on the public port needs "
+                                    f"--management-token (PADDLER_MANAGEMENT_TOKEN); agents and dashboards send "
+                                    f"the same token")
+            start_response(status_line(403), [("Content-Type", "application/json"),
+                                              ("Content-Length", str(len(body)))])
+            return [body]
         return self.balancer.management(environ, start_response)
 
     # --- before the response ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import argparse
 import logging
 import socket
 import sys
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,12 +28,13 @@ from paddler_sync.fleet.shared import SharedFleetSync, SharedLedger, SharedRegis
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.management.views import health_json
-from paddler_sync.metrics import FleetCollector, History, Metrics, StatsdReporter
+from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter
 from paddler_sync.proxy.app import ProxyApp
+from paddler_sync.traffic import Traffic
 
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
-HISTORY_SECONDS = 1.0
+TRAFFIC_SAMPLE_SECONDS = 1.0
 SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
 MANAGEMENT_BACKLOG = 256
@@ -49,7 +51,7 @@ class Balancer:
         self.shutting_down = False
         self.metrics = Metrics()
         self.metrics.registry.register(FleetCollector(self))
-        self.history = History()
+        self.traffic = Traffic(time.time())
         self.proxy = ProxyApp(self)
         self.management = create_management_app(self)
         self.management_server: WSGIServer | None = None
@@ -89,7 +91,7 @@ class Balancer:
             self._spawn(self.shared.renew_forever, "shared-ledger-leases")
             logger.info("slot ledger shared in %s (prefix %s, lease TTL %gs)", _redacted(self.options.state_backend),
                         self.options.state_prefix, self.options.lease_ttl)
-        self._spawn(self._sample_history_forever, "history-sampler")
+        self._spawn(self._sample_traffic_forever, "traffic-sampler")
         if self.options.statsd_addr is not None:
             self._spawn(self._report_statsd_forever, "statsd-reporter")
         logger.info("management server on http://%s (agents report here; /api/v1/agents, /health)", addr)
@@ -135,10 +137,13 @@ class Balancer:
         greenlet.name = name
         greenlet.link_exception(log_greenlet_exception(logger))
 
-    def _sample_history_forever(self) -> None:
+    def _sample_traffic_forever(self) -> None:
+        """Slots in use and requests waiting, once a second, for the dashboards' charts."""
         while True:
-            self.history.record(health_json(self))
-            gevent.sleep(HISTORY_SECONDS)
+            health = health_json(self)
+            self.traffic.sample(health["slots_processing"], health["slots_total"], health["requests_buffered"],
+                                time.time())
+            gevent.sleep(TRAFFIC_SAMPLE_SECONDS)
 
     def _report_statsd_forever(self) -> None:
         reporter = StatsdReporter(self)

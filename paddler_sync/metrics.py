@@ -1,4 +1,4 @@
-"""What the balancer measures, and where it goes: Prometheus (/metrics), StatsD, and the dashboard's chart.
+"""What the balancer measures, and where it goes: Prometheus (/metrics) and StatsD (the dashboards: traffic.py).
 
 The proxy records each finished request with one call (:meth:`Metrics.request_done`): a few
 integer additions and histogram observations, no I/O on the hot path. Fleet gauges are read from
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -31,7 +28,6 @@ STATSD_COUNTERS = {"served": "requests_served", "rejected": "requests_rejected",
                    "upstream_error": "upstream_errors", "client_gone": "requests_abandoned"}
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MAX_PENDING_TIMINGS = 20_000  # per StatsD interval; beyond it, samples are dropped (and counted)
-HISTORY_POINTS = 300
 
 
 ENDING_OUTCOMES = {  # how each ending named in the access log is counted
@@ -139,25 +135,6 @@ def live_greenlets() -> int:
     from greenlet import greenlet
 
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
-
-
-@dataclass
-class Sample:
-    at: float
-    slots_busy: int
-    slots_total: int
-    buffered: int
-
-
-class History:
-    """The last minutes of slots in use and requests waiting, for the dashboard's chart."""
-
-    def __init__(self, points: int = HISTORY_POINTS) -> None:
-        self.samples: deque[Sample] = deque(maxlen=points)
-
-    def record(self, health: dict[str, Any]) -> None:
-        self.samples.append(Sample(time.time(), health["slots_processing"], health["slots_total"],
-                                   health["requests_buffered"]))
 
 
 class StatsdReporter:

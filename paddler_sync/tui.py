@@ -1,9 +1,10 @@
 """``paddler-sync dashboard``: the fleet in the terminal, with Textual.
 
 Textual runs on asyncio, which does not mix with a gevent-patched process, so this command never
-patches (see cli.py) and fetches the management API with requests in a worker thread. The table is
-Paddler's (Name | Issues | Llama.cpp address | Last update | Idle slots | Processing slots), plus the
-buffer and totals. Agent names are shown as plain text, never as markup.
+patches (see cli.py) and fetches the management API with requests in a worker thread. The figures are
+the web dashboard's (last 5 minutes, from /api/v1/traffic); the columns that matter most come first,
+so an 80-column terminal shows them without scrolling (Paddler's address and last update follow).
+Agent names are shown as plain text, never as markup. Times are UTC, as on the web dashboard.
 """
 
 from __future__ import annotations
@@ -19,46 +20,90 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-COLUMNS = ("Name", "Issues", "Llama.cpp address", "Last update", "Idle slots", "Processing slots")
+COLUMNS = ("Name", "Issues", "Idle", "Busy", "In flight", "Req/s", "Tok/s", "TTFT95", "Errors",
+           "Llama.cpp address", "Last update (UTC)")
+WIDTHS = {"Name": 12, "Issues": 16}  # the rest fit their contents; these two are cut (the detail line has all)
 LOADING = "Loading agents..."
 EMPTY = "There are no agents registered. If agents are running, please give them a few seconds to register."
-FOOTER = "(Esc|q) quit | (↑|k) move up | (↓|j) move down"
-SHORT_ISSUES = {  # a terminal row has no room for the web dashboard's full hints
-    "unreachable": "Unreachable: is llama-server running?",
-    "unauthorized": "Unauthorized: pass --llamacpp-api-key",
-    "slots_disabled": "Slots endpoint off: start llama-server with --slots",
+FOOTER = "(Esc|q) quit | (↑|k) up | (↓|j) down | figures: last 5 min"
+SHORT_ISSUES = {  # a cell has room for a word or two; the detail line below the table says what to do
+    "unreachable": "Unreachable",
+    "unauthorized": "Unauthorized",
+    "slots_disabled": "Slots off",
     "loading": "Loading model",
-    "malformed": "Malformed /slots answer",
-    "unexpected_status": "Unexpected /slots status",
+    "malformed": "Bad /slots",
+    "unexpected_status": "Bad /slots",
 }
 
 
 def issues_text(agent: dict[str, Any]) -> str:
     if agent.get("quarantined_until"):
         until = time.strftime("%H:%M:%S", time.gmtime(agent["quarantined_until"]["secs_since_epoch"]))
-        return f"Quarantined until {until} UTC"
+        return f"Quarantined {until}"
     if agent["state"] == "ready":
-        return "Sleeping: its first request reloads the model" if agent.get("is_sleeping") else "None"
+        return "Sleeping" if agent.get("is_sleeping") else "None"
     return SHORT_ISSUES.get(agent["state"], agent["state"])
 
 
-def row_for(agent: dict[str, Any]) -> tuple[Text, ...]:
-    updated = time.strftime("%Y/%m/%d, %H:%M:%S", time.gmtime(agent["last_update"]["secs_since_epoch"]))
-    cells = (agent.get("agent_name") or "", issues_text(agent), agent["external_llamacpp_addr"], updated,
-             str(agent["slots_idle"]), str(agent["slots_processing"]))
+def detail_text(agent: dict[str, Any]) -> str:
+    """The selected agent in full: its name, address, and what is wrong and what to do, if anything."""
+    parts = [f"{agent.get('agent_name') or agent['agent_id']} at {agent['external_llamacpp_addr']}"]
+    if agent.get("quarantined_until"):
+        until = time.strftime("%H:%M:%S", time.gmtime(agent["quarantined_until"]["secs_since_epoch"]))
+        parts.append(f"quarantined until {until} UTC: it refused a connection")
+    if agent.get("is_sleeping"):
+        parts.append("sleeping: its first request reloads the model")
+    if agent["state"] not in ("ready", "quarantined"):
+        parts.append(agent.get("hint") or agent["state"])
+        if agent.get("error"):
+            parts.append(agent["error"])
+    return ": ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:])
+
+
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds <= 0.001:  # the finest bin: every wait shorter than a millisecond
+        return "<1ms"
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+
+
+def rate_text(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def errors_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in errors.items()) or "none"
+
+
+def row_for(agent: dict[str, Any], figures: dict[str, Any] | None) -> tuple[Text, ...]:
+    updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(agent["last_update"]["secs_since_epoch"]))
+    traffic = (("-",) * 4 if figures is None else
+               (rate_text(figures["requests_per_second"]), rate_text(figures["tokens_per_second"]),
+                duration_text(figures["ttft_p95_seconds"]), errors_text(figures["errors"])))
+    cells = (agent.get("agent_name") or "", issues_text(agent), str(agent["slots_idle"]),
+             str(agent["slots_processing"]), str(agent["slots_in_flight"]), *traffic,
+             agent["external_llamacpp_addr"], updated)
     return tuple(Text(str(c)) for c in cells)
 
 
-def totals_text(health: dict[str, Any]) -> str:
-    return (f"agents {health['agents_ready']}/{health['agents']} ready | slots idle {health['slots_idle']}, "
-            f"processing {health['slots_processing']} of {health['slots_total']} | in flight "
-            f"{health['requests_in_flight']} | waiting {health['requests_buffered']} "
-            f"(oldest {health['oldest_buffered_seconds']:.1f}s)")
+def totals_text(health: dict[str, Any], traffic: dict[str, Any]) -> str:
+    """The fleet in three lines of at most 80 columns: slots, traffic, errors."""
+    fleet = traffic["fleet"]
+    return (f"agents {health['agents_ready']}/{health['agents']} ready | slots {health['slots_processing']} busy, "
+            f"{health['slots_idle']} idle of {health['slots_total']} | in flight {health['requests_in_flight']}\n"
+            f"waiting {health['requests_buffered']} (oldest {health['oldest_buffered_seconds']:.1f}s) | "
+            f"last 5 min: {rate_text(fleet['requests_per_second'])} req/s, {rate_text(fleet['tokens_per_second'])} "
+            f"tok/s\nTTFT p50 {duration_text(fleet['ttft_p50_seconds'])} p95 "
+            f"{duration_text(fleet['ttft_p95_seconds'])} | queue p95 {duration_text(fleet['queue_wait_p95_seconds'])}"
+            f" | errors: {errors_text(fleet['errors'])}")
 
 
 class FleetDashboard(App):
+    TITLE = "paddler_sync dashboard"
     CSS = """
     #message { padding: 0 1; color: $warning; }
+    #detail { padding: 0 1; }
     #totals { padding: 0 1; color: $text-muted; }
     #footer { padding: 0 1; color: $text-muted; }
     DataTable { height: 1fr; }
@@ -73,7 +118,7 @@ class FleetDashboard(App):
         self.management_url = management_url.rstrip("/")
         self.refresh_interval = refresh_interval
         self.message = LOADING
-        self.ticks = 0
+        self.agents: dict[str, dict[str, Any]] = {}
         self.session = requests.Session()
         self.session.trust_env = False
         if token:
@@ -83,38 +128,64 @@ class FleetDashboard(App):
         yield Static(Text("paddler_sync fleet: " + self.management_url), id="title")
         yield Static(Text(LOADING), id="message")
         yield DataTable(id="agents", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="detail")
         yield Static("", id="totals")
         yield Static(FOOTER, id="footer")
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns(*COLUMNS)
+        table = self.query_one(DataTable)
+        for column in COLUMNS:
+            table.add_column(column, width=WIDTHS.get(column), key=column)
         self.fetch()
         self.set_interval(self.refresh_interval, self.fetch)
 
     @work(thread=True, exclusive=True)
     def fetch(self) -> None:
         try:
-            agents = self.session.get(f"{self.management_url}/api/v1/agents", timeout=2).json()["agents"]
-            health = self.session.get(f"{self.management_url}/health", timeout=2).json()
+            agents = self.get_json("/api/v1/agents")["agents"]
+            health = self.get_json("/health")
+            traffic = self.get_json("/api/v1/traffic")
         except (requests.RequestException, ValueError, KeyError) as exc:
             self.call_from_thread(self.show_error, exc)
             return
-        self.call_from_thread(self.show, agents, health)
+        self.call_from_thread(self.show, agents, health, traffic)
 
-    def show(self, agents: list[dict[str, Any]], health: dict[str, Any]) -> None:
-        self.ticks += 1
+    def get_json(self, path: str) -> dict[str, Any]:
+        """A management API document; an error answer (a missing token, say) raises with its own message."""
+        response = self.session.get(f"{self.management_url}{path}", timeout=2)
+        body = response.json()
+        if response.status_code >= 400 and path != "/health":  # /health answers 503 while shutting down
+            raise ValueError(body.get("error", {}).get("message", f"HTTP {response.status_code}"))
+        return body
+
+    def show(self, agents: list[dict[str, Any]], health: dict[str, Any], traffic: dict[str, Any]) -> None:
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
+        figures = {server["addr"]: server for server in traffic["servers"]}
         for agent in agents:
-            table.add_row(*row_for(agent), key=agent["agent_id"])
+            table.add_row(*row_for(agent, figures.get(agent["external_llamacpp_addr"])), key=agent["agent_id"])
         if agents:
             table.move_cursor(row=min(cursor, len(agents) - 1))
+        self.agents = {agent["agent_id"]: agent for agent in agents}
         self._set_message("" if agents else EMPTY)
-        self.query_one("#totals", Static).update(Text(f"{totals_text(health)} | current tick: {self.ticks}"))
+        self.show_detail()
+        self.query_one("#totals", Static).update(Text(totals_text(health, traffic)))
+
+    def show_detail(self) -> None:
+        table = self.query_one(DataTable)
+        agent = None
+        if table.row_count:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            agent = self.agents.get(key)
+        self.query_one("#detail", Static).update(Text(detail_text(agent) if agent else ""))
+
+    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self.show_detail()
 
     def show_error(self, exc: Exception) -> None:
-        self._set_message(f"Cannot reach the balancer at {self.management_url}: {type(exc).__name__}. "
+        reason = str(exc) if type(exc) is ValueError and str(exc) else type(exc).__name__
+        self._set_message(f"Cannot reach the balancer at {self.management_url}: {reason}. "
                           f"Retrying every {self.refresh_interval:g}s...")
 
     def _set_message(self, text: str) -> None:

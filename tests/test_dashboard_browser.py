@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -71,15 +73,37 @@ def test_empty_then_a_row_appears_then_numbers_move(fleet: Fleet, page) -> None:
     assert row.locator(".idle").inner_text() == "3" and row.locator(".processing").inner_text() == "0"
 
     streams = [requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
-                             json={"prompt": "x", "n_predict": 100, "stream": True}) for _ in range(2)]
-    page.wait_for_function("document.querySelector('tr.agent .processing').innerText === '2'", timeout=10_000)
-    assert row.locator(".in-flight").inner_text() == "2"
-    assert page.inner_text("#total-in-flight") == "2"
-    page.wait_for_selector("svg polyline", timeout=10_000)
-    shot(page, "under-load")
-    for stream in streams:
-        stream.close()
+                             json={"prompt": "x", "n_predict": 100, "stream": True}) for _ in range(3)]
+    with ThreadPoolExecutor(2) as pool:  # two more wait in the balancer's queue
+        waiting = [pool.submit(requests.post, balancer.extra["proxy"] + "/completion", timeout=20,
+                               json={"prompt": "x", "n_predict": 4}) for _ in range(2)]
+        page.wait_for_function("document.querySelector('#buffered').innerText === '2'", timeout=10_000)
+        assert row.locator(".in-flight").inner_text() == "3" and page.inner_text("#total-in-flight") == "3"
+        # the legend's peak is the peak of waiting requests, not the chart's scale
+        page.wait_for_function("document.querySelector('.legend').innerText.includes('requests waiting (peak 2)')",
+                               timeout=10_000)
+        shot(page, "under-load")
+        for stream in streams:
+            stream.close()
+        assert [w.result().status_code for w in waiting] == [200, 200]
     page.wait_for_function("document.querySelector('tr.agent .processing').innerText === '0'", timeout=10_000)
+    # the three streams their clients cut show as errors by kind; the two served ones as tokens
+    page.wait_for_function("document.querySelector('#fleet-errors').innerText.includes('client_gone 3')",
+                           timeout=10_000)
+    assert float(page.inner_text("#fleet-tps")) > 0 and float(row.locator(".rps").inner_text()) > 0
+    assert page.inner_text("#fleet-wait") != "-"
+    y_ticks = page.locator("figure.chart").first.locator(".y-tick").all_text_contents()
+    assert y_ticks[0] == "0" and len(y_ticks) == 3 and float(y_ticks[-1]) >= 3  # at least the 3 slots in all
+    x_ticks = page.locator("figure.chart").first.locator(".x-tick").all_text_contents()
+    assert len(x_ticks) == 4 and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in x_ticks)
+    # slots in all is drawn over slots in use, so a full fleet hides neither
+    keys = page.locator("figure.chart").first.locator("path.series").evaluate_all("ps => ps.map(p => p.dataset.key)")
+    assert keys.index("slots_total") > keys.index("slots_busy")
+    page.click("button[data-range='1h']")
+    page.wait_for_function("document.querySelector('section[aria-label=History] h2').innerText.includes('hour')",
+                           timeout=10_000)
+    assert page.get_attribute("button[data-range='1h']", "aria-pressed") == "true"
+    shot(page, "one-hour")
 
 
 def test_an_agent_in_error_shows_its_hint_and_names_render_as_text(fleet: Fleet, page) -> None:
@@ -88,7 +112,12 @@ def test_an_agent_in_error_shows_its_hint_and_names_render_as_text(fleet: Fleet,
     fleet.agent(locked.port, balancer.extra["management_port"], "--name", "<script>alert(1)</script>", interval=0.2)
     no_slots = fleet.simulator("--no-slots")
     fleet.agent(no_slots.port, balancer.extra["management_port"], "--name", "noslots", interval=0.2)
-    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] != "ready" for a in agents(balancer)))
+    long_error = "x" * 400  # an agent may send a long error text: it wraps in its cell, whole behind "more"
+    requests.post(balancer.extra["management"] + "/api/v1/agents/long-error/report", timeout=5, json={
+        "agent_name": "talkative", "error": long_error, "external_llamacpp_addr": "127.0.0.1:9",
+        "is_authorized": None, "is_slots_endpoint_enabled": None, "slots_idle": 0, "slots_processing": 0,
+        "state": "unreachable", "monitoring_interval": 60}).raise_for_status()
+    wait_until(lambda: len(agents(balancer)) == 3 and all(a["state"] != "ready" for a in agents(balancer)))
     page.goto(balancer.extra["management"] + "/dashboard")
     page.wait_for_selector("tr.agent.has-issues", timeout=10_000)
     page.wait_for_timeout(1500)  # let the page refresh a couple of times: a script would have run by now
@@ -96,6 +125,11 @@ def test_an_agent_in_error_shows_its_hint_and_names_render_as_text(fleet: Fleet,
     assert "--llamacpp-api-key" in text and "start llama-server with --slots" in text
     assert "<script>alert(1)</script>" in text  # shown as text...
     assert page.dialogs == []  # ...never run
+    panel = page.locator("section[aria-label='Registered agents']")
+    assert panel.evaluate("p => p.scrollWidth <= p.clientWidth"), "a long error text widened the table"
+    page.click("details.issue summary")
+    page.wait_for_timeout(1200)  # an opened text stays open across refreshes
+    assert page.locator("details.issue[open]").count() == 1 and long_error in page.inner_text("details.issue")
     shot(page, "errors")
 
 

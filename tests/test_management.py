@@ -137,7 +137,7 @@ def test_a_sleeping_server_is_shown_as_such_and_contradictions_are_refused(clien
     from paddler_sync.management.dashboard import with_display_fields
     from paddler_sync.tui import issues_text
 
-    assert any("Sleeping" in issue for issue in with_display_fields(row)["issues"])
+    assert any("Sleeping" in issue["text"] for issue in with_display_fields(row, None)["issues"])
     assert issues_text(row).startswith("Sleeping")
     busy = client.post("/api/v1/agents/agent-2/report", json=good_report(
         external_llamacpp_addr="127.0.0.1:9002", is_sleeping=True))  # good_report has a busy slot

@@ -106,6 +106,23 @@ def test_prometheus_metrics(fleet: Fleet) -> None:
     timed_out = re.search(r'"POST /completion" 504 upstream=- wait=([\d.]+)ms ttfb=- duration=[\d.]+ms '
                           r'bytes=(\d+) end=timed_out', balancer.log())
     assert timed_out and float(timed_out.group(1)) >= 290 and int(timed_out.group(2)) > 50
+    # the dashboards' figures: tokens from llama.cpp's own counts, errors by kind, the long wait
+    chat = requests.post(balancer.extra["proxy"] + "/v1/chat/completions", timeout=10, stream=True,
+                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "stream": True})
+    assert chat.status_code == 200 and b"[DONE]" in chat.content
+    traffic = wait_until(lambda: (t := requests.get(balancer.extra["management"] + "/api/v1/traffic",
+                                                    timeout=5).json())["fleet"]["requests"] == 4 and t)
+    fleet_figures = traffic["fleet"]
+    assert fleet_figures["tokens"] == 2 * 20 + 7 and fleet_figures["errors"] == {"timed_out": 1}
+    assert fleet_figures["queue_wait_p95_seconds"] >= 0.3
+    assert fleet_figures["ttft_p50_seconds"] is not None  # the one streamed answer (non-streamed ones have none)
+    (server,) = traffic["servers"]
+    assert server["agent_name"] == "s0" and server["requests"] == 3 and server["errors"] == {}
+    assert traffic["time_zone"] == "UTC" and len(traffic["series"]) == 300
+    assert requests.get(balancer.extra["management"] + "/api/v1/traffic?range=1h", timeout=5).json()[
+        "step_seconds"] == 12
+    bad = requests.get(balancer.extra["management"] + "/api/v1/traffic?range=1d", timeout=5)
+    assert bad.status_code == 400 and "5m, 1h" in bad.json()["error"]["message"]
     assert re.search(r"^paddler_time_to_first_byte_seconds_count 2\.0$", text, re.M)
     assert "paddler_request_duration_seconds_bucket" in text
     assert re.search(rf'^paddler_agent_slots_idle{{addr="[^"]+",agent_id="{agent_id}",agent_name="s0"}} 2\.0$',

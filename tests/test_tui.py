@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import requests
 from textual.widgets import DataTable
 
 from paddler_sync.tui import EMPTY, LOADING, FleetDashboard
-from tests.conftest import Fleet, agents, free_port, wait_until
+from tests.conftest import ROOT, Fleet, agents, free_port, wait_until
+
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 def rows(app: FleetDashboard) -> list[list[str]]:
@@ -42,19 +45,32 @@ def test_empty_then_agents_and_keys(fleet: Fleet) -> None:
 
     async def scenario() -> None:
         app = FleetDashboard(balancer.extra["management"], refresh_interval=0.2)
-        async with app.run_test(size=(160, 30)) as pilot:
+        async with app.run_test(size=(80, 30)) as pilot:  # a plain 80-column terminal
             await settle(pilot, app, lambda: app.message == EMPTY)
             for name, sim in zip(("alpha", "[b]bold[/b]"), sims, strict=True):
                 fleet.agent(sim.port, balancer.extra["management_port"], "--name", name, interval=0.2)
             await settle(pilot, app, lambda: len(rows(app)) == 2 and app.message == "")
+            assert requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 9},
+                                 timeout=10).status_code == 200
+            await settle(pilot, app, lambda: any(r[6] not in ("-", "0.00") for r in rows(app)))
             table = rows(app)
             assert [r[0] for r in table] == ["[b]bold[/b]", "alpha"]  # markup is shown, never interpreted
-            assert table[1][1] == "None" and table[1][4:] == ["2", "0"]
-            assert "slots idle 6" in str(app.query_one("#totals").render())
+            assert table[1][1:5] == ["None", "2", "0", "0"]  # issues, idle, busy, in flight
+            served = next(r for r in table if r[5] != "-")
+            assert float(served[6]) > 0 and served[8] == "none"  # tokens/s from llama.cpp's count, no errors
+            columns = list(app.query_one(DataTable).columns.values())
+            assert sum(c.get_render_width(app.query_one(DataTable)) for c in columns[:8]) <= 78  # + scrollbar
+            totals = str(app.query_one("#totals").render())
+            assert "6 idle of 6" in totals and "req/s" in totals and "TTFT p50" in totals and "tick" not in totals
+            assert all(len(line) <= 80 for line in totals.splitlines())
+            assert str(app.query_one("#detail").render()).startswith("[b]bold[/b] at 127.0.0.1:")
+            ARTIFACTS.mkdir(exist_ok=True)
+            app.save_screenshot("tui-80-columns.svg", str(ARTIFACTS))
             cursor = app.query_one(DataTable)
             assert cursor.cursor_row == 0
             await pilot.press("j")
             assert cursor.cursor_row == 1
+            assert str(app.query_one("#detail").render()).startswith("alpha at 127.0.0.1:")
             await pilot.press("j")  # wraps around
             assert cursor.cursor_row == 0
             await pilot.press("k")
@@ -75,7 +91,9 @@ def test_an_agent_in_error_shows_its_hint(fleet: Fleet) -> None:
         app = FleetDashboard(balancer.extra["management"], refresh_interval=0.2)
         async with app.run_test(size=(200, 30)) as pilot:
             await settle(pilot, app, lambda: len(rows(app)) == 1)
-            assert "start llama-server with --slots" in rows(app)[0][1]
+            assert rows(app)[0][1] == "Slots off"
+            detail = app.query_one("#detail")
+            await settle(pilot, app, lambda: "start llama-server with --slots" in str(detail.render()))
 
     asyncio.run(scenario())
 

@@ -23,6 +23,7 @@ from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agen
 from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
 from paddler_sync.management.guard import READ, WRITE, Guard, presented_token
+from paddler_sync.traffic import DEFAULT_RANGE, RANGES
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
@@ -71,6 +72,13 @@ def create_management_app(balancer: Balancer) -> Flask:
     @app.get("/api/v1/agents")
     def agents() -> Response:
         return jsonify({"agents": views.agents_json(balancer)})
+
+    @app.get("/api/v1/traffic")
+    def traffic() -> tuple[Response, int]:
+        range_name = request.args.get("range", DEFAULT_RANGE)
+        if range_name not in RANGES:
+            return _error(400, f"range={range_name!r} is not one of {', '.join(RANGES)}")
+        return jsonify(views.traffic_json(balancer, range_name)), 200
 
     @app.get("/health")
     def health() -> tuple[Response, int]:

@@ -1,25 +1,29 @@
 """The web dashboard: Flask renders everything server side; the page swaps in a fresh fragment every second.
 
-No front-end build step: one template for the page (with ~20 lines of JavaScript that fetch the
-fragment and say when the management server cannot be reached) and one for the fleet fragment.
-Everything an agent sent is untrusted and Jinja escapes it.
+No front-end build step: one template for the page (with ~30 lines of JavaScript that fetch the
+fragment, keep the chosen time range and say when the management server cannot be reached) and one
+for the fleet fragment. Charts are SVG drawn here, with real axes. Times are UTC everywhere, said once
+in the header. Everything an agent sent is untrusted and Jinja escapes it.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, render_template, request, url_for
 
-from paddler_sync.management.views import agents_json, health_json
+from paddler_sync.management.views import agents_json, health_json, traffic_json
+from paddler_sync.traffic import DEFAULT_RANGE, RANGES
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
-    from paddler_sync.metrics import History
 
 REFRESH_MS = 1000
-CHART_WIDTH, CHART_HEIGHT = 600, 120
+PLOT = {"left": 40, "right": 8, "top": 8, "bottom": 20, "width": 420, "height": 150}
+LONG_ISSUE = 160  # characters shown before "more"
 
 
 def create_dashboard(balancer: Balancer) -> Blueprint:
@@ -29,13 +33,21 @@ def create_dashboard(balancer: Balancer) -> Blueprint:
     def page() -> str:
         token = request.args.get("token")  # a browser cannot send a header: the page passes the token on
         fleet_url = url_for("dashboard.fleet", token=token) if token else url_for("dashboard.fleet")
-        return render_template("dashboard.html", refresh_ms=REFRESH_MS, fleet_url=fleet_url)
+        return render_template("dashboard.html", refresh_ms=REFRESH_MS, fleet_url=fleet_url,
+                               ranges=list(RANGES), default_range=DEFAULT_RANGE)
 
     @dashboard.get("/dashboard/fleet")
     def fleet() -> str:
-        agents = [with_display_fields(a) for a in agents_json(balancer)]
-        return render_template("fleet.html", agents=agents, health=health_json(balancer),
-                               chart=chart(balancer.history), now=format_time(time.time()))
+        range_name = request.args.get("range", DEFAULT_RANGE)
+        if range_name not in RANGES:
+            range_name = DEFAULT_RANGE
+        traffic = traffic_json(balancer, range_name)
+        by_addr = {s["addr"]: s for s in traffic["servers"]}
+        agents = [with_display_fields(a, by_addr.get(a["external_llamacpp_addr"])) for a in agents_json(balancer)]
+        return render_template("fleet.html", agents=agents, health=health_json(balancer), traffic=traffic,
+                               fleet_figures=display_figures(traffic["fleet"]), range_name=range_name,
+                               charts=charts(traffic["series"], traffic["step_seconds"]),
+                               now=format_time(time.time()))
 
     return dashboard
 
@@ -43,10 +55,35 @@ def create_dashboard(balancer: Balancer) -> Blueprint:
 def format_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
-def with_display_fields(agent: dict[str, Any]) -> dict[str, Any]:
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds <= 0.001:  # the finest bin: every wait shorter than a millisecond
+        return "< 1 ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def format_rate(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def display_figures(figures: dict[str, Any] | None) -> dict[str, str]:
+    """A server's or the fleet's traffic figures as the table shows them ("-": nothing relayed yet)."""
+    if not figures:
+        return {"rps": "-", "tps": "-", "ttft_p50": "-", "ttft_p95": "-", "wait_p95": "-", "errors": "none"}
+    return {"rps": format_rate(figures["requests_per_second"]), "tps": format_rate(figures["tokens_per_second"]),
+            "ttft_p50": format_duration(figures["ttft_p50_seconds"]),
+            "ttft_p95": format_duration(figures["ttft_p95_seconds"]),
+            "wait_p95": format_duration(figures["queue_wait_p95_seconds"]),
+            "errors": ", ".join(f"{kind} {count}" for kind, count in figures["errors"].items()) or "none"}
+
+
+def with_display_fields(agent: dict[str, Any], figures: dict[str, Any] | None) -> dict[str, Any]:
     total = agent["total_slots"]
     quarantined = agent["quarantined_until"]
     issues: list[str] = []
@@ -58,23 +95,80 @@ def with_display_fields(agent: dict[str, Any]) -> dict[str, Any]:
         issues.append(agent["hint"] or agent["state"])
         if agent["error"]:
             issues.append(agent["error"])
-    return {**agent, "issues": issues, "last_update_text": format_time(agent["last_update"]["secs_since_epoch"]),
-            "usage_percent": round(100 * agent["slots_processing"] / total) if total else 0}
+    return {**agent, "issues": [{"text": i, "short": shorten(i)} for i in issues],
+            "last_update_text": format_time(agent["last_update"]["secs_since_epoch"]),
+            "usage_percent": round(100 * agent["slots_processing"] / total) if total else 0,
+            "figures": display_figures(figures)}
 
 
-def chart(history: History) -> dict[str, Any]:
-    """SVG polylines of slots in use, total slots and requests waiting, scaled to the chart box."""
-    samples = list(history.samples)
-    if len(samples) < 2:
-        return {"busy": "", "total": "", "buffered": "", "peak": 0, "span": ""}
-    peak = max(max(s.slots_total, s.buffered, s.slots_busy) for s in samples) or 1
-    span = samples[-1].at - samples[0].at or 1
+def shorten(text: str) -> str | None:
+    """The start of a long text (the cell shows it, with the whole behind "more"); None when it fits."""
+    return text[:LONG_ISSUE].rstrip() + "…" if len(text) > LONG_ISSUE else None
 
-    def line(values: list[int]) -> str:
-        return " ".join(f"{(s.at - samples[0].at) / span * CHART_WIDTH:.1f},"
-                        f"{CHART_HEIGHT - v / peak * (CHART_HEIGHT - 4) - 2:.1f}" for s, v in zip(samples, values,
-                                                                                              strict=True))
 
-    return {"busy": line([s.slots_busy for s in samples]), "total": line([s.slots_total for s in samples]),
-            "buffered": line([s.buffered for s in samples]), "peak": peak,
-            "span": f"{span:.0f} s" if span < 120 else f"{span / 60:.0f} min"}
+# --- charts ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Line:
+    key: str
+    label: str
+    color: str
+    dashed: bool = False
+    area: bool = False
+
+
+def charts(series: list[dict[str, Any]], step: float) -> list[dict[str, Any]]:
+    per = f"{step:g} s"
+    waiting = [p["waiting"] for p in series if p["waiting"] is not None]
+    return [
+        chart("Slots and waiting requests", series, "", [
+            Line("slots_busy", f"slots in use (peak per {per})", "#3e63dd", area=True),
+            Line("slots_total", "slots in all", "#667085", dashed=True),
+            Line("waiting", f"requests waiting (peak {max(waiting, default=0)})", "#c4320a")]),
+        chart("Requests per second", series, "/s", [
+            Line("requests_per_second", f"requests finished per second (per {per})", "#12805c")]),
+        chart("Tokens generated per second", series, "/s", [
+            Line("tokens_per_second", f"tokens per second, from llama.cpp's usage (per {per})", "#7a5af8")]),
+    ]
+
+
+def chart(title: str, series: list[dict[str, Any]], unit: str, lines: list[Line]) -> dict[str, Any]:
+    """An SVG line chart with a y axis from 0 to a round maximum and a UTC time axis."""
+    values = [p[line.key] for p in series for line in lines if p[line.key] is not None]
+    top = nice_ceiling(max(values, default=0))
+    left, right, upper, lower = (PLOT["left"], PLOT["width"] - PLOT["right"], PLOT["top"],
+                                 PLOT["height"] - PLOT["bottom"])
+    start, end = (series[0]["at"], series[-1]["at"]) if series else (0, 1)
+
+    def x(at: float) -> float:
+        return left + (at - start) / ((end - start) or 1) * (right - left)
+
+    def y(value: float) -> float:
+        return lower - value / top * (lower - upper)
+
+    drawn = []
+    for line in lines:
+        points = [(x(p["at"]), y(p[line.key])) for p in series if p[line.key] is not None]
+        path = " ".join(f"{'M' if i == 0 else 'L'}{px:.1f},{py:.1f}" for i, (px, py) in enumerate(points))
+        area = f"{path} L{points[-1][0]:.1f},{lower} L{points[0][0]:.1f},{lower} Z" if line.area and points else ""
+        drawn.append({"line": line, "path": path, "area": area})
+    y_ticks = [{"y": y(v), "label": tick_label(v, unit)} for v in (0, top / 2, top)]
+    x_ticks = [{"x": x(at), "label": time.strftime("%H:%M:%S" if end - start <= 600 else "%H:%M", time.gmtime(at)),
+                "anchor": "start" if i == 0 else "end" if i == 3 else "middle"}
+               for i, at in enumerate(start + (end - start) * k / 3 for k in range(4))]
+    return {"title": title, "lines": drawn, "y_ticks": y_ticks, "x_ticks": x_ticks, "plot": PLOT,
+            "left": left, "right": right, "lower": lower, "upper": upper, "empty": not values}
+
+
+def nice_ceiling(value: float) -> float:
+    """1, 2, 5 or 10 times a power of ten, at least ``value`` (and at least 1)."""
+    if value <= 1:
+        return 1.0
+    power = 10 ** math.floor(math.log10(value))
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= value)
+
+
+def tick_label(value: float, unit: str) -> str:
+    text = f"{value:g}" if value < 1000 else f"{value / 1000:g}k"
+    return text + unit

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from paddler_sync.fleet.ledger import Upstream
 from paddler_sync.fleet.registry import AgentRecord
 from paddler_sync.llamacpp import HINTS, ServerState
+from paddler_sync.traffic import RANGES
 
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
@@ -73,4 +75,23 @@ def health_json(balancer: Balancer) -> dict[str, Any]:
         "oldest_buffered_seconds": round(balancer.buffer.oldest_wait(), 3),
         "state_backend": "local" if balancer.shared is None else "redis",
         "state_backend_reachable": balancer.shared is None or balancer.shared.state.reachable,
+    }
+
+
+def traffic_json(balancer: Balancer, range_name: str) -> dict[str, Any]:
+    """What went through this balancer over the range: the fleet, each server (named by its agent), a series."""
+    now = time.time()
+    summary = balancer.traffic.summary(range_name, now)
+    names = {r.report.external_llamacpp_addr: r.report.agent_name for r in balancer.registry.records()}
+    seconds, step = RANGES[range_name]
+    return {
+        "range": range_name,
+        "range_seconds": seconds,
+        "step_seconds": step,
+        "time_zone": "UTC",
+        "now": now,
+        "fleet": summary["fleet"],
+        "servers": [{"addr": addr, "agent_name": names.get(addr), **figures}
+                    for addr, figures in sorted(summary["servers"].items())],
+        "series": balancer.traffic.series(range_name, now),
     }

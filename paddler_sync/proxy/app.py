@@ -69,6 +69,7 @@ class ProxyApp:
         self.management_prefix = options.management_path_prefix
         self.management_has_token = bool(options.management_token or options.management_read_token)
         self.metrics = balancer.metrics
+        self.traffic = balancer.traffic
         self.speeds = DecodeSpeeds()
         self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
 
@@ -208,11 +209,14 @@ class ProxyApp:
     # --- the response ---------------------------------------------------------------------------------
 
     def record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
-                started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused") -> None:
-        """One finished request: into the metrics, and one access line."""
+                started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused",
+                first_token: float | None = None, tokens: int | None = None) -> None:
+        """One finished request: into the metrics and the dashboards' traffic figures, and one access line."""
         now = time.monotonic()
         ttfb_seconds = first_byte - started if first_byte else None
         self.metrics.request_done(outcome_of(status, ending), waited, ttfb_seconds, now - started)
+        self.traffic.request_done(reservation.addr if reservation else None, status, ending, waited,
+                                  first_token - started if first_token else None, tokens, time.time())
         if not access_log.isEnabledFor(logging.INFO):
             return
         ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"
@@ -245,7 +249,8 @@ class Relay:
         self.closed = False
         self.response_status = response.status
         self.tokens = tokens  # the generation limit asked for, when --early-dispatch foresees ends
-        self.last_chunk = b""
+        self.last_chunk = self.chunk_before = b""  # the final event (with its token count) may precede [DONE]
+        self.streamed = "event-stream" in (response.headers.get("Content-Type") or "")
 
     def __iter__(self) -> Iterator[bytes]:
         connection = self.response.connection
@@ -255,7 +260,7 @@ class Relay:
                 if self.first_byte is None:
                     self.first_byte = time.monotonic()
                 self.sent += len(chunk)
-                self.last_chunk = chunk
+                self.chunk_before, self.last_chunk = self.last_chunk, chunk
                 up.ack_at_once(upstream_sock)  # or llama.cpp b4748 holds its next event up to 40 ms
                 yield chunk
             self.ending = "done"
@@ -272,9 +277,15 @@ class Relay:
 
     def _learn_speed(self) -> None:
         """Its time in llama.cpp over the tokens it generated: how fast this server goes at present."""
-        tokens = generated_tokens(self.last_chunk) or self.tokens or 0
+        tokens = self.generated() or self.tokens or 0
         started = self.started + self.waited
         self.proxy.speeds.learn(self.reservation.addr, time.monotonic() - started, tokens)
+
+    def generated(self) -> int | None:
+        """The tokens llama.cpp says it generated (its final event's usage / timings), once the answer ended."""
+        if self.ending != "done" or self.response_status != 200:
+            return None
+        return generated_tokens(self.chunk_before[-4096:] + self.last_chunk[-4096:])
 
     def _replace_with_error(self) -> bytes:
         """PEP 3333 lets an app change its status until the headers are sent: answer 502 instead."""
@@ -296,7 +307,8 @@ class Relay:
         if self.tokens is not None and self.ending == "done" and self.response_status == 200:
             self._learn_speed()
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
-                          self.first_byte, self.sent, self.ending)
+                          self.first_byte, self.sent, self.ending, self.first_byte if self.streamed else None,
+                          self.generated())
 
 
 def _path_and_query(environ: dict[str, Any]) -> str:

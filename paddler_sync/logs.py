@@ -1,11 +1,32 @@
-"""Logging to stdout, one line per event, the same format in every command."""
+"""Logging to stdout, one line per event, the same format in every command; times in UTC (as the dashboards')."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
-FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+class UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+
+def utc_formatter() -> logging.Formatter:
+    return UTCFormatter(FORMAT, DATE_FORMAT)
+
+
+# gunicorn's own lines (start-up, workers) in the same shape, through its logconfig_dict
+GUNICORN_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s gunicorn[%(process)d]: %(message)s"
+GUNICORN_LOGCONFIG = {  # levels stay gunicorn's (--log-level)
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"generic": {"()": UTCFormatter, "datefmt": DATE_FORMAT, "format": GUNICORN_FORMAT}},
+    "loggers": {"gunicorn.error": {"handlers": ["error_console"], "propagate": False},
+                "gunicorn.access": {"handlers": ["console"], "propagate": False}},
+}
 
 
 def setup_logging(level: str = "info") -> None:
@@ -13,7 +34,7 @@ def setup_logging(level: str = "info") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(utc_formatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     for noisy in ("urllib3", "werkzeug"):

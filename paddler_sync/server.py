@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 
+from paddler_sync.logs import GUNICORN_LOGCONFIG
 from paddler_sync.settings import parse_settings
 
 if TYPE_CHECKING:
@@ -171,6 +172,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         "limit_request_fields": options.max_headers,
         "accesslog": None,
         "errorlog": "-",
+        "logconfig_dict": GUNICORN_LOGCONFIG,
         "loglevel": options.log_level,
         "proc_name": "paddler-sync-balancer",
         # gunicornc could add workers at run time, splitting the ledger; several balancers would also

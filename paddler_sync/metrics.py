@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from paddler_sync.endings import Ending
+
 if TYPE_CHECKING:
     from paddler_sync.balancer import Balancer
 
@@ -30,16 +32,17 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 MAX_PENDING_TIMINGS = 20_000  # per StatsD interval; beyond it, samples are dropped (and counted)
 
 
-ENDING_OUTCOMES = {  # how each ending named in the access log is counted
-    "client_gone": "client_gone", "queue_full": "rejected", "timed_out": "timed_out",
-    "upstream_timeout": "timed_out", "upstream_error": "upstream_error", "upstream_refused": "upstream_error",
+ENDING_OUTCOMES = {  # how each ending of the access log is counted
+    Ending.CLIENT_GONE: "client_gone", Ending.QUEUE_FULL: "rejected", Ending.TIMED_OUT: "timed_out",
+    Ending.UPSTREAM_TIMEOUT: "timed_out", Ending.UPSTREAM_ERROR: "upstream_error",
+    Ending.UPSTREAM_REFUSED: "upstream_error",
 }
 
 
-def outcome_of(status: int, ending: str) -> str:
+def outcome_of(status: int, ending: Ending) -> str:
     if ending in ENDING_OUTCOMES:
         return ENDING_OUTCOMES[ending]
-    if ending == "done":
+    if ending is Ending.DONE:
         return "upstream_error" if status == 502 else "served"
     return "refused"
 

@@ -18,6 +18,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from paddler_sync.endings import Ending
+
 RANGES = {"5m": (300, 1.0), "1h": (3600, 12.0)}  # name: (seconds shown, bucket width in seconds)
 DEFAULT_RANGE = "5m"
 BIN_BASE, BIN_GROWTH, BINS = 0.001, 1.15, 100  # 1 ms up to ~1 h
@@ -48,12 +50,10 @@ def percentile(bins: Counter[int], fraction: float) -> float | None:
     return bin_upper(max(bins))
 
 
-def error_kind(status: int, ending: str) -> str | None:
-    """What went wrong, by name: the balancer's own endings, or llama.cpp's HTTP status; None when nothing did."""
-    if ending not in ("done", "client_gone") and ending:
-        return ending
-    if ending == "client_gone":
-        return "client_gone"
+def error_kind(status: int, ending: Ending) -> str | None:
+    """What went wrong, by name: the ending, or for an answer relayed whole, llama.cpp's error status."""
+    if ending is not Ending.DONE:
+        return ending.value
     return f"llamacpp_{status}" if status >= 400 else None
 
 
@@ -104,7 +104,7 @@ class Traffic:
         self.fleet = new_rings()
         self.servers: dict[str, dict[str, Ring]] = {}
 
-    def request_done(self, addr: str | None, status: int, ending: str, waited: float, ttft: float | None,
+    def request_done(self, addr: str | None, status: int, ending: Ending, waited: float, ttft: float | None,
                      tokens: int | None, now: float) -> None:
         rings = [self.fleet]
         if addr is not None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from paddler_sync.endings import Ending
 from paddler_sync.traffic import BIN_GROWTH, RANGES, Traffic, bin_of, error_kind, percentile
 
 T0 = 1_800_000_000.0
@@ -18,14 +19,14 @@ T0 = 1_800_000_000.0
 def test_rates_percentiles_and_errors_per_server_and_fleet() -> None:
     traffic = Traffic(T0)
     for i in range(100):  # 100 requests over 100 s on two servers; waits of 0..99 ms
-        traffic.request_done("a:1" if i % 4 else "b:2", 200, "done", i / 1000, 0.2, 10, T0 + i)
-    traffic.request_done(None, 504, "timed_out", 10.0, None, None, T0 + 100)
-    traffic.request_done("a:1", 500, "done", 0.0, None, None, T0 + 100)
+        traffic.request_done("a:1" if i % 4 else "b:2", 200, Ending.DONE, i / 1000, 0.2, 10, T0 + i)
+    traffic.request_done(None, 504, Ending.TIMED_OUT, 10.0, None, None, T0 + 100)
+    traffic.request_done("a:1", 500, Ending.DONE, 0.0, None, None, T0 + 100)
     summary = traffic.summary("5m", T0 + 100.5)
     fleet = summary["fleet"]
     assert fleet["requests"] == 102 and fleet["requests_per_second"] == pytest.approx(102 / 100.5)
     assert fleet["tokens"] == 1000 and fleet["tokens_per_second"] == pytest.approx(1000 / 100.5)
-    assert fleet["errors"] == {"timed_out": 1, "llamacpp_500": 1}
+    assert fleet["errors"] == {Ending.TIMED_OUT: 1, "llamacpp_500": 1}
     assert 0.2 <= fleet["ttft_p50_seconds"] <= 0.2 * BIN_GROWTH
     assert 0.094 <= fleet["queue_wait_p95_seconds"] <= 0.1 * BIN_GROWTH
     assert summary["servers"]["b:2"]["requests"] == 25 and summary["servers"]["a:1"]["requests"] == 76
@@ -34,13 +35,13 @@ def test_rates_percentiles_and_errors_per_server_and_fleet() -> None:
 
 def test_the_wait_of_a_timed_out_request_counts() -> None:
     traffic = Traffic(T0)
-    traffic.request_done(None, 504, "timed_out", 10.0, None, None, T0 + 1)
+    traffic.request_done(None, 504, Ending.TIMED_OUT, 10.0, None, None, T0 + 1)
     assert traffic.summary("5m", T0 + 2)["fleet"]["queue_wait_p95_seconds"] >= 10.0
 
 
 def test_old_traffic_leaves_the_short_range_and_silent_servers_are_forgotten() -> None:
     traffic = Traffic(T0)
-    traffic.request_done("a:1", 200, "done", 0.0, 0.1, 5, T0)
+    traffic.request_done("a:1", 200, Ending.DONE, 0.0, 0.1, 5, T0)
     later = T0 + 301
     assert traffic.summary("5m", later)["fleet"]["requests"] == 0
     assert traffic.summary("1h", later)["fleet"]["requests"] == 1
@@ -55,7 +56,7 @@ def test_series_covers_the_range_with_peaks_and_nothing_before_start() -> None:
     traffic.sample(1, 4, 0, T0 + 100.1)
     traffic.sample(4, 4, 3, T0 + 100.5)  # the peak within the second is kept
     traffic.sample(2, 4, 1, T0 + 100.9)
-    traffic.request_done("a:1", 200, "done", 0.0, 0.1, 30, T0 + 100.2)
+    traffic.request_done("a:1", 200, Ending.DONE, 0.0, 0.1, 30, T0 + 100.2)
     series = traffic.series("5m", T0 + 101)
     assert len(series) == RANGES["5m"][0]
     point = next(p for p in series if p["at"] == T0 + 100)
@@ -66,11 +67,11 @@ def test_series_covers_the_range_with_peaks_and_nothing_before_start() -> None:
 
 
 def test_error_kinds() -> None:
-    assert error_kind(200, "done") is None
-    assert error_kind(400, "done") == "llamacpp_400"
-    assert error_kind(429, "queue_full") == "queue_full"
-    assert error_kind(200, "client_gone") == "client_gone"
-    assert error_kind(502, "upstream_error") == "upstream_error"
+    assert error_kind(200, Ending.DONE) is None
+    assert error_kind(400, Ending.DONE) == "llamacpp_400"
+    assert error_kind(429, Ending.QUEUE_FULL) == Ending.QUEUE_FULL
+    assert error_kind(200, Ending.CLIENT_GONE) == Ending.CLIENT_GONE
+    assert error_kind(502, Ending.UPSTREAM_ERROR) == Ending.UPSTREAM_ERROR
 
 
 @settings(max_examples=60, deadline=None)
@@ -90,7 +91,7 @@ def test_memory_is_bounded_under_a_day_of_traffic() -> None:
     traffic = Traffic(T0)
     rng = random.Random(1)
     for second in range(0, 86_400, 7):
-        traffic.request_done(f"s{rng.randrange(5)}:1", 200, "done", rng.random(), rng.random(), 10, T0 + second)
+        traffic.request_done(f"s{rng.randrange(5)}:1", 200, Ending.DONE, rng.random(), rng.random(), 10, T0 + second)
         if second % 70 == 0:
             traffic.sample(1, 4, 0, T0 + second)
     for rings in [traffic.fleet, *traffic.servers.values()]:

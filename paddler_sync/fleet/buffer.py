@@ -18,6 +18,7 @@ from typing import Protocol
 import gevent
 from gevent.event import AsyncResult
 
+from paddler_sync.endings import Ending
 from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket
 
 
@@ -34,30 +35,30 @@ class BufferRefusal(Exception):
     access log and metrics, and ``waited`` is how long it waited first (a timeout waited longest of all)."""
 
     status = 503
-    ending = "refused"
+    ending = Ending.REFUSED
     waited = 0.0
 
 
 class BufferFull(BufferRefusal):
     status = 429
-    ending = "queue_full"
+    ending = Ending.QUEUE_FULL
 
 
 class BufferTimeout(BufferRefusal):
     status = 504
-    ending = "timed_out"
+    ending = Ending.TIMED_OUT
 
 
 class BufferClosed(BufferRefusal):
     status = 503
-    ending = "shutting_down"
+    ending = Ending.SHUTTING_DOWN
 
 
 class StateUnavailable(BufferRefusal):
     """The shared slot ledger (Redis) cannot be reached: fail closed, the client may retry."""
 
     status = 503
-    ending = "state_unavailable"
+    ending = Ending.STATE_UNAVAILABLE
 
 
 class TicketLost(Exception):
@@ -67,7 +68,7 @@ class TicketLost(Exception):
 
 class ClientGone(BufferRefusal):
     status = 499
-    ending = "client_gone"
+    ending = Ending.CLIENT_GONE
 
 
 @dataclass(eq=False)

@@ -16,6 +16,7 @@ as one Lua script, so it is atomic across workers and hosts:
   across every worker and balancer that shares the prefix. A worker's tickets count while its mark
   in ``PREFIX:waiting`` lives (renewed every 0.2 s): a dead worker's waiters never block the queue.
 
+The scripts are ``paddler_sync/fleet/lua/*.lua``, each with its keys, arguments and answer in its header.
 Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
@@ -40,6 +41,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from enum import IntEnum
+from importlib import resources
 from typing import Any
 
 import gevent
@@ -61,114 +64,23 @@ WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while
 MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
 RETRY_PAUSE = 0.5
 
-NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
 
-TAKE = NOW_MS + """
-if ARGV[5] ~= '' then  -- a waiter: its worker is alive; a ticket Redis lost (restarted empty) is redrawn
-  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[8]), ARGV[7])
-  if not redis.call('ZSCORE', KEYS[4], ARGV[5]) then return {-4, 0, 0, 0, 0} end
-end
-local head = false
-for _ = 1, 100 do  -- the oldest ticket of a live worker; a dead worker's tickets go
-  local first = redis.call('ZRANGE', KEYS[4], 0, 0)
-  if #first == 0 then break end
-  local alive = redis.call('ZSCORE', KEYS[5], string.match(first[1], '^([^:]+):'))
-  if alive and tonumber(alive) >= now then head = first[1] break end
-  redis.call('ZREM', KEYS[4], first[1])
-end
-if head and head ~= ARGV[5] then return {-3, 0, 0, 0, 0} end
-if redis.call('HGET', KEYS[1], 'addr') ~= ARGV[1] then return {-1, 0, 0, 0, 0} end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local h = redis.call('HMGET', KEYS[1], 'total', 'external', 'routable', 'quarantined_until')
-local total = tonumber(h[1]) or 0
-local external = tonumber(h[2]) or 0
-local in_flight = redis.call('ZCARD', KEYS[2])
-local draining = redis.call('ZCARD', KEYS[3])
-if h[3] ~= '1' or (tonumber(h[4]) or 0) > tonumber(ARGV[4]) then
-  return {-2, total, in_flight, external, draining}
-end
-if in_flight + external + draining >= total then return {0, total, in_flight, external, draining} end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
-if ARGV[5] ~= '' then redis.call('ZREM', KEYS[4], ARGV[5]) end
-return {1, total, in_flight + 1, external, draining}
-"""
 
-ENQUEUE = NOW_MS + """
-local number = redis.call('INCR', KEYS[1])
-redis.call('ZADD', KEYS[2], number, ARGV[1] .. ':' .. number)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-return number
-"""
+class TakeOutcome(IntEnum):
+    """What ``take.lua`` answers (its first value)."""
 
-RELEASE = NOW_MS + """
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if removed == 1 and ARGV[2] == '1' then redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[4], 'release') end
-return removed
-"""
+    TAKEN = 1
+    FULL = 0
+    GONE = -1  # the server left, or another one has its key now
+    UNUSABLE = -2  # not routable, or quarantined
+    NOT_YOUR_TURN = -3  # an older request waits (on some worker) first
+    TICKET_LOST = -4  # Redis forgot the waiter's ticket (restarted empty): it draws a new one
 
-WAITING = NOW_MS + """
-if ARGV[2] == '1' then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-else redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 1
-"""
 
-RENEW = NOW_MS + """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
-return #ARGV - 1
-"""
-
-REPORT = NOW_MS + """
-if redis.call('HGET', KEYS[1], 'addr') ~= ARGV[2] then redis.call('DEL', KEYS[2], KEYS[3]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('DEL', KEYS[3])
-local in_flight = redis.call('ZCARD', KEYS[2])
-local external = math.max(0, tonumber(ARGV[4]) - in_flight)
-redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'total', ARGV[3], 'external', external, 'routable', ARGV[5],
-           'reported_at', ARGV[6], 'sleeping', ARGV[9])
-if ARGV[5] == '1' then redis.call('HDEL', KEYS[1], 'quarantined_until') end
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
-redis.call('PUBLISH', ARGV[8], 'report')
-return {in_flight, external}
-"""
-
-REMOVE = """
-if ARGV[2] ~= '' then
-  local at = tonumber(redis.call('HGET', KEYS[1], 'reported_at'))
-  if at and at > tonumber(ARGV[2]) then return 0 end
-end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('SREM', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('PUBLISH', ARGV[3], 'remove')
-return 1
-"""
-
-QUARANTINE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'quarantined_until', ARGV[1])
-return 1
-"""
-
-SNAPSHOT = NOW_MS + """
-local out = {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local up, leases, draining = ARGV[1] .. ':up:' .. key, ARGV[1] .. ':leases:' .. key, ARGV[1] .. ':draining:' .. key
-  if redis.call('EXISTS', up) == 0 then
-    redis.call('SREM', KEYS[1], key)
-  else
-    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-    redis.call('ZREMRANGEBYSCORE', draining, '-inf', now)
-    local h = redis.call('HMGET', up, 'addr', 'total', 'external', 'routable', 'quarantined_until', 'sleeping')
-    table.insert(out, {key, h[1] or '', h[2] or '0', h[3] or '0', h[4] or '0', h[5] or '',
-                       redis.call('ZCARD', leases), redis.call('ZCARD', draining), h[6] or '0'})
-  end
-end
-return {out, redis.call('HGETALL', KEYS[2])}
-"""
+def lua_source(name: str) -> str:
+    """A script of ``paddler_sync/fleet/lua/``: each file's header documents its keys, arguments and answer."""
+    return (resources.files("paddler_sync.fleet") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 class SharedState:
@@ -184,15 +96,10 @@ class SharedState:
         self.client = redis.Redis(connection_pool=self.pool)
         self.channel = f"{prefix}:capacity"
         self.reachable = True
-        self._take = self.client.register_script(TAKE)
-        self._release = self.client.register_script(RELEASE)
-        self._renew = self.client.register_script(RENEW)
-        self._report = self.client.register_script(REPORT)
-        self._remove = self.client.register_script(REMOVE)
-        self._quarantine = self.client.register_script(QUARANTINE)
-        self._snapshot = self.client.register_script(SNAPSHOT)
-        self._waiting = self.client.register_script(WAITING)
-        self._enqueue = self.client.register_script(ENQUEUE)
+        scripts = {name: self.client.register_script(lua_source(name)) for name in SCRIPTS}
+        self._take, self._release, self._renew = scripts["take"], scripts["release"], scripts["renew"]
+        self._report, self._remove, self._quarantine = scripts["report"], scripts["remove"], scripts["quarantine"]
+        self._snapshot, self._waiting, self._enqueue = scripts["snapshot"], scripts["waiting"], scripts["enqueue"]
         self.queue_key = f"{prefix}:queue"
         self.worker_id = uuid.uuid4().hex
         self.waiting_key = f"{prefix}:waiting"
@@ -221,13 +128,14 @@ class SharedState:
         return StateUnavailable("the shared slot ledger (Redis, --state-backend) is unreachable; the balancer "
                                 "refuses requests that need a slot until it is back: retry in a moment")
 
-    def take(self, key: str, addr: str, lease: str, now: float, ticket: Ticket | None) -> list[int]:
-        """Outcome 1 taken, 0 full, -1 gone, -2 not usable, -3 an older request waits (on some worker) first,
-        -4 the ticket is unknown (Redis lost its data)."""
-        return self.call(self._take, [*self.keys_of(key), self.queue_key, self.waiting_key],
-                         [addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
-                          ticket.number if ticket else 0,
-                          self.worker_id, int(WAITING_MARK_TTL * 1000)])
+    def take(self, key: str, addr: str, lease: str, now: float,
+             ticket: Ticket | None) -> tuple[TakeOutcome, int, int, int, int]:
+        """The outcome, and the server's total, in flight, external and draining as Redis has them."""
+        outcome, *counts = self.call(self._take, [*self.keys_of(key), self.queue_key, self.waiting_key],
+                                     [addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
+                                      ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)])
+        total, in_flight, external, draining = counts
+        return TakeOutcome(outcome), total, in_flight, external, draining
 
     def take_ticket(self) -> Ticket:
         number = self.call(self._enqueue, [f"{self.prefix}:tickets", self.queue_key, self.waiting_key],
@@ -301,20 +209,20 @@ class SharedLedger(Ledger):
             lease = uuid.uuid4().hex
             outcome, total, in_flight, external, draining = self.state.take(upstream.key, upstream.addr, lease, now,
                                                                             ticket)
-            if outcome == -3:
-                return None  # not this request's turn: an older one waits, here or on another worker
-            if outcome == -4:
+            if outcome is TakeOutcome.NOT_YOUR_TURN:
+                return None  # an older request waits, here or on another worker
+            if outcome is TakeOutcome.TICKET_LOST:
                 raise TicketLost(ticket)
-            if outcome == 1:
+            if outcome is TakeOutcome.TAKEN:
                 self.leases[lease] = upstream.key
                 _mirror_counts(upstream, total, in_flight, external, draining)
                 upstream.moves.append((now, 1))
                 return Reservation(upstream, lease=lease)
-            if outcome == -1:
+            if outcome is TakeOutcome.GONE:
                 self._upstreams.pop(upstream.key, None)
             else:
                 _mirror_counts(upstream, total, in_flight, external, draining)
-                if outcome == -2:
+                if outcome is TakeOutcome.UNUSABLE:
                     upstream.routable = False
         return None
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import urllib3.exceptions
 from urllib3 import HTTPResponse
 
+from paddler_sync.endings import Ending
 from paddler_sync.errors import error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, StateUnavailable
 from paddler_sync.fleet.ledger import Reservation
@@ -44,7 +45,7 @@ class ProxyError(Exception):
     """An answer the balancer gives itself; ``ending``, ``reservation`` and ``waited`` go to the access log."""
 
     def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
-                 ending: str = "refused", reservation: Reservation | None = None, waited: float = 0.0) -> None:
+                 ending: Ending = Ending.REFUSED, reservation: Reservation | None = None, waited: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers or []
@@ -114,17 +115,18 @@ class ProxyApp:
     def _refuse_slots_endpoint(self, path: str) -> None:
         if not self.slots_endpoint and (path == "/slots" or path.startswith("/slots/")):
             raise ProxyError(403, "/slots is not served through the balancer: it shows other users' prompts. "
-                                  "Start the balancer with --slots-endpoint-enable to allow it.", ending="forbidden")
+                                  "Start the balancer with --slots-endpoint-enable to allow it.",
+                             ending=Ending.FORBIDDEN)
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         length = environ.get("CONTENT_LENGTH")
         if length and length.isdigit() and int(length) > self.max_body:
             raise ProxyError(413, f"the request body has {length} bytes; this balancer forwards at most "
-                                  f"{self.max_body} (--max-request-body)", ending="body_too_large")
+                                  f"{self.max_body} (--max-request-body)", ending=Ending.BODY_TOO_LARGE)
         body = environ["wsgi.input"].read(self.max_body + 1)
         if len(body) > self.max_body:
             raise ProxyError(413, f"the request body is larger than {self.max_body} bytes (--max-request-body)",
-                             ending="body_too_large")
+                             ending=Ending.BODY_TOO_LARGE)
         return body
 
     def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool,
@@ -146,7 +148,7 @@ class ProxyApp:
                 return reservation, self._send(environ, body, reservation), waited
             except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
                 self.ledger.release(reservation, draining=reservation.uses_slot)
-                raise ProxyError(499, str(exc), ending="client_gone", reservation=reservation,
+                raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, reservation=reservation,
                                  waited=waited) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.release(reservation)
@@ -154,7 +156,7 @@ class ProxyApp:
                     raise self._upstream_error(reservation, exc, waited) from None
                 self._quarantine(reservation, exc)
         raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts",
-                         ending="upstream_refused", waited=waited)
+                         ending=Ending.UPSTREAM_REFUSED, waited=waited)
 
     def _reserve(self, environ: dict[str, Any], takes_slot: bool) -> tuple[Reservation, float]:
         if not takes_slot:
@@ -162,7 +164,7 @@ class ProxyApp:
             if reservation is None:
                 raise ProxyError(503, "no llama.cpp server is ready to answer; agents register them "
                                       "(see /api/v1/agents on the management server)", [("Retry-After", "1")],
-                                 ending="no_server")
+                                 ending=Ending.NO_SERVER)
             return reservation, 0.0
         try:
             return self.buffer.acquire(client_watch(environ))
@@ -200,16 +202,16 @@ class ProxyApp:
         if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
             logger.warning("llama.cpp at %s sent no response within %gs", reservation.addr, self.read_timeout)
             return ProxyError(504, f"the llama.cpp server did not answer within {self.read_timeout:g}s "
-                                   f"(--upstream-read-timeout)", ending="upstream_timeout",
+                                   f"(--upstream-read-timeout)", ending=Ending.UPSTREAM_TIMEOUT,
                               reservation=reservation, waited=waited)
         logger.warning("llama.cpp at %s failed before answering: %s", reservation.addr, exc)
         return ProxyError(502, f"the llama.cpp server failed before answering ({type(exc).__name__})",
-                          ending="upstream_error", reservation=reservation, waited=waited)
+                          ending=Ending.UPSTREAM_ERROR, reservation=reservation, waited=waited)
 
     # --- the response ---------------------------------------------------------------------------------
 
     def record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
-                started: float, first_byte: float | None = None, sent: int = 0, ending: str = "refused",
+                started: float, first_byte: float | None = None, sent: int = 0, ending: Ending = Ending.REFUSED,
                 first_token: float | None = None, tokens: int | None = None) -> None:
         """One finished request: into the metrics and the dashboards' traffic figures, and one access line."""
         now = time.monotonic()
@@ -245,7 +247,7 @@ class Relay:
         self.started = started
         self.sent = 0
         self.first_byte: float | None = None
-        self.ending = "client_gone"
+        self.ending = Ending.CLIENT_GONE
         self.closed = False
         self.response_status = response.status
         self.tokens = tokens  # the generation limit asked for, when --early-dispatch foresees ends
@@ -263,9 +265,9 @@ class Relay:
                 self.chunk_before, self.last_chunk = self.last_chunk, chunk
                 up.ack_at_once(upstream_sock)  # or llama.cpp b4748 holds its next event up to 40 ms
                 yield chunk
-            self.ending = "done"
+            self.ending = Ending.DONE
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            self.ending = "upstream_error"
+            self.ending = Ending.UPSTREAM_ERROR
             logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
                            self.sent, type(exc).__name__)
             if self.sent == 0:  # nothing reached the client yet (gunicorn sends headers with the first chunk)
@@ -283,7 +285,7 @@ class Relay:
 
     def generated(self) -> int | None:
         """The tokens llama.cpp says it generated (its final event's usage / timings), once the answer ended."""
-        if self.ending != "done" or self.response_status != 200:
+        if self.ending is not Ending.DONE or self.response_status != 200:
             return None
         return generated_tokens(self.chunk_before[-4096:] + self.last_chunk[-4096:])
 
@@ -302,9 +304,9 @@ class Relay:
         self.closed = True
         self.response.close()  # a fully read response went back to the pool already; this cuts a live one
         self.response.release_conn()
-        draining = self.ending == "upstream_error" and self.reservation.uses_slot
+        draining = self.ending is Ending.UPSTREAM_ERROR and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
-        if self.tokens is not None and self.ending == "done" and self.response_status == 200:
+        if self.tokens is not None and self.ending is Ending.DONE and self.response_status == 200:
             self._learn_speed()
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
                           self.first_byte, self.sent, self.ending, self.first_byte if self.streamed else None,

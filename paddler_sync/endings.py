@@ -1,0 +1,25 @@
+"""How a request ended: one name per fate, shared by the access log, the metrics and the dashboards.
+
+A ``StrEnum``, so an ending prints and serializes as its name (``end=timed_out``) and the README's
+table, the log and the JSON all say the same word.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Ending(StrEnum):
+    DONE = "done"  # the answer was relayed whole
+    CLIENT_GONE = "client_gone"  # the client left: while waiting, while llama.cpp ran, or mid-stream
+    TIMED_OUT = "timed_out"  # no slot came free within --buffered-request-timeout
+    QUEUE_FULL = "queue_full"  # --max-buffered-requests already waited
+    NO_SERVER = "no_server"  # a slot-free request found no ready server
+    SHUTTING_DOWN = "shutting_down"
+    STATE_UNAVAILABLE = "state_unavailable"  # the shared ledger (Redis) did not answer
+    UPSTREAM_TIMEOUT = "upstream_timeout"  # llama.cpp sent no response within --upstream-read-timeout
+    UPSTREAM_ERROR = "upstream_error"  # llama.cpp failed before or while answering
+    UPSTREAM_REFUSED = "upstream_refused"  # no server accepted a connection
+    FORBIDDEN = "forbidden"  # /slots without --slots-endpoint-enable
+    BODY_TOO_LARGE = "body_too_large"
+    REFUSED = "refused"  # any other answer of the balancer's own

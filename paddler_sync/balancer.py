@@ -25,9 +25,9 @@ from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import POLICIES, Policy
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.shared import SharedFleetSync, SharedLedger, SharedRegistry, SharedState
+from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
-from paddler_sync.management.views import health_json
 from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter
 from paddler_sync.proxy.app import ProxyApp
 from paddler_sync.traffic import Traffic
@@ -49,11 +49,13 @@ class Balancer:
         self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
         self.greenlets = Group()
         self.shutting_down = False
+        self.status = FleetStatus(self.ledger, self.registry, self.buffer,
+                                  self.shared.state if self.shared else None, lambda: self.shutting_down)
         self.metrics = Metrics()
-        self.metrics.registry.register(FleetCollector(self))
+        self.metrics.registry.register(FleetCollector(self.status))
         self.traffic = Traffic(time.time())
-        self.proxy = ProxyApp(self)
-        self.management = create_management_app(self)
+        self.management = create_management_app(options, self.status, self.traffic, self.metrics.registry)
+        self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.traffic, self.management)
         self.management_server: WSGIServer | None = None
 
     def _fleet_state(self, policy: Policy) -> tuple[Ledger, Registry]:
@@ -140,13 +142,13 @@ class Balancer:
     def _sample_traffic_forever(self) -> None:
         """Slots in use and requests waiting, once a second, for the dashboards' charts."""
         while True:
-            health = health_json(self)
+            health = self.status.health()
             self.traffic.sample(health["slots_processing"], health["slots_total"], health["requests_buffered"],
                                 time.time())
             gevent.sleep(TRAFFIC_SAMPLE_SECONDS)
 
     def _report_statsd_forever(self) -> None:
-        reporter = StatsdReporter(self)
+        reporter = StatsdReporter(self.options, self.status, self.metrics)
         while True:
             reporter.report()
             gevent.sleep(self.options.statsd_reporting_interval)

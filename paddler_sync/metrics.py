@@ -9,6 +9,7 @@ pipeline per ``--statsd-reporting-interval``, from one greenlet.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from prometheus_client.registry import Collector
 from paddler_sync.endings import Ending
 
 if TYPE_CHECKING:
-    from paddler_sync.balancer import Balancer
+    from paddler_sync.fleet.status import FleetStatus
 
 logger = logging.getLogger("paddler_sync.metrics")
 
@@ -94,13 +95,11 @@ class Metrics:
 class FleetCollector(Collector):
     """Fleet and per-agent gauges, read from the ledger at scrape time."""
 
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
+    def __init__(self, status: FleetStatus) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from paddler_sync.management.views import agents_json, health_json
-
-        health = health_json(self.balancer)
+        health = self.status.health()
         for key, help_text in (("slots_idle", "Free slots in the fleet."),
                                ("slots_processing", "Busy slots in the fleet."),
                                ("requests_buffered", "Requests waiting for a slot now."),
@@ -109,8 +108,8 @@ class FleetCollector(Collector):
             yield GaugeMetricFamily(f"paddler_{key}", help_text, value=health[key])
         yield GaugeMetricFamily("paddler_greenlets", "Live greenlets in the worker (a leak shows here).",
                                 value=live_greenlets())
-        if self.balancer.shared is not None:
-            state = self.balancer.shared.state
+        if self.status.shared is not None:
+            state = self.status.shared
             yield GaugeMetricFamily("paddler_shared_ledger_connections", "Open connections to Redis (the pool "
                                     "grows with concurrent requests, up to its bound).", value=state.connections())
             yield GaugeMetricFamily("paddler_shared_ledger_reachable", "1 while Redis answers.",
@@ -124,7 +123,7 @@ class FleetCollector(Collector):
                                                  "Requests this balancer has in flight per server.", labels=labels),
             "ready": GaugeMetricFamily("paddler_agent_ready", "1 when the server takes traffic.", labels=labels),
         }
-        for agent in agents_json(self.balancer):
+        for agent in self.status.agents():
             values = [agent["agent_id"], agent["agent_name"] or "", agent["external_llamacpp_addr"]]
             for key, family in families.items():
                 value = agent["state"] == "ready" if key == "ready" else agent[key]
@@ -143,9 +142,9 @@ def live_greenlets() -> int:
 class StatsdReporter:
     """Sends Paddler's gauges (and our counters and timings) every interval; never breaks serving."""
 
-    def __init__(self, balancer: Balancer) -> None:
-        options = balancer.options
-        self.balancer = balancer
+    def __init__(self, options: argparse.Namespace, status: FleetStatus, metrics: Metrics) -> None:
+        self.status = status
+        self.metrics = metrics
         self.addr = options.statsd_addr
         self.prefix = options.statsd_prefix
         self.client: Any = None
@@ -157,10 +156,8 @@ class StatsdReporter:
         client = self._client()
         if client is None:
             return False
-        from paddler_sync.management.views import health_json
-
-        health = health_json(self.balancer)
-        metrics = self.balancer.metrics
+        health = self.status.health()
+        metrics = self.metrics
         with client.pipeline() as pipe:
             for gauge in ("slots_idle", "slots_processing", "requests_buffered"):
                 pipe.gauge(gauge, health[gauge])

@@ -11,7 +11,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from paddler_sync.fleet.ledger import Ledger, Reservation
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.upstream import Reservation
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])
 

@@ -22,8 +22,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from paddler_sync.fleet import shared
 from paddler_sync.fleet.buffer import TicketLost
-from paddler_sync.fleet.ledger import Reservation, Ticket
 from paddler_sync.fleet.shared import SharedLedger, SharedState
+from paddler_sync.fleet.upstream import Reservation, Ticket
 from tests.conftest import PYTHON, ROOT, Fleet, Proc, RedisServer, agents, free_port, port_open, run_cli, wait_until
 from tests.test_faults import background_traffic, internals, settled
 from tests.test_proxy import complete, health, sim_stats

@@ -19,7 +19,8 @@ import gevent
 from gevent.event import AsyncResult
 
 from paddler_sync.endings import Ending
-from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.upstream import Reservation, Ticket
 
 
 class Watch(Protocol):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from paddler_sync.fleet.ledger import Upstream
+from paddler_sync.fleet.upstream import Upstream
 
 
 class Policy(Protocol):

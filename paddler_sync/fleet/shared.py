@@ -50,10 +50,11 @@ import redis
 from gevent.event import Event
 
 from paddler_sync.fleet.buffer import StateUnavailable, TicketLost
-from paddler_sync.fleet.ledger import Ledger, Reservation, Ticket, Upstream, as_of_now
+from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy
 from paddler_sync.fleet.registry import AgentRecord, Registry, sampled_at
 from paddler_sync.fleet.reports import AgentReport
+from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream, as_of_now
 
 logger = logging.getLogger("paddler_sync.shared")
 

@@ -11,31 +11,44 @@ Routes:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import argparse
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from paddler_sync.errors import error_body
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
+from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
 from paddler_sync.management.guard import READ, WRITE, Guard, presented_token
-from paddler_sync.traffic import DEFAULT_RANGE, RANGES
-
-if TYPE_CHECKING:
-    from paddler_sync.balancer import Balancer
+from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic
 
 
-def create_management_app(balancer: Balancer) -> Flask:
+def create_management_app(options: argparse.Namespace, status: FleetStatus, traffic: Traffic,
+                          metrics: CollectorRegistry) -> Flask:
+    """The Flask app; each part gets only what it reads (the hub hands them over)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    options = balancer.options
     guard = Guard(options.management_token, options.management_read_token, options.agent_allowed_networks)
+    add_token_check(app, guard)
+    add_agent_routes(app, status, guard)
+    add_fleet_routes(app, status, traffic, metrics)
+    if options.management_dashboard_enable:
+        app.register_blueprint(create_dashboard(status, traffic))
+    else:
+        @app.get("/dashboard")
+        def dashboard_off() -> tuple[Response, int]:
+            return _error(404, "the web dashboard is off: start the balancer with --management-dashboard-enable")
+    add_error_handlers(app)
+    return app
 
+
+def add_token_check(app: Flask, guard: Guard) -> None:
     @app.before_request
     def check_token() -> tuple[Response, int] | None:
         if request.path == "/health" or not guard.enabled:
@@ -47,6 +60,11 @@ def create_management_app(balancer: Balancer) -> Flask:
         return _error(401, "this management server needs a token: agents and dashboards take it as "
                            "--management-token; HTTP clients send 'Authorization: Bearer <token>'")
 
+
+def add_agent_routes(app: Flask, status: FleetStatus, guard: Guard) -> None:
+    """What agents send: reports and deregistrations."""
+    registry = status.registry
+
     @app.post("/api/v1/agents/<agent_id>/report")
     def agent_report(agent_id: str) -> tuple[Response, int]:
         try:
@@ -54,58 +72,55 @@ def create_management_app(balancer: Balancer) -> Flask:
             report = parse_report(request.get_data(cache=False))
             if not guard.address_allowed(report.external_llamacpp_addr):
                 raise ReportError(403, f"{report.external_llamacpp_addr} is outside --agent-allowed-networks")
-            registered = balancer.registry.apply(agent_id, report)
+            registered = registry.apply(agent_id, report)
         except ReportError as exc:
             return _error(exc.status, str(exc))
         return jsonify({"status": "registered" if registered else "accepted", "agent_id": agent_id}), 200
 
+    @app.delete("/api/v1/agents/<agent_id>")
+    def agent_deregister(agent_id: str) -> tuple[Response, int]:
+        if not registry.remove(agent_id, "deregistered by the agent"):
+            return _error(404, f"no agent {agent_id} is registered")
+        return jsonify({"status": "removed", "agent_id": agent_id}), 200
+
+
+def add_fleet_routes(app: Flask, status: FleetStatus, traffic: Traffic, metrics: CollectorRegistry) -> None:
+    """What operators read: the agents, health, traffic figures and Prometheus metrics."""
+
+    @app.get("/api/v1/agents")
+    def agents() -> Response:
+        return jsonify({"agents": status.agents()})
+
+    @app.get("/api/v1/traffic")
+    def traffic_figures() -> tuple[Response, int]:
+        range_name = request.args.get("range", DEFAULT_RANGE)
+        if range_name not in RANGES:
+            return _error(400, f"range={range_name!r} is not one of {', '.join(RANGES)}")
+        return jsonify(views.traffic_json(traffic, status, range_name)), 200
+
+    @app.get("/health")
+    def health() -> tuple[Response, int]:
+        body = status.health()
+        return jsonify(body), 200 if body["status"] == "ok" else 503
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), content_type=CONTENT_TYPE_LATEST)
+
+
+def add_error_handlers(app: Flask) -> None:
     @app.errorhandler(StateUnavailable)
     def state_unavailable(exc: StateUnavailable) -> tuple[Response, int]:
         return _error(503, str(exc))
 
-    @app.delete("/api/v1/agents/<agent_id>")
-    def agent_deregister(agent_id: str) -> tuple[Response, int]:
-        if not balancer.registry.remove(agent_id, "deregistered by the agent"):
-            return _error(404, f"no agent {agent_id} is registered")
-        return jsonify({"status": "removed", "agent_id": agent_id}), 200
-
-    @app.get("/api/v1/agents")
-    def agents() -> Response:
-        return jsonify({"agents": views.agents_json(balancer)})
-
-    @app.get("/api/v1/traffic")
-    def traffic() -> tuple[Response, int]:
-        range_name = request.args.get("range", DEFAULT_RANGE)
-        if range_name not in RANGES:
-            return _error(400, f"range={range_name!r} is not one of {', '.join(RANGES)}")
-        return jsonify(views.traffic_json(balancer, range_name)), 200
-
-    @app.get("/health")
-    def health() -> tuple[Response, int]:
-        body = views.health_json(balancer)
-        return jsonify(body), 200 if body["status"] == "ok" else 503
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(balancer.metrics.registry), content_type=CONTENT_TYPE_LATEST)
-
-    if balancer.options.management_dashboard_enable:
-        app.register_blueprint(create_dashboard(balancer))
-    else:
-        @app.get("/dashboard")
-        def dashboard_off() -> tuple[Response, int]:
-            return _error(404, "the web dashboard is off: start the balancer with --management-dashboard-enable")
-
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
-        status = exc.code or 500
-        if status == 413:
+        code = exc.code or 500
+        if code == 413:
             return _error(413, f"a report may have at most {MAX_REPORT_BYTES} bytes")
-        return _error(status, exc.description or exc.name)
-
-    return app
+        return _error(code, exc.description or exc.name)
 
 
-def _error(status: int, message: str) -> tuple[Response, int]:
-    body: dict[str, Any] = error_body(status, message)
-    return jsonify(body), status
+def _error(code: int, message: str) -> tuple[Response, int]:
+    body: dict[str, Any] = error_body(code, message)
+    return jsonify(body), code

@@ -11,22 +11,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, render_template, request, url_for
 
-from paddler_sync.management.views import agents_json, health_json, traffic_json
-from paddler_sync.traffic import DEFAULT_RANGE, RANGES
-
-if TYPE_CHECKING:
-    from paddler_sync.balancer import Balancer
+from paddler_sync.fleet.status import FleetStatus
+from paddler_sync.management.views import traffic_json
+from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic
 
 REFRESH_MS = 1000
 PLOT = {"left": 40, "right": 8, "top": 8, "bottom": 20, "width": 420, "height": 150}
 LONG_ISSUE = 160  # characters shown before "more"
 
 
-def create_dashboard(balancer: Balancer) -> Blueprint:
+def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint:
     dashboard = Blueprint("dashboard", __name__, template_folder="templates")
 
     @dashboard.get("/dashboard")
@@ -41,10 +39,10 @@ def create_dashboard(balancer: Balancer) -> Blueprint:
         range_name = request.args.get("range", DEFAULT_RANGE)
         if range_name not in RANGES:
             range_name = DEFAULT_RANGE
-        traffic = traffic_json(balancer, range_name)
+        traffic = traffic_json(traffic_figures, status, range_name)
         by_addr = {s["addr"]: s for s in traffic["servers"]}
-        agents = [with_display_fields(a, by_addr.get(a["external_llamacpp_addr"])) for a in agents_json(balancer)]
-        return render_template("fleet.html", agents=agents, health=health_json(balancer), traffic=traffic,
+        agents = [with_display_fields(a, by_addr.get(a["external_llamacpp_addr"])) for a in status.agents()]
+        return render_template("fleet.html", agents=agents, health=status.health(), traffic=traffic,
                                fleet_figures=display_figures(traffic["fleet"]), range_name=range_name,
                                charts=charts(traffic["series"], traffic["step_seconds"]),
                                now=format_time(time.time()))

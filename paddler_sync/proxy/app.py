@@ -12,6 +12,7 @@ The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import socket
@@ -25,19 +26,22 @@ from urllib3 import HTTPResponse
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_bytes, status_line
-from paddler_sync.fleet.buffer import BufferRefusal, StateUnavailable
-from paddler_sync.fleet.ledger import Reservation
+from paddler_sync.fleet.buffer import BufferRefusal, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, requested_tokens
+from paddler_sync.fleet.upstream import Reservation
 from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
 from paddler_sync.sockets import ClientWatch
 
 if TYPE_CHECKING:
-    from paddler_sync.balancer import Balancer
+    from paddler_sync.fleet.ledger import Ledger
+    from paddler_sync.metrics import Metrics
+    from paddler_sync.traffic import Traffic
 
 logger = logging.getLogger("paddler_sync.proxy")
 access_log = logging.getLogger("paddler_sync.access")
 StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Any]
 MAX_CONNECT_ATTEMPTS = 16
 
 
@@ -55,11 +59,14 @@ class ProxyError(Exception):
 
 
 class ProxyApp:
-    def __init__(self, balancer: Balancer) -> None:
-        options = balancer.options
-        self.balancer = balancer
-        self.ledger = balancer.ledger
-        self.buffer = balancer.buffer
+    """The WSGI app on the proxy address; the hub hands it the parts it uses (``management``: the management
+    app, mounted under ``--management-path-prefix`` when one is set)."""
+
+    def __init__(self, options: argparse.Namespace, ledger: Ledger, buffer: RequestBuffer, metrics: Metrics,
+                 traffic: Traffic, management: WSGIApp) -> None:
+        self.ledger = ledger
+        self.buffer = buffer
+        self.management = management
         self.transport = up.Transport(options.upstream_pool_size, options.upstream_connect_timeout,
                                       options.upstream_read_timeout, options.upstream_idle_timeout)
         self.read_timeout = options.upstream_read_timeout
@@ -69,8 +76,8 @@ class ProxyApp:
         self.quarantine_seconds = options.quarantine_duration
         self.management_prefix = options.management_path_prefix
         self.management_has_token = bool(options.management_token or options.management_read_token)
-        self.metrics = balancer.metrics
-        self.traffic = balancer.traffic
+        self.metrics = metrics
+        self.traffic = traffic
         self.speeds = DecodeSpeeds()
         self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
 
@@ -108,7 +115,7 @@ class ProxyApp:
             start_response(status_line(403), [("Content-Type", "application/json"),
                                               ("Content-Length", str(len(body)))])
             return [body]
-        return self.balancer.management(environ, start_response)
+        return self.management(environ, start_response)
 
     # --- before the response ------------------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""What the ledger keeps per llama.cpp server, and what a request holds while it has a slot: plain records.
+
+Below the ledger and the policy, which both read them; nothing here does I/O or knows who changes it
+(the ledger does, and only it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+MOVES_KEPT = 1024  # a server's recent takes and releases: seconds of them at any realistic rate
+
+
+@dataclass(eq=False)
+class Upstream:
+    key: str
+    addr: str
+    total: int = 0
+    in_flight: int = 0
+    external: int = 0
+    draining: int = 0
+    routable: bool = False
+    quarantined_until: float | None = None
+    sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
+    moves: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=MOVES_KEPT), repr=False)
+    ends: dict[Reservation, float] = field(default_factory=dict, repr=False)  # when running requests should end
+
+    @property
+    def overbooked(self) -> int:
+        """Requests sent here beyond its slots (handed over early): they wait inside llama.cpp."""
+        return max(0, self.in_flight + self.external + self.draining - self.total)
+
+    def may_overbook(self, now: float) -> bool:
+        """Usable and full, nothing waiting inside it yet, and a running request whose end is foreseen."""
+        return (bool(self.ends) and self.is_usable(now) and self.total > 0 and self.free(now) == 0
+                and self.overbooked == 0)
+
+    def early_room(self, now: float, lead: float) -> bool:
+        """It may take one request more now: a running one is due to end within ``lead``."""
+        return self.may_overbook(now) and min(self.ends.values()) <= now + lead
+
+    def moved_since(self, since: float) -> int:
+        """Slots this balancer took (+1) and gave back (-1) here after ``since``."""
+        return sum(step for at, step in reversed(self.moves) if at > since)
+
+    def is_quarantined(self, now: float) -> bool:
+        return self.quarantined_until is not None and now < self.quarantined_until
+
+    def is_usable(self, now: float) -> bool:
+        return self.routable and not self.is_quarantined(now)
+
+    def free(self, now: float) -> int:
+        if not self.is_usable(now):
+            return 0
+        return max(0, self.total - self.in_flight - self.external - self.draining)
+
+    @property
+    def busy(self) -> int:
+        """Slots the balancer believes are busy, capped at the total (for display and gauges)."""
+        return min(self.total, self.in_flight + self.external + self.draining)
+
+
+class Ticket(NamedTuple):
+    """A waiting request's place in a shared ledger's queue: ``number`` orders it, ``name`` names it in Redis."""
+
+    number: int
+    name: str
+
+
+@dataclass(eq=False)
+class Reservation:
+    """One request's claim on a server; ``uses_slot`` is False for requests that need no slot."""
+
+    upstream: Upstream
+    uses_slot: bool = True
+    released: bool = False
+    lease: str | None = None  # its name in the shared ledger (Redis), which lets it expire
+    early: bool = False  # handed over before a slot was free (it waits inside llama.cpp until one is)
+
+    @property
+    def addr(self) -> str:
+        return self.upstream.addr
+
+
+def as_of_now(upstream: Upstream, processing: int, sampled_at: float | None) -> int:
+    """The busy slots a reading showed, moved on to now by what this balancer did since it was taken."""
+    return processing if sampled_at is None else processing + upstream.moved_since(sampled_at)

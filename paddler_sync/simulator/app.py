@@ -7,7 +7,6 @@ go out at once, even when the request then waits for a slot (as llama.cpp's defe
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +27,19 @@ from paddler_sync.simulator.formats import (
     ResponsesFormat,
     random_id,
 )
+from paddler_sync.simulator.http import (
+    JSON,
+    STATUS,
+    HttpError,
+    Request,
+    StartResponse,
+    closing,
+    common_headers,
+)
 from paddler_sync.simulator.payloads import dumps, error_body
+from paddler_sync.simulator.prompts import anthropic_messages, chatml, messages_of, responses_input, truncate_prompt
 from paddler_sync.simulator.tokens import BOS_PIECE, TextGenerator, detokenize, split_pieces, tokenize
-from paddler_sync.sockets import peer_has_closed
 
-StartResponse = Callable[..., Callable[[bytes], None]]
-JSON = "application/json; charset=utf-8"
 PUBLIC_PATHS = frozenset({"/health", "/models", "/v1/models", "/"})
 CLIENT_CHECK_INTERVAL = 1.0  # llama.cpp notices a vanished non-stream client on a 1 s wait timeout
 N_EMBD = 128
@@ -53,13 +59,6 @@ class SimulatorConfig:
     build_info: str = "b4748-c392e509"
     seed: int = 42
     stamp_events: bool = False
-
-
-class HttpError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class SimulatorApp:
@@ -426,63 +425,6 @@ class SimulatorApp:
         return [[random.Random(t * 7919 + i).gauss(0, 1) for i in range(N_EMBD)] for t in tokens]
 
 
-class Request:
-    """The few things a handler needs from the WSGI environ."""
-
-    __slots__ = ("environ", "origin", "start_response")
-
-    def __init__(self, environ: dict[str, Any], origin: str, start_response: StartResponse) -> None:
-        self.environ = environ
-        self.origin = origin
-        self.start_response = start_response
-
-    @property
-    def query(self) -> dict[str, str]:
-        from urllib.parse import parse_qsl
-
-        return dict(parse_qsl(self.environ.get("QUERY_STRING", "")))
-
-    def body_json(self) -> dict[str, Any]:
-        raw = self.environ["wsgi.input"].read()
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise HttpError(500, nlohmann_parse_error(exc)) from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the request body must be a JSON object")
-        return body
-
-    def json(self, body: Any, code: int = 200) -> list[bytes]:
-        data = dumps(body)
-        self.start_response(STATUS[code], common_headers(self.origin, JSON, len(data)))
-        return [data]
-
-    def client_gone(self) -> bool:
-        sock = self.environ.get("simulator.socket")
-        return sock is not None and peer_has_closed(sock)
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-STATUS = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 404: "404 Not Found",
-          500: "500 Internal Server Error", 501: "501 Not Implemented", 503: "503 Service Unavailable"}
-
-
-def common_headers(origin: str, content_type: str, length: int) -> list[tuple[str, str]]:
-    return [("Keep-Alive", "timeout=5, max=100"), ("Content-Type", content_type), ("Server", "llama.cpp"),
-            ("Content-Length", str(length)), ("Access-Control-Allow-Origin", origin)]
-
-
-def closing(start_response: StartResponse) -> StartResponse:
-    """Say ``Connection: close`` when the client asked to close, as llama.cpp's HTTP server does."""
-
-    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-        kept = [(k, v) for k, v in headers if k != "Keep-Alive"]  # one or the other, as cpp-httplib says
-        return start_response(status, [*kept, ("Connection", "close")], exc_info)
-
-    return start
-
-
 def start_task(slot: Slot, task_id: int, job: Completion) -> None:
     slot.id_task = task_id
     slot.prompt = job.prompt_text
@@ -492,60 +434,7 @@ def start_task(slot: Slot, task_id: int, job: Completion) -> None:
     slot.has_next_token = True
 
 
-def truncate_prompt(tokens: list[int], n_ctx: int) -> tuple[list[int], bool]:
-    """llama.cpp's context shift for a prompt that does not fit: drop whole blocks of half the context."""
-    if len(tokens) < n_ctx:
-        return tokens, False
-    block = max(1, n_ctx // 2)
-    erased = (len(tokens) - block) // block
-    return tokens[erased * block:], True
-
-
-def responses_input(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """OpenAI Responses' ``input``: a string (one user message) or a list of messages."""
-    given = body.get("input")
-    if isinstance(given, str):
-        return [{"role": "user", "content": given}]
-    if isinstance(given, list) and given and all(isinstance(m, dict) for m in given):
-        return given
-    raise HttpError(400, "'input' is required")
-
-
-def anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Anthropic's ``system`` and ``messages`` (content as text or text blocks) as chat messages."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise HttpError(500, "'messages' is required")  # sic: the 2026 build answers 500 here
-    system = body.get("system")
-    out = [{"role": "system", "content": system}] if isinstance(system, str) else []
-    for message in messages:
-        content = message.get("content", "")
-        if isinstance(content, list):
-            content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
-        out.append({"role": message.get("role", "user"), "content": content})
-    return out
-
-
-def messages_of(body: dict[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise HttpError(400, "'messages' is required and must be an array of objects")
-    return messages
-
-
-def chatml(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    text = "".join(f"<|im_start|>{m.get('role', 'user')}\n{m.get('content', '')}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
 def mean(vectors: list[list[float]]) -> list[float]:
     if not vectors:
         return [0.0] * N_EMBD
     return [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
-
-
-def nlohmann_parse_error(exc: ValueError) -> str:
-    line, column = getattr(exc, "lineno", 1), getattr(exc, "colno", 1)
-    reason = getattr(exc, "msg", str(exc))
-    return (f"[json.exception.parse_error.101] parse error at line {line}, column {column}: "
-            f"syntax error while parsing value - {reason}")

@@ -1,0 +1,157 @@
+"""The value parsers of the settings: each turns one text into a value, or raises ArgumentTypeError saying
+what was expected (argparse prints it with the setting's name and where the text came from)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+from paddler_sync.addresses import AddressError, parse_address
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def address(text: str):
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def duration(text: str) -> float:
+    """Seconds, as ``10``, ``0.5``, ``10s`` or ``250ms``."""
+    raw = text.strip().lower()
+    scale = 1.0
+    if raw.endswith("ms"):
+        raw, scale = raw[:-2], 0.001
+    elif raw.endswith("s"):
+        raw = raw[:-1]
+    try:
+        value = float(raw) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a duration: expected seconds such as 10, 0.5, 10s or 250ms")
+    return value
+
+
+def positive_duration(text: str) -> float:
+    value = duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be more than 0 seconds")
+    return value
+
+
+def _integer(text: str, low: int, what: str, high: int | None = None) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise argparse.ArgumentTypeError(f"'{text}' is not {what}: expected a whole number {bound}")
+    return value
+
+
+def count(text: str) -> int:
+    return _integer(text, 0, "a count")
+
+
+def positive_count(text: str) -> int:
+    return _integer(text, 1, "a positive count")
+
+
+def bounded_count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        return _integer(text, low, "a count", high)
+    parse.__name__ = "count"
+    return parse
+
+
+def byte_size(text: str) -> int:
+    """Bytes, as ``1048576``, ``64k``, ``1m`` or ``1g`` (binary multiples)."""
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    multiplier = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:], 1)
+    digits = raw[:-1] if multiplier > 1 else raw
+    if not digits.isdigit() or int(digits) == 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size: expected bytes such as 1048576, 64k or 1m")
+    return int(digits) * multiplier
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction: expected a number from 0 to 1")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of 0 or more")
+    return value
+
+
+def name(text: str) -> str:
+    if len(text) > 128 or any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError("a name has at most 128 printable characters")
+    return text
+
+
+def state_backend(text: str) -> str:
+    """``local`` or a Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+    value = text.strip()
+    if value == "local" or (value.startswith(("redis://", "rediss://", "unix://")) and len(value) > 8):
+        return value
+    raise argparse.ArgumentTypeError(f"'{text}' is not a state backend: expected local, or a Redis URL such as "
+                                     f"redis://127.0.0.1:6379/0")
+
+
+def log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a log level: expected one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(options)}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def text_value(text: str) -> str:
+    return text
+
+
+def networks(text: str) -> tuple:
+    import ipaddress
+
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of networks: {exc}; expected e.g. "
+                                         "10.0.0.0/8,192.168.1.0/24") from None
+
+
+def path_prefix(text: str) -> str:
+    if not text.startswith("/") or text == "/" or text.endswith("/") or any(c in text for c in "?# "):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a path prefix: expected something like /_paddler")
+    return text
+
+
+# --- declarations -------------------------------------------------------------------------------
+
+

@@ -29,9 +29,10 @@ def redis_server() -> tuple[subprocess.Popen, str]:
 
 def round_trip_us(url: str, n: int = 2000) -> dict[str, float]:
     """One request's Redis work, alone: take a slot and give it back (two scripts, two round trips)."""
-    from paddler_sync.fleet.shared import SharedLedger, SharedState
+    from paddler_sync.fleet.ledger import Ledger
+    from paddler_sync.fleet.redis_store import RedisStore
 
-    ledger = SharedLedger(SharedState(url, f"rt{uuid.uuid4().hex[:8]}", lease_ttl=15))
+    ledger = Ledger(store=RedisStore(url, f"rt{uuid.uuid4().hex[:8]}", lease_ttl=15))
     ledger.report("a", "127.0.0.1:1", 4, 0, True)
     samples = []
     for _ in range(n):

@@ -23,8 +23,8 @@ from gevent.pywsgi import WSGIServer
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import POLICIES, Policy
+from paddler_sync.fleet.redis_store import RedisStore, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
-from paddler_sync.fleet.shared import SharedFleetSync, SharedLedger, SharedRegistry, SharedState
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
@@ -50,7 +50,7 @@ class Balancer:
         self.greenlets = Group()
         self.shutting_down = False
         self.status = FleetStatus(self.ledger, self.registry, self.buffer,
-                                  self.shared.state if self.shared else None, lambda: self.shutting_down)
+                                  self.shared.store if self.shared else None, lambda: self.shutting_down)
         self.metrics = Metrics()
         self.metrics.registry.register(FleetCollector(self.status))
         self.traffic = Traffic(time.time())
@@ -59,16 +59,17 @@ class Balancer:
         self.management_server: WSGIServer | None = None
 
     def _fleet_state(self, policy: Policy) -> tuple[Ledger, Registry]:
-        """The ledger and registry, in this process or mirrored from Redis; nothing else cares which."""
+        """The ledger and registry over the in-process store, or over Redis; nothing else cares which."""
         options = self.options
         if options.state_backend == "local":
             ledger = Ledger(policy, early_lead=options.early_dispatch)
-            return ledger, Registry(ledger, options.agent_missed_reports, options.max_agents)
-        state = SharedState(options.state_backend, options.state_prefix, options.lease_ttl)
-        shared_ledger = SharedLedger(state, policy)
-        registry = SharedRegistry(shared_ledger, options.agent_missed_reports, options.max_agents)
-        self.shared = SharedFleetSync(state, shared_ledger, registry, SWEEP_SECONDS)
-        return shared_ledger, registry
+        else:
+            store = RedisStore(options.state_backend, options.state_prefix, options.lease_ttl)
+            ledger = Ledger(policy, store=store)  # no early hand-over: Redis never takes beyond the free slots
+        registry = Registry(ledger, options.agent_missed_reports, options.max_agents)
+        if options.state_backend != "local":
+            self.shared = SharedFleetSync(store, ledger, registry, SWEEP_SECONDS)
+        return ledger, registry
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         return self.proxy(environ, start_response)

@@ -1,6 +1,6 @@
 """The slot ledger shared in Redis: exact across workers and balancers, self-healing when one dies.
 
-The property test drives two SharedLedgers (two workers) against a real redis-server; the rest
+The property test drives two ledgers over Redis stores (two workers) against a real redis-server; the rest
 start real balancers (``paddler-sync balancer --workers 2`` and a bare ``gunicorn -w 2``),
 simulators and agents, and kill things with -9.
 """
@@ -20,10 +20,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from paddler_sync.fleet import shared
-from paddler_sync.fleet.buffer import TicketLost
-from paddler_sync.fleet.shared import SharedLedger, SharedState
-from paddler_sync.fleet.upstream import Reservation, Ticket
+from paddler_sync.fleet import redis_store
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.redis_store import RedisStore
+from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost
 from tests.conftest import PYTHON, ROOT, Fleet, Proc, RedisServer, agents, free_port, port_open, run_cli, wait_until
 from tests.test_faults import background_traffic, internals, settled
 from tests.test_proxy import complete, health, sim_stats
@@ -51,8 +51,8 @@ class TwoWorkers(RuleBasedStateMachine):
         super().__init__()
         prefix = f"p{uuid.uuid4().hex[:10]}"
         self.clock = Clock()
-        self.workers = [SharedLedger(SharedState(self.url, prefix, lease_ttl=60), clock=self.clock) for _ in range(2)]
-        self.truth = self.workers[0].state
+        self.workers = [Ledger(store=RedisStore(self.url, prefix, lease_ttl=60), clock=self.clock) for _ in range(2)]
+        self.truth = self.workers[0].store
         self.held: list[tuple[int, Reservation]] = []
         self.tickets: list[tuple[int, Ticket]] = []  # outstanding, in the order they were drawn
 
@@ -138,7 +138,7 @@ class TwoWorkers(RuleBasedStateMachine):
 
 @pytest.fixture
 def two_workers(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> type[TwoWorkers]:
-    monkeypatch.setattr(shared, "WAITING_MARK_TTL", 600.0)  # both workers live through every example
+    monkeypatch.setattr(redis_store, "WAITING_MARK_TTL", 600.0)  # both workers live through every example
     TwoWorkers.url = redis_server.url
     return TwoWorkers
 
@@ -310,7 +310,7 @@ def test_leases_of_long_streams_are_renewed(fleet: Fleet, redis_server: RedisSer
 
 def test_releases_wake_the_other_workers_only_while_one_has_waiters(redis_server: RedisServer) -> None:
     prefix = f"w{uuid.uuid4().hex[:10]}"
-    releasing, waiting = (SharedLedger(SharedState(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
+    releasing, waiting = (Ledger(store=RedisStore(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
     releasing.report("s", "10.0.0.1:1", 2, 0, True)
     subscriber = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe(f"{prefix}:capacity")
@@ -323,16 +323,16 @@ def test_releases_wake_the_other_workers_only_while_one_has_waiters(redis_server
         return seen
 
     assert messages_after_a_release() == []  # nobody waits: nobody is woken
-    waiting.state.mark_waiting(True)  # what drawing a ticket does to its worker
+    waiting.store.mark_waiting(True)  # what drawing a ticket does to its worker
     assert messages_after_a_release() == [b"release"]
-    waiting.state.mark_waiting(False)  # (in life the mark expires WAITING_MARK_TTL after the last waiter)
+    waiting.store.mark_waiting(False)  # (in life the mark expires WAITING_MARK_TTL after the last waiter)
     assert messages_after_a_release() == []
     subscriber.close()
 
 
 def test_the_queue_is_fifo_across_workers_and_skips_dead_ones(redis_server: RedisServer) -> None:
     prefix = f"q{uuid.uuid4().hex[:10]}"
-    a, b, c = (SharedLedger(SharedState(redis_server.url, prefix, lease_ttl=60)) for _ in range(3))
+    a, b, c = (Ledger(store=RedisStore(redis_server.url, prefix, lease_ttl=60)) for _ in range(3))
     a.report("s", "10.0.0.1:1", 1, 0, True)
     for ledger in (b, c):
         ledger.refresh()
@@ -351,14 +351,14 @@ def test_the_queue_is_fifo_across_workers_and_skips_dead_ones(redis_server: Redi
     b.release(served)
 
     dead, alive = c.take_ticket(), b.take_ticket()
-    c.state.mark_waiting(False)  # c died: its mark is gone (in life it expires after WAITING_MARK_TTL)
-    assert dead.name.startswith(c.state.worker_id)
+    c.store.mark_waiting(False)  # c died: its mark is gone (in life it expires after WAITING_MARK_TTL)
+    assert dead.name.startswith(c.store.worker_id)
     assert b.reserve(ticket=alive) is not None  # a dead worker's waiter does not block the queue
 
 
 def test_a_ticket_survives_redis_losing_its_data(redis_server: RedisServer) -> None:
     prefix = f"q{uuid.uuid4().hex[:10]}"
-    a, b = (SharedLedger(SharedState(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
+    a, b = (Ledger(store=RedisStore(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
     a.report("s", "10.0.0.1:1", 1, 0, True)
     first, second = a.take_ticket(), b.take_ticket()
     client = redis.Redis.from_url(redis_server.url)

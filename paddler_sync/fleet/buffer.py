@@ -20,7 +20,7 @@ from gevent.event import AsyncResult
 
 from paddler_sync.endings import Ending
 from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.upstream import Reservation, Ticket
+from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost
 
 
 class Watch(Protocol):
@@ -60,11 +60,6 @@ class StateUnavailable(BufferRefusal):
 
     status = 503
     ending = Ending.STATE_UNAVAILABLE
-
-
-class TicketLost(Exception):
-    """A shared queue forgot this waiter's place (Redis restarted empty): it draws a new one.
-    Never re-added by the waiter itself: a ticket put back while it is being returned would stay forever."""
 
 
 class ClientGone(BufferRefusal):

@@ -17,9 +17,11 @@ of its running requests is expected to end (:meth:`Ledger.expect_end`): llama.cp
 step the slot frees, instead of after the round trip a hand-off through the balancer costs. How many it
 holds beyond its slots is derived (``overbooked``), never counted apart, and is at most one.
 
-The ledger does no I/O and never yields to the gevent hub, so each method is atomic without locks
-and property tests drive it directly. Reservations hold the record they were taken from, so a
-release after the server was removed (or removed and registered again) changes nothing.
+The ledger itself does no I/O: what must be exact goes through its *store* (paddler_sync/fleet/store.py).
+With the in-process store nothing yields to the gevent hub, so each method is atomic without locks and
+property tests drive it directly; with the Redis store the same methods keep a mirror that Redis
+confirms. Reservations hold the record they were taken from, so a release after the server was
+removed (or removed and registered again) changes nothing.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ import time
 from collections.abc import Callable, Iterable
 
 from paddler_sync.fleet.policy import MostFreeSlots, Policy, preference
-from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream, as_of_now
+from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
+from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost, Upstream, as_of_now
 
 
 class Ledger:
     def __init__(self, policy: Policy | None = None, clock: Callable[[], float] = time.time,
-                 early_lead: float = 0.0) -> None:
+                 early_lead: float = 0.0, store: SlotStore | None = None) -> None:
         self.policy: Policy = policy or MostFreeSlots()
         self.clock = clock
         self.early_lead = early_lead  # seconds; 0: a request is only ever sent to a free slot
+        self.store: SlotStore = store if store is not None else LocalStore()
         self._upstreams: dict[str, Upstream] = {}
         self._capacity_listeners: list[Callable[[], None]] = []
 
@@ -52,48 +56,71 @@ class Ledger:
         now = self.clock()
         return sum(u.free(now) for u in self._upstreams.values())
 
+    def in_flight(self) -> int:
+        return sum(u.in_flight for u in self._upstreams.values())
+
+    # --- the waiting queue (a shared store orders it across workers; here the buffer's order is enough) ------
+
     def take_ticket(self) -> Ticket | None:
-        """A place in the queue shared by every worker (a shared ledger); None here: the buffer's order is enough."""
-        return None
+        return self.store.take_ticket()
 
     def return_ticket(self, ticket: Ticket | None) -> None:
         """A waiter left without a slot: its place in the shared queue goes."""
+        self.store.return_ticket(ticket)
 
     def waiting_changed(self, anyone: bool) -> None:
-        """The buffer has waiters now (or none any more); a shared ledger tells the other workers."""
+        """The buffer has waiters now (or none any more); a shared store tells the other workers."""
+        self.store.waiting_changed(anyone)
 
     def check_available(self) -> None:
-        """Raises StateUnavailable when slots cannot be taken at all (a shared ledger that is down)."""
-
-    def in_flight(self) -> int:
-        return sum(u.in_flight for u in self._upstreams.values())
+        """Raises StateUnavailable when slots cannot be taken at all (a shared store that is down)."""
+        self.store.check_available()
 
     # --- changes from agents ----------------------------------------------------------------------
 
     def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
-               sleeping: bool = False, sampled_at: float | None = None) -> None:
-        """``sampled_at``: when the agent read /slots, on this ledger's clock (None: just now)."""
-        upstream = self._upstreams.get(key)
-        if upstream is None or upstream.addr != addr:
-            upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
-        upstream.total = max(0, total)
-        processing = as_of_now(upstream, processing, sampled_at)
-        upstream.external = max(0, processing - upstream.in_flight)
-        upstream.draining = 0
+               sleeping: bool = False, sampled_at: float | None = None, record: str = "{}") -> None:
+        """``sampled_at``: when the agent read /slots, on this ledger's clock (None: just now). The reading is
+        moved on by this worker's own takes and releases since (with a shared store, other workers' are not
+        known here: one of theirs that ended meanwhile may hide a slot until the next report). ``record``: the
+        agent's record as JSON, kept with it by a shared store for every balancer."""
+        upstream = self._view(key, addr)
+        processing = max(0, as_of_now(upstream, processing, sampled_at))
+        self.store.report(upstream, max(0, total), processing, routable, sleeping, self.clock(), record)
         upstream.routable = routable
         upstream.sleeping = sleeping
         if routable:
             upstream.quarantined_until = None
         self._capacity_may_have_grown()
 
+    def _view(self, key: str, addr: str) -> Upstream:
+        """The server under ``key``: a new one when the key is new or now names another address."""
+        upstream = self._upstreams.get(key)
+        if upstream is None or upstream.addr != addr:
+            upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
+        return upstream
+
     def remove(self, key: str) -> Upstream | None:
+        self.store.remove(key)
         return self._upstreams.pop(key, None)
+
+    def remove_if_silent(self, key: str, reported_before: float) -> bool:
+        """Remove it unless a balancer (any of them) heard from its agent after ``reported_before``."""
+        if not self.store.remove(key, reported_before):
+            return False
+        self._upstreams.pop(key, None)
+        return True
+
+    def forget(self, key: str) -> None:
+        """Out of this view only (a shared store that cannot be reached drops it on its own)."""
+        self._upstreams.pop(key, None)
 
     def quarantine(self, key: str, seconds: float) -> float | None:
         upstream = self._upstreams.get(key)
         if upstream is None:
             return None
         upstream.quarantined_until = self.clock() + seconds
+        self.store.quarantine(key, upstream.quarantined_until)
         return upstream.quarantined_until
 
     def lift_expired_quarantines(self) -> list[str]:
@@ -106,21 +133,55 @@ class Ledger:
             self._capacity_may_have_grown()
         return lifted
 
+    def refresh(self) -> dict[str, str] | None:
+        """Replace the view with a shared store's snapshot (one round trip) and let waiting requests try again;
+        returns the agents' records it holds, for the registry (None: the store is this process's own)."""
+        snapshot = self.store.snapshot()
+        if snapshot is None:
+            return None
+        seen = set()
+        for key, addr, total, external, routable, quarantined_until, in_flight, draining, sleeping in snapshot.rows:
+            seen.add(key)
+            upstream = self._view(key, addr)
+            upstream.set_counts(int(total), int(in_flight), int(external), int(draining))
+            upstream.routable = routable == "1"
+            upstream.sleeping = sleeping == "1"
+            upstream.quarantined_until = float(quarantined_until) if quarantined_until else None
+        for key in set(self._upstreams) - seen:
+            del self._upstreams[key]
+        self._capacity_may_have_grown()
+        return snapshot.records
+
     # --- taking and giving back ----------------------------------------------------------------------
 
     def reserve(self, ticket: Ticket | None = None) -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request.
-        ``ticket``: the waiter's place in a shared ledger's queue (this one has a single queue: the buffer's)."""
+        ``ticket``: the waiter's place in a shared store's queue. A server the store finds full (another
+        worker took its last slot) or gone is skipped, and the next choice tried."""
+        self.check_available()
         now = self.clock()
-        upstream = self.policy.choose(list(self._upstreams.values()), now)
-        early = upstream is None and self.early_lead > 0
-        if early:
-            upstream = self._soonest_to_free(now)
-        if upstream is None:
-            return None
-        upstream.in_flight += 1
-        upstream.moves.append((now, 1))
-        return Reservation(upstream, early=early)
+        for _ in range(len(self._upstreams) + 1):
+            upstream = self.policy.choose(list(self._upstreams.values()), now)
+            early = upstream is None and self.early_lead > 0
+            if early:
+                upstream = self._soonest_to_free(now)
+            if upstream is None:
+                return None
+            take = self.store.take(upstream, now, ticket, beyond_slots=early or self.policy.slot_blind)
+            if take.outcome is TakeOutcome.TAKEN:
+                upstream.moves.append((now, 1))
+                return Reservation(upstream, lease=take.lease, early=early)
+            if take.outcome is TakeOutcome.NOT_YOUR_TURN:
+                return None  # an older request waits, here or on another worker
+            if take.outcome is TakeOutcome.TICKET_LOST:
+                raise TicketLost(ticket)
+            if take.outcome is TakeOutcome.GONE:
+                self._upstreams.pop(upstream.key, None)
+            elif take.outcome is TakeOutcome.UNUSABLE:
+                upstream.routable = False
+            elif early:
+                return None  # the store takes no early hand-over (a shared one never does)
+        return None
 
     def _soonest_to_free(self, now: float) -> Upstream | None:
         ready = [u for u in self._upstreams.values() if u.early_room(now, self.early_lead)]
@@ -149,20 +210,19 @@ class Ledger:
         return Reservation(min(usable, key=lambda u: preference(u, now)), uses_slot=False)
 
     def release(self, reservation: Reservation, draining: bool = False) -> bool:
-        """Give the slot back (idempotent). ``draining``: llama.cpp may still run it (client left a
-        non-streaming request), so keep the slot counted busy until the next report shows it."""
+        """Give the slot back (idempotent); the one method that does. ``draining``: llama.cpp may still run it
+        (client left a non-streaming request), so keep the slot counted busy until the next report shows it."""
         if reservation.released:
             return False
         reservation.released = True
         upstream = reservation.upstream
         upstream.ends.pop(reservation, None)
-        if not reservation.uses_slot or self._upstreams.get(upstream.key) is not upstream:
+        if not reservation.uses_slot:
             return False
-        upstream.in_flight -= 1
-        if draining:  # still running in llama.cpp: the next reading shows it, and must count it as external
-            upstream.draining += 1
-        else:
+        if not draining:
             upstream.moves.append((self.clock(), -1))
+        if not self.store.release(reservation, draining):
+            return False
         self._capacity_may_have_grown()
         return True
 
@@ -175,4 +235,3 @@ class Ledger:
     def _capacity_may_have_grown(self) -> None:
         for listener in self._capacity_listeners:
             listener()
-

@@ -17,6 +17,8 @@ from paddler_sync.fleet.upstream import Upstream
 
 
 class Policy(Protocol):
+    slot_blind: bool  # True: it may choose a full server (llama.cpp queues the request), as baselines do
+
     def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None: ...
 
 
@@ -29,12 +31,16 @@ def preference(upstream: Upstream, now: float) -> tuple[bool, int, int, str]:
 class MostFreeSlots:
     """Only servers with a free slot qualify: a request never waits inside a busy llama.cpp."""
 
+    slot_blind = False
+
     def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
         return min((u for u in upstreams if u.free(now) > 0), key=lambda u: preference(u, now), default=None)
 
 
 class RoundRobin:
     """Slot-blind baseline: every usable server in turn, full or not (llama.cpp queues the excess)."""
+
+    slot_blind = True
 
     def __init__(self) -> None:
         self._turn = itertools.count()
@@ -46,6 +52,8 @@ class RoundRobin:
 
 class LeastConnections:
     """Slot-blind baseline: the usable server with the fewest requests in flight from this balancer."""
+
+    slot_blind = True
 
     def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
         usable = [u for u in upstreams if u.is_usable(now)]

@@ -8,11 +8,13 @@ removals and state changes are logged once each.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.reports import AgentReport, ReportError
 from paddler_sync.llamacpp import HINTS, ServerState
@@ -72,14 +74,28 @@ class Registry:
         return record.reports == 1
 
     def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
+        """The slot numbers to the ledger, with the record as JSON (a shared store keeps it for every balancer)."""
+        stored = json.dumps({"report": report.to_json(),
+                             "first_seen": record.first_seen if record is not None else now,
+                             "last_update": now, "reports": record.reports + 1 if record is not None else 1})
         self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
                            processing=report.slots_processing, routable=report.is_ready,
-                           sleeping=bool(report.is_sleeping), sampled_at=sampled_at(report, now))
+                           sleeping=bool(report.is_sleeping), sampled_at=sampled_at(report, now), record=stored)
 
     def remove(self, agent_id: str, why: str) -> bool:
+        return self._remove(agent_id, why, reported_before=None)
+
+    def _remove(self, agent_id: str, why: str, reported_before: float | None) -> bool:
+        """With ``reported_before``, only if no balancer heard from the agent since."""
         if agent_id not in self._agents:
             return False
-        self.ledger.remove(agent_id)
+        try:
+            if reported_before is None:
+                self.ledger.remove(agent_id)
+            elif not self.ledger.remove_if_silent(agent_id, reported_before):
+                return False  # another balancer heard from it meanwhile
+        except StateUnavailable:
+            self.ledger.forget(agent_id)  # drop it here at least; the store drops it on the next report or expiry
         return self._forget(agent_id, why)
 
     def _forget(self, agent_id: str, why: str) -> bool:
@@ -91,14 +107,30 @@ class Registry:
         return True
 
     def expire(self) -> list[str]:
-        """Drop agents that missed too many reports; returns their ids."""
+        """Drop agents that missed too many reports (unless another balancer heard from them); returns their ids."""
         now = self.clock()
-        stale = [r for r in self._agents.values()
-                 if now - r.last_update > self.missed_reports * r.report.monitoring_interval]
-        for record in stale:
-            self.remove(record.agent_id, f"no report for {now - record.last_update:.1f}s "
-                                         f"({self.missed_reports} intervals of {record.report.monitoring_interval:g}s)")
-        return [r.agent_id for r in stale]
+        gone = []
+        for record in list(self._agents.values()):
+            limit = self.missed_reports * record.report.monitoring_interval
+            if now - record.last_update > limit and self._remove(
+                    record.agent_id, f"no report for {now - record.last_update:.1f}s ({self.missed_reports} "
+                                     f"intervals of {record.report.monitoring_interval:g}s)",
+                    reported_before=now - limit):
+                gone.append(record.agent_id)
+        return gone
+
+    def adopt(self, records: dict[str, str]) -> None:
+        """A shared store's records (agents that report to other balancers): newer ones replace this registry's,
+        and the ones it lost go."""
+        for agent_id, raw in records.items():
+            record = record_from_json(agent_id, raw)
+            if record is None:
+                continue
+            mine = self._agents.get(agent_id)
+            if mine is None or mine.last_update < record.last_update:
+                self._agents[agent_id] = record
+        for agent_id in set(self._agents) - set(records):
+            del self._agents[agent_id]
 
     def _claim_address(self, agent_id: str, report: AgentReport, now: float) -> None:
         """One llama.cpp server, one agent: a second live agent for the same address would double its slots."""
@@ -110,6 +142,16 @@ class Registry:
                 raise ReportError(409, f"llama.cpp at {report.external_llamacpp_addr} is already reported by agent "
                                        f"{other.agent_id}: run one agent per llama.cpp server")
             self.remove(other.agent_id, f"replaced by agent {agent_id} after {silent_for:.1f}s of silence")
+
+
+def record_from_json(agent_id: str, raw: str) -> AgentRecord | None:
+    try:
+        body = json.loads(raw)
+        return AgentRecord(agent_id, AgentReport(**body["report"]), first_seen=body["first_seen"],
+                           last_update=body["last_update"], reports=body["reports"])
+    except (ValueError, TypeError, KeyError):
+        logger.warning("ignored an unreadable record of agent %s in the shared store", agent_id)
+        return None
 
 
 def sampled_at(report: AgentReport, now: float) -> float | None:

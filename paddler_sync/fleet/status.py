@@ -16,7 +16,7 @@ from paddler_sync.fleet.upstream import Upstream
 from paddler_sync.llamacpp import HINTS, ServerState
 
 if TYPE_CHECKING:
-    from paddler_sync.fleet.shared import SharedState
+    from paddler_sync.fleet.redis_store import RedisStore
 
 
 def system_time(seconds: float | None) -> dict[str, int] | None:
@@ -60,7 +60,7 @@ def agent_json(record: AgentRecord, upstream: Upstream | None, now: float) -> di
 
 
 class FleetStatus:
-    def __init__(self, ledger: Ledger, registry: Registry, buffer: RequestBuffer, shared: SharedState | None,
+    def __init__(self, ledger: Ledger, registry: Registry, buffer: RequestBuffer, shared: RedisStore | None,
                  shutting_down: Callable[[], bool]) -> None:
         self.ledger = ledger
         self.registry = registry

@@ -56,10 +56,19 @@ class Upstream:
             return 0
         return max(0, self.total - self.in_flight - self.external - self.draining)
 
+    def set_counts(self, total: int, in_flight: int, external: int, draining: int) -> None:
+        """The counts a shared store holds for it (the view mirrors them)."""
+        self.total, self.in_flight, self.external, self.draining = total, in_flight, external, draining
+
     @property
     def busy(self) -> int:
         """Slots the balancer believes are busy, capped at the total (for display and gauges)."""
         return min(self.total, self.in_flight + self.external + self.draining)
+
+
+class TicketLost(Exception):
+    """A shared queue forgot this waiter's place (Redis restarted empty): it draws a new one.
+    Never re-added by the waiter itself: a ticket put back while it is being returned would stay forever."""
 
 
 class Ticket(NamedTuple):

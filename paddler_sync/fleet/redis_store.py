@@ -1,0 +1,267 @@
+"""The slot store in Redis, for many gunicorn workers and many balancers (``--state-backend redis://...``).
+
+Redis owns the fleet; each worker's ledger and registry keep a mirror of it (refreshed from one
+snapshot) for choosing, display and gauges. Everything that must be exact runs as one Lua script,
+so it is atomic across workers and hosts:
+
+- ``take``: one slot on the chosen server, only if it still has one; the slot is a *lease* with a
+  TTL that this worker renews while the request lives. A worker that dies stops renewing, and its
+  slots return by themselves within ``--lease-ttl``.
+- ``release``: the lease goes (idempotent), and, while any worker has requests waiting (each marks
+  itself in ``PREFIX:waiting``), a ``capacity`` message wakes every worker's buffer. Without waiters
+  nobody needs waking, and the 0.2 s refresh keeps the mirrors current.
+- ``report`` / ``remove``: an agent's numbers, from whichever balancer it reports to.
+- the queue: a request that must wait takes a numbered ticket, and ``take`` gives a slot only to the
+  oldest ticket of a live worker (a new arrival only when nobody waits), so the FIFO order holds
+  across every worker and balancer that shares the prefix. A worker's tickets count while its mark
+  in ``PREFIX:waiting`` lives (renewed every 0.2 s): a dead worker's waiters never block the queue.
+
+The scripts are ``paddler_sync/fleet/lua/*.lua``, each with its keys, arguments and answer in its header.
+Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
+``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at); sorted sets
+``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
+``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
+waiters → mark expiry); sorted set ``PREFIX:queue`` (ticket ``WORKER:N`` → N) and counter
+``PREFIX:tickets``; channel ``PREFIX:capacity``. Lease expiry uses
+Redis's own clock, so balancer clocks never disagree about it; report times and quarantines use the
+balancers' wall clocks (keep them in NTP sync, as for any fleet).
+
+When Redis cannot be reached the balancer fails closed: a request that needs a slot gets 503 with
+``Retry-After`` (counting locally would let N workers overbook every server, which is what this
+backend exists to prevent); requests already streaming go on; agents' reports get 503 and are
+retried on their next interval. Nothing needs restarting: the next command reconnects, and a Redis
+that lost its data is refilled by the agents' next reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import gevent
+import redis
+from gevent.event import Event
+
+from paddler_sync.fleet.buffer import StateUnavailable
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.registry import Registry
+from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
+from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
+
+logger = logging.getLogger("paddler_sync.shared")
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError,
+                ConnectionError, OSError)
+SOCKET_TIMEOUT = 1.0
+WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while it has waiters
+MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
+RETRY_PAUSE = 0.5
+SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
+
+
+def lua_source(name: str) -> str:
+    """A script of ``paddler_sync/fleet/lua/``: each file's header documents its keys, arguments and answer."""
+    return (resources.files("paddler_sync.fleet") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+class RedisStore:
+    """The slot store in Redis: the connection, key names and scripts, and this worker's leases and tickets.
+    The one place that talks to Redis."""
+
+    def __init__(self, url: str, prefix: str, lease_ttl: float) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.lease_ttl_ms = int(lease_ttl * 1000)
+        self.pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT, decode_responses=True)
+        self.client = redis.Redis(connection_pool=self.pool)
+        self.channel = f"{prefix}:capacity"
+        self.reachable = True
+        self.scripts = {name: self.client.register_script(lua_source(name)) for name in SCRIPTS}
+        self.queue_key = f"{prefix}:queue"
+        self.worker_id = uuid.uuid4().hex
+        self.waiting_key = f"{prefix}:waiting"
+        self.leases: dict[str, str] = {}  # this worker's live leases: lease id -> server key
+        self.has_waiters = False
+        self.unreturned_tickets: set[Ticket] = set()
+
+    def connections(self) -> int:
+        """Connections open now (idle in the pool or in use), besides the pub/sub one."""
+        return sum(1 for c in self.pool._connections if c is not None and c._sock is not None)
+
+    def keys_of(self, key: str) -> list[str]:
+        return [f"{self.prefix}:up:{key}", f"{self.prefix}:leases:{key}", f"{self.prefix}:draining:{key}"]
+
+    def call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return self._guarded(self.scripts[script], keys=keys, args=args)
+
+    def _guarded(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a command; an unreachable Redis becomes StateUnavailable, which callers answer with 503."""
+        try:
+            result = command(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            self._mark(False, exc)
+            raise self.unavailable() from None
+        self._mark(True)
+        return result
+
+    def unavailable(self) -> StateUnavailable:
+        return StateUnavailable("the shared slot ledger (Redis, --state-backend) is unreachable; the balancer "
+                                "refuses requests that need a slot until it is back: retry in a moment")
+
+    def check_available(self) -> None:
+        """While Redis is known to be down (the mirror is stale), refuse at once rather than queue."""
+        if not self.reachable:
+            raise self.unavailable()
+
+    # --- the slot store -------------------------------------------------------------------------------------
+
+    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool) -> Take:
+        """take.lua; the mirror gets the counts Redis holds. Never beyond the free slots."""
+        lease = uuid.uuid4().hex
+        outcome, total, in_flight, external, draining = self.call(
+            "take", [*self.keys_of(upstream.key), self.queue_key, self.waiting_key],
+            [upstream.addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
+             ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)])
+        outcome = TakeOutcome(outcome)
+        if outcome in (TakeOutcome.TAKEN, TakeOutcome.FULL, TakeOutcome.UNUSABLE):
+            upstream.set_counts(total, in_flight, external, draining)
+        if outcome is not TakeOutcome.TAKEN:
+            return Take(outcome)
+        self.leases[lease] = upstream.key
+        return Take(outcome, lease)
+
+    def release(self, reservation: Reservation, draining: bool) -> bool:
+        """release.lua; a Redis that cannot be reached lets the lease expire by itself."""
+        if reservation.lease is None:
+            return False
+        key = self.leases.pop(reservation.lease, reservation.upstream.key)
+        if reservation.upstream.in_flight > 0:  # the mirror does what the script does
+            reservation.upstream.in_flight -= 1
+            reservation.upstream.draining += int(draining)
+        _, leases, draining_key = self.keys_of(key)
+        try:
+            self.call("release", [leases, draining_key, self.waiting_key],
+                      [reservation.lease, int(draining), self.lease_ttl_ms, self.channel])
+        except StateUnavailable:
+            logger.warning("could not give a slot of %s back to Redis: its lease expires by itself", key)
+            return False
+        return True
+
+    def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
+               now: float, record: str) -> None:
+        in_flight, external = self.call(
+            "report", [*self.keys_of(upstream.key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"],
+            [upstream.key, upstream.addr, total, processing, int(routable), now, record, self.channel,
+             int(sleeping)])
+        upstream.set_counts(total, in_flight, external, 0)
+
+    def remove(self, key: str, reported_before: float | None = None) -> bool:
+        keys = [*self.keys_of(key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"]
+        args = [key, "" if reported_before is None else reported_before, self.channel]
+        return bool(self.call("remove", keys, args))
+
+    def quarantine(self, key: str, until: float) -> None:
+        self.call("quarantine", [self.keys_of(key)[0]], [until])
+
+    def snapshot(self) -> Snapshot:
+        rows, flat = self.call("snapshot", [f"{self.prefix}:upstreams", f"{self.prefix}:agents"], [self.prefix])
+        return Snapshot(rows, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    # --- the queue shared by every worker -------------------------------------------------------------
+
+    def take_ticket(self) -> Ticket:
+        number = self.call("enqueue", [f"{self.prefix}:tickets", self.queue_key, self.waiting_key],
+                           [self.worker_id, int(WAITING_MARK_TTL * 1000)])
+        return Ticket(number, f"{self.worker_id}:{number}")
+
+    def return_ticket(self, ticket: Ticket | None) -> None:
+        if ticket is None:
+            return
+        try:
+            self._guarded(self.client.zrem, self.queue_key, ticket.name)
+        except StateUnavailable:
+            self.unreturned_tickets.add(ticket)  # it would block the queue head: retried by the refresh loop
+
+    def waiting_changed(self, anyone: bool) -> None:
+        """Renew this worker's mark while it has waiters (drawing a ticket marked it already); with none
+        left, let the mark expire by itself (removing it could land after a new waiter's mark and orphan
+        that waiter's ticket)."""
+        self.has_waiters = anyone
+
+    def mark_waiting(self, anyone: bool) -> None:
+        """Releases publish only while some worker has waiters: a mark that lives WAITING_MARK_TTL unless renewed."""
+        self.call("waiting", [self.waiting_key], [self.worker_id, int(anyone), int(WAITING_MARK_TTL * 1000)])
+
+    def keep_waiting_mark(self) -> None:
+        """Renew this worker's mark (its tickets count only while it lives), and retry returning tickets."""
+        if self.has_waiters:
+            self.mark_waiting(True)
+        for ticket in list(self.unreturned_tickets):
+            self._guarded(self.client.zrem, self.queue_key, ticket.name)
+            self.unreturned_tickets.discard(ticket)
+
+    def renew_leases(self) -> None:
+        by_key: dict[str, list[str]] = {}
+        for lease, key in list(self.leases.items()):
+            by_key.setdefault(key, []).append(lease)
+        for key, leases in by_key.items():
+            self.call("renew", [self.keys_of(key)[1]], [self.lease_ttl_ms, *leases])
+
+    def _mark(self, reachable: bool, exc: BaseException | None = None) -> None:
+        if reachable != self.reachable:
+            if reachable:
+                logger.info("the shared slot ledger at %s is reachable again", self.url)
+            else:
+                logger.error("the shared slot ledger at %s is unreachable (%s): requests that need a slot get 503 "
+                             "until it is back", self.url, exc)
+        self.reachable = reachable
+
+
+class SharedFleetSync:
+    """The worker's greenlets for the Redis store: wake-ups, mirror refreshes and lease renewals."""
+
+    def __init__(self, store: RedisStore, ledger: Ledger, registry: Registry, refresh_interval: float) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.registry = registry
+        self.refresh_interval = refresh_interval
+        self.wake = Event()
+
+    def refresh_forever(self) -> None:
+        """Refresh on every capacity message (coalesced) and at least every refresh interval."""
+        while True:
+            self.wake.wait(timeout=self.refresh_interval)
+            self.wake.clear()
+            try:
+                self.store.keep_waiting_mark()
+                records = self.ledger.refresh()
+                self.registry.adopt(records or {})
+            except StateUnavailable:
+                gevent.sleep(RETRY_PAUSE)
+
+    def listen_forever(self) -> None:
+        """Subscribe to capacity messages; reconnect whenever Redis goes away."""
+        while True:
+            pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.store.channel)
+                self.wake.set()  # refresh after (re)subscribing: messages may have been missed
+                while True:
+                    if pubsub.get_message(timeout=SOCKET_TIMEOUT / 2) is not None:
+                        self.wake.set()
+            except REDIS_ERRORS:
+                gevent.sleep(RETRY_PAUSE)
+            finally:
+                pubsub.close()
+
+    def renew_forever(self) -> None:
+        while True:
+            gevent.sleep(self.store.lease_ttl_ms / 3000)
+            with contextlib.suppress(StateUnavailable):
+                self.store.renew_leases()

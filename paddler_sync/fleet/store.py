@@ -1,0 +1,140 @@
+"""Where the slot counts are kept: the one interface the ledger writes through, and the in-process store.
+
+The ledger (paddler_sync/fleet/ledger.py) chooses servers on its view of the fleet and does the
+arithmetic; a *store* owns what must be exact: taking a slot only if one is free, giving it back,
+an agent's reading, removals, quarantines and the waiting queue's tickets. Each operation updates
+the ledger's view of the server it touches with the counts the store now holds, so the ledger never
+needs to know which store it has:
+
+- :class:`LocalStore` keeps them in this process (one gunicorn worker): the view is the truth, and
+  every operation is a few integer updates, with no I/O and no yielding;
+- ``RedisStore`` (paddler_sync/fleet/redis_store.py) keeps them in Redis for many workers and
+  balancers, each operation one atomic Lua script, the view a mirror refreshed from a snapshot.
+
+``tests/test_stores.py`` runs one contract over both.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, NamedTuple, Protocol
+
+from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
+
+
+class TakeOutcome(IntEnum):
+    """What taking a slot came to (the Redis store's take.lua answers these numbers)."""
+
+    TAKEN = 1
+    FULL = 0
+    GONE = -1  # the server left, or another one has its key now
+    UNUSABLE = -2  # not routable, or quarantined
+    NOT_YOUR_TURN = -3  # an older request waits (on some worker) first
+    TICKET_LOST = -4  # the store forgot the waiter's ticket (Redis restarted empty): it draws a new one
+
+
+class Take(NamedTuple):
+    outcome: TakeOutcome
+    lease: str | None = None  # the slot's name in a shared store (it expires unless renewed)
+
+
+class Snapshot(NamedTuple):
+    """A shared store's whole fleet: rows of (key, addr, total, external, routable, quarantined_until, in_flight,
+    draining, sleeping) as text or numbers, and the agents' records (agent id -> JSON)."""
+
+    rows: list[list[Any]]
+    records: dict[str, str]
+
+
+class SlotStore(Protocol):
+    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool) -> Take:
+        """``beyond_slots``: it may take a request with no slot free (an early hand-over, a slot-blind
+        baseline policy); a shared store never does."""
+        ...
+
+    def release(self, reservation: Reservation, draining: bool) -> bool:
+        """True when the slot was still held (and capacity may have grown)."""
+        ...
+
+    def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
+               now: float, record: str) -> None: ...
+
+    def remove(self, key: str, reported_before: float | None = None) -> bool:
+        """False when ``reported_before`` is given and the server reported after it (a balancer heard from it)."""
+        ...
+
+    def quarantine(self, key: str, until: float) -> None: ...
+
+    def take_ticket(self) -> Ticket | None: ...
+
+    def return_ticket(self, ticket: Ticket | None) -> None: ...
+
+    def waiting_changed(self, anyone: bool) -> None: ...
+
+    def check_available(self) -> None:
+        """Raises StateUnavailable when no slot can be taken at all (a shared store that is down)."""
+        ...
+
+    def snapshot(self) -> Snapshot | None:
+        """The whole fleet as the store has it, when other processes change it too (None: only this one does)."""
+        ...
+
+
+class LocalStore:
+    """The counts in this process: the ledger's view *is* the truth, so each operation updates it directly."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, Upstream] = {}  # the server each key names now (a new address replaces it)
+        self.reported_at: dict[str, float] = {}
+
+    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool) -> Take:
+        if self.current.get(upstream.key) is not upstream:
+            return Take(TakeOutcome.GONE)
+        if not upstream.is_usable(now):
+            return Take(TakeOutcome.UNUSABLE)
+        if upstream.free(now) <= 0 and not beyond_slots:
+            return Take(TakeOutcome.FULL)
+        upstream.in_flight += 1
+        return Take(TakeOutcome.TAKEN)
+
+    def release(self, reservation: Reservation, draining: bool) -> bool:
+        upstream = reservation.upstream
+        if self.current.get(upstream.key) is not upstream:
+            return False  # removed (or replaced) since: its counts went with it
+        upstream.in_flight -= 1
+        if draining:  # still running in llama.cpp: the next reading shows it, and must count it as external
+            upstream.draining += 1
+        return True
+
+    def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
+               now: float, record: str) -> None:
+        self.current[upstream.key] = upstream
+        self.reported_at[upstream.key] = now
+        upstream.total = total
+        upstream.external = max(0, processing - upstream.in_flight)
+        upstream.draining = 0
+
+    def remove(self, key: str, reported_before: float | None = None) -> bool:
+        if reported_before is not None and self.reported_at.get(key, 0.0) > reported_before:
+            return False
+        self.current.pop(key, None)
+        self.reported_at.pop(key, None)
+        return True
+
+    def quarantine(self, key: str, until: float) -> None:
+        """The view holds it (the ledger sets it there); nothing else to keep."""
+
+    def take_ticket(self) -> Ticket | None:
+        return None  # one process, one queue: the buffer's own order is the queue
+
+    def return_ticket(self, ticket: Ticket | None) -> None:
+        """No tickets here."""
+
+    def waiting_changed(self, anyone: bool) -> None:
+        """Nobody else to wake."""
+
+    def check_available(self) -> None:
+        """Always available."""
+
+    def snapshot(self) -> Snapshot | None:
+        return None

@@ -1,0 +1,127 @@
+"""One contract, both slot stores: every store operation, through the ledger, answers the same in-process and in
+Redis. What only a shared store does (leases that expire, a queue across workers) is in test_shared_ledger.py."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.redis_store import RedisStore
+from paddler_sync.fleet.store import LocalStore
+from tests.conftest import RedisServer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["local", "redis"])
+def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    clock = Clock()
+    if request.param == "local":
+        yield Ledger(store=LocalStore(), clock=clock)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    store = RedisStore(server.url, f"c{uuid.uuid4().hex[:10]}", lease_ttl=60)
+    yield Ledger(store=store, clock=clock)
+    store.client.close()
+
+
+def free(ledger: Ledger, key: str = "a") -> int:
+    upstream = ledger.get(key)
+    return upstream.free(ledger.clock()) if upstream else 0
+
+
+def test_take_until_full_then_release(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=2, processing=0, routable=True)
+    first, second = ledger.reserve(), ledger.reserve()
+    assert first is not None and second is not None and free(ledger) == 0
+    assert ledger.reserve() is None  # full: never beyond the free slots
+    assert ledger.release(first) is True and free(ledger) == 1
+    assert ledger.release(first) is False and free(ledger) == 1  # a second release changes nothing
+    assert ledger.in_flight() == 1
+
+
+def test_a_report_counts_what_others_run(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=4, processing=0, routable=True)
+    mine = ledger.reserve()
+    ledger.report("a", "10.0.0.1:1", total=4, processing=3, routable=True)  # mine, and two of someone else's
+    upstream = ledger.get("a")
+    assert upstream is not None and (upstream.in_flight, upstream.external) == (1, 2) and free(ledger) == 1
+    ledger.release(mine)
+    assert free(ledger) == 2
+
+
+def test_a_draining_slot_stays_busy_until_the_next_report(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
+    reservation = ledger.reserve()
+    ledger.release(reservation, draining=True)
+    assert free(ledger) == 0 and ledger.reserve() is None
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)  # llama.cpp stopped it
+    assert free(ledger) == 1
+
+
+def test_unusable_and_quarantined_servers_take_nothing(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=2, processing=0, routable=False)
+    assert ledger.reserve() is None
+    ledger.report("a", "10.0.0.1:1", total=2, processing=0, routable=True)
+    assert ledger.quarantine("a", 5.0) == ledger.clock() + 5.0
+    assert ledger.reserve() is None
+    ledger.clock.now += 6  # type: ignore[attr-defined]
+    assert ledger.lift_expired_quarantines() == ["a"]
+    assert ledger.reserve() is not None
+
+
+def test_a_ready_report_lifts_a_quarantine(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
+    ledger.quarantine("a", 60.0)
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
+    assert ledger.reserve() is not None
+
+
+def test_removal_and_a_new_address_make_old_reservations_inert(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
+    old = ledger.reserve()
+    ledger.report("a", "10.0.0.2:1", total=1, processing=0, routable=True)  # the key now names another server
+    assert free(ledger) == 1
+    assert ledger.reserve() is not None
+    ledger.release(old)  # the old server's slot: nothing of the new one's changes
+    assert free(ledger) == 0
+    assert ledger.remove("a") is not None and ledger.get("a") is None and ledger.reserve() is None
+
+
+def test_remove_if_silent_spares_a_server_heard_from_since(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
+    assert ledger.remove_if_silent("a", reported_before=ledger.clock() - 1) is False
+    assert ledger.get("a") is not None
+    assert ledger.remove_if_silent("a", reported_before=ledger.clock() + 1) is True
+    assert ledger.get("a") is None
+
+
+def test_a_waiter_with_its_ticket_is_served_and_leaving_gives_its_place_back(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
+    ticket = ledger.take_ticket()
+    served = ledger.reserve(ticket=ticket)
+    assert served is not None
+    ledger.release(served)
+    other = ledger.take_ticket()
+    ledger.return_ticket(other)
+    assert ledger.reserve() is not None  # a ticket given back holds nobody up
+
+
+def test_refresh_mirrors_a_shared_store_and_is_a_no_op_in_process(ledger: Ledger) -> None:
+    ledger.report("a", "10.0.0.1:1", total=3, processing=1, routable=True, record='{"x": 1}')
+    records = ledger.refresh()
+    upstream = ledger.get("a")
+    assert upstream is not None and (upstream.total, upstream.external) == (3, 1) and free(ledger) == 2
+    if isinstance(ledger.store, LocalStore):
+        assert records is None
+    else:
+        assert records == {"a": '{"x": 1}'}

@@ -3,46 +3,13 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-from tests.conftest import Fleet, Proc, agent_named, agents, free_port, run_cli, wait_until
+from tests.helpers import Fleet, Proc, agent_named, agents, fake_http, free_port, run_cli, wait_until
 
 INTERVAL = 0.2
-
-
-@contextmanager
-def fake_http(routes: dict[tuple[str, str], tuple[int, str]]) -> Iterator[tuple[int, list]]:
-    """A tiny loopback server for what cannot run here (EC2 metadata) or must misbehave (garbage /slots)."""
-    seen: list = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            seen.append((self.command, self.path, dict(self.headers)))
-            status, body = routes.get((self.command, self.path), (404, "not found"))
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
 
 
 def start_pair(fleet: Fleet, *sim_args: str) -> tuple[Proc, Proc]:

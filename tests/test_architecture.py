@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PACKAGE = ROOT / "paddler_sync"
 PURE_CORE = ("paddler_sync.endings", "paddler_sync.fleet.upstream", "paddler_sync.fleet.policy",

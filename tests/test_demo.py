@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import PYTHON, ROOT, wait_until
+from tests.helpers import PYTHON, ROOT, wait_until
 
 DEMO = ROOT / "scripts" / "demo.py"
 

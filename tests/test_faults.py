@@ -6,7 +6,6 @@ included) come from its Prometheus metrics, and must return to where they were b
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import threading
@@ -18,36 +17,22 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-from tests.conftest import Fleet, Proc, agent_named, agents, wait_until
-from tests.test_proxy import complete, health, start_fleet
+from tests.helpers import (
+    INTERVAL,
+    Fleet,
+    Proc,
+    agent_named,
+    agents,
+    background_traffic,
+    complete,
+    health,
+    internals,
+    settled,
+    start_fleet,
+    wait_until,
+)
 
-INTERVAL = 0.2
-
-
-def internals(balancer: Proc) -> dict[str, float]:
-    text = requests.get(balancer.extra["management"] + "/metrics", timeout=5).text
-    found = {name: float(value) for name, value in re.findall(
-        r"^(paddler_greenlets|process_open_fds|paddler_shared_ledger_connections) (\S+)$", text, re.M)}
-    # Redis connections are a bounded pool that grows with concurrency, not a leak: count the rest
-    found["process_open_fds"] -= found.pop("paddler_shared_ledger_connections", 0)
-    found["in_flight"] = health(balancer)["requests_in_flight"]
-    found["buffered"] = health(balancer)["requests_buffered"]
-    return found
-
-
-def settled(balancer: Proc, baseline: dict[str, float]) -> dict[str, float]:
-    """Wait until nothing is in flight or waiting and greenlets and descriptors are back to the baseline."""
-    def ok() -> dict[str, float] | None:
-        now = internals(balancer)
-        clean = (now["in_flight"] == 0 and now["buffered"] == 0
-                 and now["paddler_greenlets"] <= baseline["paddler_greenlets"] + 1
-                 and now["process_open_fds"] <= baseline["process_open_fds"] + 4)  # + idle pooled upstream sockets
-        return now if clean else None
-
-    try:
-        return wait_until(ok, timeout=15, interval=0.2, message=f"no leaks (baseline {baseline})")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; now {internals(balancer)}") from None
+pytestmark = pytest.mark.both_stores  # every test with a fleet runs on both slot stores
 
 
 @contextmanager
@@ -116,46 +101,6 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
         server.close()
         for conn in held:
             conn.close()
-
-
-@contextmanager
-def background_traffic(balancer: Proc, threads: int, n_predict: int) -> Iterator[list[str]]:
-    """Clients completing in a loop until the block ends; each outcome is a status, 'refused' or 'error ...'.
-    Retry-After of every 503 lands in ``outcomes.retry_after``."""
-    outcomes = TrafficOutcomes()
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            try:
-                response = complete(balancer, n_predict, timeout=20)
-            except requests.ConnectionError:
-                outcomes.append("refused")
-                time.sleep(0.1)
-                continue
-            except requests.RequestException as exc:
-                outcomes.append(f"error {type(exc).__name__}")
-                continue
-            outcomes.append(str(response.status_code))
-            if response.status_code == 503:
-                outcomes.retry_after.append(response.headers.get("Retry-After"))
-                time.sleep(0.05)
-
-    workers = [threading.Thread(target=traffic) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
-
-
-class TrafficOutcomes(list):
-    def __init__(self) -> None:
-        super().__init__()
-        self.retry_after: list[str | None] = []
 
 
 def fleet_behind(fleet: Fleet, bad_port: int, *balancer_args: str) -> Proc:

@@ -15,9 +15,19 @@ from hypothesis import strategies as st
 
 from paddler_sync.balancer import Balancer
 from paddler_sync.settings import parse_settings
-from tests.conftest import PYTHON, ROOT, Fleet, agents, free_port, port_open, wait_until
-from tests.test_management import good_report
-from tests.test_proxy import complete, health, start_fleet
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    Fleet,
+    agents,
+    complete,
+    free_port,
+    good_report,
+    health,
+    port_open,
+    start_fleet,
+    wait_until,
+)
 
 
 def test_token_guards_reports_api_metrics_and_dashboard(fleet: Fleet) -> None:

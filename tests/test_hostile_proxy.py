@@ -18,9 +18,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Fleet, Proc
-from tests.test_faults import internals, settled
-from tests.test_proxy import start_fleet
+from tests.helpers import Fleet, Proc, internals, settled, start_fleet
+
+pytestmark = pytest.mark.both_stores  # every test with a fleet runs on both slot stores
 
 READ_TIMEOUT = 15.0
 

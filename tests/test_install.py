@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, Fleet, free_port, port_open, wait_until
+from tests.helpers import ROOT, Fleet, free_port, port_open, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 BUILD_OUTPUT: list[str] = []  # pip's output while building the wheel (the fixture builds it once)

@@ -10,14 +10,7 @@ from flask.testing import FlaskClient
 
 from paddler_sync.balancer import Balancer
 from paddler_sync.settings import parse_settings
-
-
-def good_report(**changes: Any) -> dict[str, Any]:
-    report = {"external_llamacpp_addr": "127.0.0.1:9001", "monitoring_interval": 1.0, "state": "ready",
-              "slots_idle": 3, "slots_processing": 1, "agent_name": "a", "error": None, "is_authorized": True,
-              "is_slots_endpoint_enabled": True, "total_slots": 4, "model": "m", "llamacpp_build": "b1"}
-    report.update(changes)
-    return report
+from tests.helpers import good_report
 
 
 @pytest.fixture

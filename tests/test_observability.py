@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import Fleet, Proc, agents, wait_until
-from tests.test_proxy import complete, health, start_fleet
+from tests.helpers import Fleet, Proc, agents, complete, health, start_fleet, wait_until
 
 
 class UdpListener:

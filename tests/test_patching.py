@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 NOT_BEFORE_PATCH = ("ssl", "requests", "urllib3", "logging", "concurrent.futures", "gevent", "flask")
 

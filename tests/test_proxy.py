@@ -16,34 +16,25 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import PYTHON, ROOT, Fleet, Proc, agent_named, agents, free_port, port_open, wait_until
-from tests.test_agent import fake_http
+from tests.helpers import (
+    INTERVAL,
+    PYTHON,
+    ROOT,
+    Fleet,
+    Proc,
+    agent_named,
+    agents,
+    complete,
+    fake_http,
+    free_port,
+    health,
+    port_open,
+    sim_stats,
+    start_fleet,
+    wait_until,
+)
 
-INTERVAL = 0.2
-
-
-def sim_stats(sim: Proc) -> dict:
-    return requests.get(sim.url + "/simulator/stats", timeout=5).json()
-
-
-def health(balancer: Proc) -> dict:
-    return requests.get(balancer.extra["management"] + "/health", timeout=5).json()
-
-
-def start_fleet(fleet: Fleet, slots: list[int], *balancer_args: str, sim_args: tuple[str, ...] = ()) -> tuple:
-    balancer = fleet.balancer(*balancer_args)
-    sims = []
-    for i, n in enumerate(slots):
-        sim = fleet.simulator("--parallel", str(n), *sim_args)
-        fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
-        sims.append(sim)
-    wait_until(lambda: len(agents(balancer)) == len(slots) and all(a["state"] == "ready" for a in agents(balancer)))
-    return balancer, sims
-
-
-def complete(balancer: Proc, n_predict: int, stream: bool = False, timeout: float = 30) -> requests.Response:
-    return requests.post(balancer.extra["proxy"] + "/completion",
-                         json={"prompt": "hello", "n_predict": n_predict, "stream": stream}, timeout=timeout)
+pytestmark = pytest.mark.both_stores  # every test with a fleet runs on both slot stores
 
 
 def test_ten_long_requests_on_two_and_four_slots(fleet: Fleet) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import Fleet, Proc, agent_named, free_port, real_builds, spawn_llama_server, wait_until
+from tests.helpers import Fleet, Proc, agent_named, free_port, real_builds, spawn_llama_server, wait_until
 from tests.llamacpp_servers import Build, busy_slots, metric
 
 pytestmark = [pytest.mark.real_llamacpp, pytest.mark.parametrize("build", real_builds())]

@@ -9,7 +9,7 @@ import pytest
 
 from paddler_sync.addresses import AddressError, parse_address
 from paddler_sync.settings import SETTINGS, markdown_table, parse_settings
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 
 def test_defaults_follow_paddler() -> None:

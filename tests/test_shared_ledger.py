@@ -24,9 +24,24 @@ from paddler_sync.fleet import redis_store
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost
-from tests.conftest import PYTHON, ROOT, Fleet, Proc, RedisServer, agents, free_port, port_open, run_cli, wait_until
-from tests.test_faults import background_traffic, internals, settled
-from tests.test_proxy import complete, health, sim_stats
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    Fleet,
+    Proc,
+    RedisServer,
+    agents,
+    background_traffic,
+    complete,
+    free_port,
+    health,
+    internals,
+    port_open,
+    run_cli,
+    settled,
+    sim_stats,
+    wait_until,
+)
 
 KEYS = ["a", "b", "c"]
 INTERVAL = 0.2

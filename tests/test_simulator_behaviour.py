@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.conftest import Fleet, wait_until
+from tests.helpers import Fleet, wait_until
 
 
 def stats(url: str) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import Fleet
+from tests.helpers import Fleet
 
 CAPTURES = Path(__file__).parent / "captures"
 VARYING_HEADERS = {"content-length", "process-start-time-unix"}

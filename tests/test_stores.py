@@ -11,7 +11,7 @@ import pytest
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.store import LocalStore
-from tests.conftest import RedisServer
+from tests.helpers import RedisServer
 
 
 class Clock:

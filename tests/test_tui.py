@@ -9,7 +9,7 @@ import requests
 from textual.widgets import DataTable
 
 from paddler_sync.tui import EMPTY, LOADING, FleetDashboard
-from tests.conftest import ROOT, Fleet, agents, free_port, wait_until
+from tests.helpers import ROOT, Fleet, agents, free_port, run_cli, wait_until
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -100,7 +100,6 @@ def test_an_agent_in_error_shows_its_hint(fleet: Fleet) -> None:
 
 @pytest.mark.parametrize("argv", [["dashboard", "--management-addr", "nowhere"]])
 def test_dashboard_command_rejects_bad_addresses(argv: list[str], tmp_path) -> None:
-    from tests.conftest import run_cli
 
     result = run_cli(*argv, cwd=tmp_path)
     assert result.returncode == 2 and "--management-addr" in result.stderr

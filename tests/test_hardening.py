@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +128,26 @@ def test_graceful_shutdown_with_gunicorn(fleet: Fleet) -> None:
 
 
 def test_requests_after_shutdown_began_get_503(fleet: Fleet) -> None:
-    balancer, _ = start_fleet(fleet, [1], "--graceful-timeout", "5", sim_args=("--decode-tokens-per-second", "10"))
-    holder = threading.Thread(target=lambda: complete(balancer, 30))
-    holder.start()
-    wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
-    balancer.signal(signal.SIGTERM)
-    wait_until(lambda: requests.get(balancer.extra["management"] + "/health", timeout=5).status_code == 503)
-    holder.join(30)
+    """The listener closes at SIGTERM, so a new request can only come on a kept-alive connection: it gets 503
+    with Retry-After (and is logged as such), while the request in flight finishes."""
+    balancer, _ = start_fleet(fleet, [2], "--graceful-timeout", "5", sim_args=("--decode-tokens-per-second", "10"))
+    kept = http.client.HTTPConnection("127.0.0.1", balancer.extra["proxy_port"], timeout=10)
+    body = json.dumps({"prompt": "x", "n_predict": 1})
+    kept.request("POST", "/completion", body, {"Content-Type": "application/json"})
+    first = kept.getresponse()
+    assert first.status == 200 and first.read()
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(complete, balancer, 30)
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        balancer.signal(signal.SIGTERM)
+        wait_until(lambda: requests.get(balancer.extra["management"] + "/health", timeout=5).status_code == 503)
+        kept.request("POST", "/completion", body, {"Content-Type": "application/json"})  # a slot is free, still
+        refused = kept.getresponse()
+        answer = json.loads(refused.read())
+        assert refused.status == 503 and refused.getheader("Retry-After")
+        assert "shutting down" in answer["error"]["message"]
+        assert holder.result().status_code == 200
+    assert re.search(r'"POST /completion" 503 upstream=- .* end=shutting_down', balancer.log())
 
 
 # --- hostile reports -------------------------------------------------------------------------------------

@@ -1,12 +1,7 @@
-"""gunicorn settings for ``gunicorn -c conf/gunicorn.conf.py wsgi:balancer``.
+"""gunicorn settings for ``gunicorn -c conf/gunicorn.conf.py wsgi:balancer`` (the Procfile's): paddler_sync's own.
 
-The values come from the balancer's own settings (conf/balancer.conf and PADDLER_* variables),
-so the proxy binds --reverseproxy-addr and there is one place to configure. Options given on
-gunicorn's command line (-b, -w ...) still override these. Never add preload_app: the app must be
-imported after gevent patches the worker.
+The same as ``-c python:paddler_sync.gunicorn_conf`` and as the project's top-level gunicorn.conf.py
+(which gunicorn reads by itself when started here): see paddler_sync/gunicorn_conf.py.
 """
 
-from paddler_sync.server import gunicorn_settings
-from paddler_sync.settings import parse_settings
-
-globals().update(gunicorn_settings(parse_settings("balancer", args=[])))
+from paddler_sync.gunicorn_conf import *  # noqa: F403

@@ -1,9 +1,12 @@
 """Serving the balancer with gunicorn: the app factory, and ``paddler-sync balancer``'s embedded gunicorn.
 
 The factory runs inside the gunicorn worker, after gevent patched it (never with --preload: the
-app would then be imported unpatched in the master). One worker owns the in-process ledger, so a
-second worker would split it: the factory refuses to start in that case, and says what to do,
-unless the ledger is shared in Redis (--state-backend), where any number of workers may run.
+app would then be imported unpatched in the master). gunicorn hands the app nothing, so our settings
+(``gunicorn_settings``: embedded, ``-c python:paddler_sync.gunicorn_conf``, conf/gunicorn.conf.py, or the
+project's gunicorn.conf.py that gunicorn reads by itself) add hooks: ``on_starting`` names a taken
+address, ``post_fork`` checks the worker before the app loads and hands it over. One worker owns the
+in-process ledger, so a second worker would split it: the hook refuses to start in that case, and says
+what to do, unless the ledger is shared in Redis (--state-backend), where any number of workers may run.
 """
 
 from __future__ import annotations
@@ -27,11 +30,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger("paddler_sync.server")
 APP_LOAD_ERROR = 4  # gunicorn halts when a worker exits with this: a bad setting must not respawn forever
 WORKER_BOOT_ERROR = 3
+WITHOUT_OUR_SETTINGS = (
+    "gunicorn runs without paddler_sync's gunicorn settings, so its worker count and class go unchecked, its "
+    "control socket stays open, requests it cannot parse get HTML errors and SIGTERM does not answer waiting "
+    "requests first: start it with -c python:paddler_sync.gunicorn_conf (or from the project's folder, whose "
+    "gunicorn.conf.py gunicorn reads by itself)")
 MANY_WORKERS_NEED_REDIS = (
     "refusing to start: gunicorn runs %d workers, and with --state-backend local each would keep its own slot "
     "ledger, so two workers could both send a request to the last free slot. Run one worker (-w 1, and check "
     "WEB_CONCURRENCY; one gevent worker serves thousands of streams), or share the ledger in Redis: "
     "--state-backend redis://HOST:6379/0.")
+
+
+class ThisWorker:
+    """The gunicorn worker this process is, as gunicorn's ``post_fork`` hook hands it over (None: no hooks ran,
+    gunicorn was started without paddler_sync's settings, or this is no gunicorn worker)."""
+
+    worker: Any = None
 
 
 def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
@@ -45,10 +60,11 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
     from paddler_sync.logs import setup_logging
 
     setup_logging(options.log_level)
-    worker = current_gunicorn_worker()
+    worker = ThisWorker.worker
     if worker is not None:
-        check_gunicorn_worker(worker, options)
         answer_parse_errors_in_json(worker)
+    elif "gunicorn.workers.base" in sys.modules:
+        logger.warning(WITHOUT_OUR_SETTINGS)
     balancer = Balancer(options)
     balancer.start()
     if worker is not None:
@@ -64,19 +80,11 @@ def settings_from_environment() -> argparse.Namespace:
         sys.exit(APP_LOAD_ERROR)
 
 
-def current_gunicorn_worker() -> Any:
-    """The gunicorn worker loading this app, found on the call stack (gunicorn hands apps no handle)."""
-    try:
-        from gunicorn.workers.base import Worker
-    except ImportError:  # pragma: no cover - gunicorn is a dependency
-        return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Worker):
-            return candidate
-        frame = frame.f_back
-    return None
+def post_fork(worker: Any, options: argparse.Namespace) -> None:
+    """gunicorn's ``post_fork`` hook, in the new worker before the app loads: refuse a setup that would split the
+    ledger, or hold a whole worker per stream; remember the worker for the app."""
+    check_gunicorn_worker(worker, options)
+    ThisWorker.worker = worker
 
 
 def check_gunicorn_worker(worker: Any, options: argparse.Namespace) -> None:
@@ -88,10 +96,6 @@ def check_gunicorn_worker(worker: Any, options: argparse.Namespace) -> None:
         logger.error("refusing to start: gunicorn's worker class is %s; run it with -k gevent, or every "
                      "stream would hold a whole worker", cfg.worker_class_str)
         sys.exit(WORKER_BOOT_ERROR)
-    if not cfg.control_socket_disable and options.state_backend == "local":
-        logger.warning("gunicorn's control socket is open at %s: `gunicornc worker add` (like SIGTTIN) would start "
-                       "a second worker with a slot ledger of its own. Start gunicorn with --no-control-socket, or "
-                       "with -c conf/gunicorn.conf.py (which turns it off)", cfg.control_socket)
     binds = [str(b) for b in cfg.bind]
     if str(options.reverseproxy_addr) not in binds and not is_default(options, "reverseproxy-addr"):
         logger.warning("gunicorn binds %s but --reverseproxy-addr is %s: the proxy serves on gunicorn's bind",
@@ -179,6 +183,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         # fight over one default socket path.
         "control_socket_disable": True,
         "on_starting": lambda arbiter: refuse_taken_addresses(arbiter, options),
+        "post_fork": lambda _arbiter, worker: post_fork(worker, options),
     }
 
 

@@ -119,8 +119,8 @@ def test_graceful_shutdown_with_paddler_sync_balancer(fleet: Fleet) -> None:
 def test_graceful_shutdown_with_gunicorn(fleet: Fleet) -> None:
     proxy, management = free_port(), free_port()
     proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b", f"127.0.0.1:{proxy}",
-                                    "--no-control-socket", "--chdir", str(ROOT), "wsgi:balancer"], management,
-                       env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"})
+                                    "wsgi:balancer"], management,
+                       env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}"}, cwd=ROOT)  # reads gunicorn.conf.py
     wait_until(lambda: port_open(proxy))
     proc.extra.update(proxy=f"http://127.0.0.1:{proxy}", management=f"http://127.0.0.1:{management}",
                       management_port=management)

@@ -85,16 +85,19 @@ def test_paddler_sync_balancer_from_a_plain_install_streams(installed: Path, fle
     assert len(streamed_completion(proxy_port)) >= 2
 
 
-def test_bare_gunicorn_from_a_plain_install_streams(installed: Path, fleet: Fleet, tmp_path: Path) -> None:
+def test_gunicorn_with_the_packaged_settings_from_a_plain_install_streams(installed: Path, fleet: Fleet,
+                                                                          tmp_path: Path) -> None:
     app_dir = tmp_path / "app"  # wsgi.py alone: the package must come from the venv, not this checkout
     app_dir.mkdir()
     shutil.copy(ROOT / "wsgi.py", app_dir / "wsgi.py")
     proxy_port, management_port = free_port(), free_port()
-    gunicorn = fleet.spawn("gunicorn", [str(installed / "gunicorn"), "-k", "gevent", "-b", f"127.0.0.1:{proxy_port}",
-                                        "--chdir", str(app_dir), "wsgi:balancer"], management_port,
+    gunicorn = fleet.spawn("gunicorn", [str(installed / "gunicorn"), "-c", "python:paddler_sync.gunicorn_conf",
+                                        "-b", f"127.0.0.1:{proxy_port}", "--chdir", str(app_dir), "wsgi:balancer"],
+                           management_port,
                            env={"PYTHONPATH": "", "PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management_port}"},
                            cwd=app_dir)
     wait_until(lambda: port_open(proxy_port), message="gunicorn's proxy port")
     start_fleet_from(installed, fleet, management_port)
     assert len(streamed_completion(proxy_port)) >= 2
     assert "ModuleNotFoundError" not in gunicorn.log()
+    assert "without paddler_sync's gunicorn settings" not in gunicorn.log() and "Control socket" not in gunicorn.log()

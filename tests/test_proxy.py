@@ -290,17 +290,18 @@ def test_a_server_refusing_connections_is_quarantined_and_the_request_served_els
 
 def _gunicorn(fleet: Fleet, args: list[str], env: dict[str, str], port: int | None, name: str = "gunicorn") -> Proc:
     gunicorn = str(Path(PYTHON).parent / "gunicorn")
-    return fleet.spawn(name, [gunicorn, *args], port, env={**env, "PYTHONPATH": str(ROOT)}, wait_port=port is not None)
+    return fleet.spawn(name, [gunicorn, *args], port, env={**env, "PYTHONPATH": str(ROOT)}, wait_port=port is not None,
+                       cwd=ROOT)  # as from the checkout: gunicorn reads its gunicorn.conf.py by itself
 
 
 @pytest.mark.ledger_agnostic
 def test_bare_gunicorn_command_serves_proxy_and_management(fleet: Fleet) -> None:
     proxy, management = free_port(), free_port()
     proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b",
-                                    f"127.0.0.1:{proxy}", "--chdir", str(ROOT), "wsgi:balancer"],
+                                    f"127.0.0.1:{proxy}", "wsgi:balancer"],
                        management, env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}",
                                         "PADDLER_REVERSEPROXY_ADDR": "127.0.0.1:1", "HOME": str(fleet.workdir),
-                                        "XDG_RUNTIME_DIR": ""})
+                                        "XDG_RUNTIME_DIR": ""}, cwd=ROOT)  # as a user in the project's folder
     wait_until(lambda: port_open(proxy))
     sim = fleet.simulator("--parallel", "2")
     fleet.agent(sim.port, management, interval=INTERVAL)
@@ -308,8 +309,23 @@ def test_bare_gunicorn_command_serves_proxy_and_management(fleet: Fleet) -> None
     response = requests.post(f"http://127.0.0.1:{proxy}/completion", json={"prompt": "x", "n_predict": 2}, timeout=5)
     assert response.status_code == 200
     assert "the proxy serves on gunicorn's bind" in proc.log()  # -b and an explicit --reverseproxy-addr disagree
-    # bare gunicorn opens its control socket; the balancer says what that risks and how to close it
-    assert "gunicorn's control socket is open" in proc.log() and "--no-control-socket" in proc.log()
+    # started in the project's folder, gunicorn reads its gunicorn.conf.py: our hooks, no control socket
+    assert "Control socket" not in proc.log() and "without paddler_sync's gunicorn settings" not in proc.log()
+
+
+@pytest.mark.ledger_agnostic
+def test_gunicorn_without_our_settings_says_what_goes_unchecked(fleet: Fleet, tmp_path: Path) -> None:
+    app_dir = tmp_path / "elsewhere"  # no gunicorn.conf.py here: gunicorn starts with its own defaults
+    app_dir.mkdir()
+    (app_dir / "wsgi.py").write_text((ROOT / "wsgi.py").read_text())
+    proxy, management = free_port(), free_port()
+    proc = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-b", f"127.0.0.1:{proxy}",
+                                    "--chdir", str(app_dir), "wsgi:balancer"], management,
+                       env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{management}", "HOME": str(tmp_path),
+                            "XDG_RUNTIME_DIR": ""}, cwd=app_dir)
+    assert requests.get(f"http://127.0.0.1:{management}/health", timeout=5).json()["status"] == "ok"
+    log = proc.log()
+    assert "without paddler_sync's gunicorn settings" in log and "-c python:paddler_sync.gunicorn_conf" in log
 
 
 @pytest.mark.ledger_agnostic

@@ -18,7 +18,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/system-packages.sh
-	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
+	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -33,7 +34,8 @@ soak: $(STAMP)
 	$(PY) bench/soak.py --seconds $${SOAK_SECONDS:-600}
 
 lint: $(STAMP)
-	$(PY) -m ruff check paddler_sync tests wsgi.py conf scripts bench
+	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -22,7 +22,7 @@ from gevent.pywsgi import WSGIServer
 
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.policy import POLICIES, Policy
+from paddler_sync.fleet.policy import Policy, make_policy
 from paddler_sync.fleet.redis_store import RedisStore, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.status import FleetStatus
@@ -45,7 +45,7 @@ class Balancer:
     def __init__(self, options: argparse.Namespace, policy: Policy | None = None) -> None:
         self.options = options
         self.shared: SharedFleetSync | None = None
-        self.ledger, self.registry = self._fleet_state(policy or POLICIES[options.policy]())
+        self.ledger, self.registry = self._fleet_state(policy or make_policy(options.policy))
         self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
         self.greenlets = Group()
         self.shutting_down = False

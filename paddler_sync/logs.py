@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 class UTCFormatter(logging.Formatter):
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)  # gmtime takes the record time, as localtime does
 
 
 def utc_formatter() -> logging.Formatter:
@@ -41,10 +43,10 @@ def setup_logging(level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def log_greenlet_exception(logger: logging.Logger):
+def log_greenlet_exception(logger: logging.Logger) -> Callable[[Any], None]:
     """A ``link_exception`` callback: a greenlet that dies must never die silently."""
 
-    def report(greenlet) -> None:
+    def report(greenlet: Any) -> None:
         logger.error("greenlet %s died: %r", getattr(greenlet, "name", greenlet), greenlet.exception,
                      exc_info=(type(greenlet.exception), greenlet.exception, greenlet.exception.__traceback__))
 

@@ -7,12 +7,12 @@ import argparse
 import math
 from collections.abc import Callable
 
-from paddler_sync.addresses import AddressError, parse_address
+from paddler_sync.addresses import Address, AddressError, parse_address
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def address(text: str):
+def address(text: str) -> Address:
     try:
         return parse_address(text)
     except AddressError as exc:

@@ -292,7 +292,7 @@ class SettingsParser(configargparse.ArgumentParser):
             return f" (from {origin})"
         return ""
 
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None,  # type: ignore[override]
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None,
                          **kwargs: Any) -> Any:
         self._cli_args = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args=args, namespace=namespace, **kwargs)

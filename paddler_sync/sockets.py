@@ -8,6 +8,8 @@ problem, and with a zero timeout it only asks the kernel.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from typing import Any
 
 try:
     from gevent.monkey import get_original
@@ -43,9 +45,9 @@ class ClientWatch:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._watcher = None
+        self._watcher: Any = None  # gevent's io watcher while watching
 
-    def start(self, on_gone) -> None:
+    def start(self, on_gone: Callable[[], None]) -> None:
         import gevent
 
         def readable() -> None:

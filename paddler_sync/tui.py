@@ -177,7 +177,7 @@ class FleetDashboard(App):
         agent = None
         if table.row_count:
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-            agent = self.agents.get(key)
+            agent = self.agents.get(key) if key is not None else None
         self.query_one("#detail", Static).update(Text(detail_text(agent) if agent else ""))
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import gevent
 from gevent.event import AsyncResult
@@ -93,7 +93,7 @@ class RequestBuffer:
         self._closed_reason: str | None = None
         self._dispatching = False
         self._dispatch_again = False
-        self._early_timer = None  # wakes the buffer when a request may be handed over early
+        self._early_timer: Any = None  # gevent's timer; wakes the buffer when a request may be handed over early
         self._early_at = float("inf")
         ledger.on_capacity(self.dispatch)
 

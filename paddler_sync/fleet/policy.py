@@ -60,4 +60,10 @@ class LeastConnections:
         return min(usable, key=lambda u: (u.in_flight, u.addr), default=None)
 
 
-POLICIES = {"slots": MostFreeSlots, "round-robin": RoundRobin, "least-connections": LeastConnections}
+POLICIES: dict[str, type[MostFreeSlots | RoundRobin | LeastConnections]] = {
+    "slots": MostFreeSlots, "round-robin": RoundRobin, "least-connections": LeastConnections}
+
+
+def make_policy(name: str) -> Policy:
+    """The policy --policy names (the settings check the name)."""
+    return POLICIES[name]()

@@ -46,8 +46,8 @@ class Guard:
             ips = {info[4][0] for info in socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)}
         except OSError:
             return False
-        return bool(ips) and all(any(ipaddress.ip_address(ip.split("%")[0]) in net for net in self.allowed_networks)
-                                 for ip in ips)
+        return bool(ips) and all(any(ipaddress.ip_address(str(ip).split("%")[0]) in net
+                                     for net in self.allowed_networks) for ip in ips)
 
 
 def presented_token(authorization: str | None, query_token: str | None) -> str | None:

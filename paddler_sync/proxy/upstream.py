@@ -14,7 +14,7 @@ import http.client
 import logging
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,6 +26,9 @@ from urllib3.util import Retry, Timeout
 from urllib3.util.url import _encode_target
 
 from paddler_sync.fleet.buffer import Watch
+
+if TYPE_CHECKING:
+    from urllib3._base_connection import BaseHTTPConnection
 
 # Which POSTs become a llama.cpp task (generation, embedding, reranking, transcription) and so take a
 # slot: read off both real builds in ../shared/llamacpp (with every slot busy, these wait inside
@@ -79,7 +82,7 @@ class UpstreamConnection(HTTPConnection):
 
     idle_since: float = 0.0
 
-    def getresponse(self) -> Any:  # type: ignore[override]
+    def getresponse(self) -> Any:
         ack_at_once(self.sock)
         return super().getresponse()
 
@@ -98,13 +101,14 @@ class UpstreamPool(HTTPConnectionPool):
     ConnectionCls = UpstreamConnection
     idle_timeout: float = 2.0
 
-    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
+    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
         conn = super()._get_conn(timeout)
-        if conn.sock is not None and time.monotonic() - getattr(conn, "idle_since", 0.0) > self.idle_timeout:
+        idle = time.monotonic() - getattr(conn, "idle_since", 0.0)
+        if getattr(conn, "sock", None) is not None and idle > self.idle_timeout:
             conn.close()  # reconnects when used
         return conn
 
-    def _put_conn(self, conn: HTTPConnection | None) -> None:
+    def _put_conn(self, conn: BaseHTTPConnection | None) -> None:
         if conn is not None:
             conn.idle_since = time.monotonic()  # type: ignore[attr-defined]
         super()._put_conn(conn)
@@ -113,7 +117,7 @@ class UpstreamPool(HTTPConnectionPool):
              client: Watch | None = None) -> HTTPResponse:
         """The response, its headers read and its body not; ``client`` (when given) cuts the call if it leaves."""
         for _ in range(self.pool.maxsize + 1 if self.pool else 1):
-            conn = self._get_conn()
+            conn = cast(HTTPConnection, self._get_conn())  # ConnectionCls: always an UpstreamConnection
             reused = conn.sock is not None
             cut = _Cut(conn, client)
             try:
@@ -194,8 +198,8 @@ class Transport:
         if pool is None or pool.pool is None:  # built once by the adapter's pool manager (None: it closed it)
             host, _, port = addr.rpartition(":")
             pool = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port), scheme="http")
-            pool.idle_timeout = self.idle_timeout  # type: ignore[attr-defined]
-            self._pools[addr] = pool  # type: ignore[assignment]
+            pool.idle_timeout = self.idle_timeout
+            self._pools[addr] = pool
         return pool
 
     def send(self, method: str, addr: str, target: str, headers: dict[str, str], body: bytes | None,

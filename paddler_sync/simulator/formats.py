@@ -226,8 +226,9 @@ class MessagesFormat:
         return delta if o.n_decoded > 1 else self._opening(o) + delta
 
     def _opening(self, o: Outcome) -> bytes:
-        message = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.job.model,
-                   "stop_reason": None, "stop_sequence": None, "usage": self._usage(o, 0)}
+        message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "content": [],
+                                   "model": self.job.model, "stop_reason": None, "stop_sequence": None,
+                                   "usage": self._usage(o, 0)}
         return (self._event("message_start", {"message": message})
                 + self._event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}))
 

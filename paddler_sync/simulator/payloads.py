@@ -8,6 +8,7 @@ instead of ``is_processing``, generation settings flat in each slot).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from paddler_sync.simulator.engine import Counters, Slot
@@ -43,7 +44,7 @@ MODERN_SLOT_PARAMS: dict[str, Any] = {
     "speculative.types": "none", "timings_per_token": False, "post_sampling_probs": False,
     "backend_sampling": False, "lora": [],
 }
-_MODERN_REQUEST_EXTRA = {  # after the key named, in a completion's generation_settings
+_MODERN_REQUEST_EXTRA: dict[str, dict[str, Any]] = {  # after the key named, in a completion's generation_settings
     "dry_penalty_last_n": {"dry_sequence_breakers": ["\n", ":", "\"", "*"]},
     "adaptive_decay": {"stop": []},
     "stream": {"logit_bias": []},
@@ -225,7 +226,7 @@ def metrics_text(c: Counters, processing: int, deferred: int, kv_tokens: int, n_
         "requests_processing": processing,
         "requests_deferred": deferred,
     }
-    metrics = list(_METRICS)
+    metrics: Sequence[tuple[str, str, str]] = _METRICS
     if dialect == "modern":
         metrics = _MODERN_METRICS
         values.update(n_tokens_max=kv_tokens, spec_decode_num_draft_tokens_total=0,

@@ -23,14 +23,13 @@ from gevent.pywsgi import WSGIServer
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy, make_policy
-from paddler_sync.fleet.redis_store import RedisStore, SharedFleetSync
+from paddler_sync.fleet.redis_store import RedisStore, SharedCounts, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter
 from paddler_sync.proxy.app import ProxyApp
-from paddler_sync.traffic import Traffic
 
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
@@ -44,6 +43,7 @@ WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker ex
 class Balancer:
     def __init__(self, options: argparse.Namespace, policy: Policy | None = None) -> None:
         self.options = options
+        self.metrics = Metrics()
         self.shared: SharedFleetSync | None = None
         self.ledger, self.registry = self._fleet_state(policy or make_policy(options.policy))
         self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
@@ -51,11 +51,10 @@ class Balancer:
         self.shutting_down = False
         self.status = FleetStatus(self.ledger, self.registry, self.buffer,
                                   self.shared.store if self.shared else None, lambda: self.shutting_down)
-        self.metrics = Metrics()
         self.metrics.registry.register(FleetCollector(self.status))
-        self.traffic = Traffic(time.time())
+        self.traffic = self.metrics.traffic
         self.management = create_management_app(options, self.status, self.traffic, self.metrics.registry)
-        self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.traffic, self.management)
+        self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.management)
         self.management_server: WSGIServer | None = None
 
     def _fleet_state(self, policy: Policy) -> tuple[Ledger, Registry]:
@@ -68,7 +67,9 @@ class Balancer:
             ledger = Ledger(policy, store=store)  # no early hand-over: Redis never takes beyond the free slots
         registry = Registry(ledger, options.agent_missed_reports, options.max_agents)
         if options.state_backend != "local":
-            self.shared = SharedFleetSync(store, ledger, registry, SWEEP_SECONDS)
+            counts = SharedCounts(store, self.metrics.counters)
+            self.metrics.shared_totals = counts.totals
+            self.shared = SharedFleetSync(store, ledger, registry, counts, SWEEP_SECONDS)
         return ledger, registry
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
@@ -92,6 +93,7 @@ class Balancer:
             self._spawn(self.shared.refresh_forever, "shared-ledger-refresh")
             self._spawn(self.shared.listen_forever, "shared-ledger-wakeups")
             self._spawn(self.shared.renew_forever, "shared-ledger-leases")
+            self._spawn(self.shared.flush_counts_forever, "shared-counts")
             logger.info("slot ledger shared in %s (prefix %s, lease TTL %gs)", _redacted(self.options.state_backend),
                         self.options.state_prefix, self.options.lease_ttl)
         self._spawn(self._sample_traffic_forever, "traffic-sampler")

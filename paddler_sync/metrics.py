@@ -1,10 +1,12 @@
-"""What the balancer measures, and where it goes: Prometheus (/metrics) and StatsD (the dashboards: traffic.py).
+"""What the balancer measures, and where it goes: Prometheus (/metrics) and StatsD.
 
 The proxy records each finished request with one call (:meth:`Metrics.request_done`): a few
-integer additions and histogram observations, no I/O on the hot path. Fleet gauges are read from
-the ledger when someone asks (a scrape, a StatsD tick), so they are never stale and cost nothing
-between reads. StatsD gets absolute gauges, counter deltas and the interval's timings in one
-pipeline per ``--statsd-reporting-interval``, from one greenlet.
+integer additions into the one set of counts (counters.py) and the dashboards' per-second figures
+(traffic.py), no I/O on the hot path. ``/metrics`` renders the counts (the whole balancer's, summed
+in Redis when its workers share a store: ``totals``); fleet gauges are read from the fleet status
+when someone asks, so they are never stale and cost nothing between reads. StatsD gets absolute
+gauges, this worker's counter increments (StatsD adds up the workers) and the interval's timings in
+one pipeline per ``--statsd-reporting-interval``, from one greenlet.
 """
 
 from __future__ import annotations
@@ -12,69 +14,49 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from paddler_sync.counters import LATENCY_BUCKETS, Counters, outcome_of
 from paddler_sync.endings import Ending
+from paddler_sync.traffic import Traffic
 
 if TYPE_CHECKING:
     from paddler_sync.fleet.status import FleetStatus
 
 logger = logging.getLogger("paddler_sync.metrics")
 
-OUTCOMES = ("served", "rejected", "timed_out", "upstream_error", "client_gone", "refused")
 STATSD_COUNTERS = {"served": "requests_served", "rejected": "requests_rejected", "timed_out": "requests_timed_out",
                    "upstream_error": "upstream_errors", "client_gone": "requests_abandoned"}
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MAX_PENDING_TIMINGS = 20_000  # per StatsD interval; beyond it, samples are dropped (and counted)
-
-
-ENDING_OUTCOMES = {  # how each ending of the access log is counted
-    Ending.CLIENT_GONE: "client_gone", Ending.QUEUE_FULL: "rejected", Ending.TIMED_OUT: "timed_out",
-    Ending.UPSTREAM_TIMEOUT: "timed_out", Ending.UPSTREAM_ERROR: "upstream_error",
-    Ending.UPSTREAM_REFUSED: "upstream_error",
-}
-
-
-def outcome_of(status: int, ending: Ending) -> str:
-    if ending in ENDING_OUTCOMES:
-        return ENDING_OUTCOMES[ending]
-    if ending is Ending.DONE:
-        return "upstream_error" if status == 502 else "served"
-    return "refused"
+HISTOGRAMS = {"queue_wait": ("paddler_queue_wait_seconds", "Time requests waited in the buffer for a slot."),
+              "time_to_first_byte": ("paddler_time_to_first_byte_seconds", "From request to the first byte relayed."),
+              "request_duration": ("paddler_request_duration_seconds", "From request to the end of the response.")}
 
 
 class Metrics:
+    """The one owner of what is counted: this worker's counts, the StatsD timings, the dashboards' traffic."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # process_open_fds, process_resident_memory_bytes, CPU
-        self.requests = Counter("paddler_requests", "Requests the proxy finished, by outcome.", ["outcome"],
-                                registry=self.registry)
-        self.quarantines = Counter("paddler_quarantines", "Servers quarantined after a refused connection.",
-                                   registry=self.registry)
-        self.queue_wait = Histogram("paddler_queue_wait_seconds", "Time requests waited in the buffer for a slot.",
-                                    buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.ttfb = Histogram("paddler_time_to_first_byte_seconds", "From request to the first byte relayed.",
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.duration = Histogram("paddler_request_duration_seconds", "From request to the end of the response.",
-                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.counts = dict.fromkeys(OUTCOMES, 0)
-        self._outcome_counters = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
-        self.quarantine_count = 0
+        self.counters = Counters()
+        self.traffic = Traffic(time.time())
+        self.shared_totals: Callable[[], Counters] | None = None  # the balancer's, when its workers share a store
+        self.registry.register(CountersCollector(self))
         self.pending_timings: list[tuple[str, float]] = []
         self.dropped_timings = 0
 
-    def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
-        self.counts[outcome] += 1
-        self._outcome_counters[outcome].inc()
-        self.queue_wait.observe(wait)
-        self.duration.observe(duration)
-        if ttfb is not None:
-            self.ttfb.observe(ttfb)
+    def request_done(self, status: int, ending: Ending, addr: str | None, wait: float, ttfb: float | None,
+                     duration: float, first_token: float | None = None, tokens: int | None = None) -> None:
+        self.counters.request_done(outcome_of(status, ending), wait, ttfb, duration)
+        self.traffic.request_done(addr, status, ending, wait, first_token, tokens, time.time())
         if len(self.pending_timings) < MAX_PENDING_TIMINGS:
             self.pending_timings.append(("queue_wait", wait))
             self.pending_timings.append(("request_duration", duration))
@@ -84,12 +66,37 @@ class Metrics:
             self.dropped_timings += 1
 
     def quarantined(self) -> None:
-        self.quarantine_count += 1
-        self.quarantines.inc()
+        self.counters.quarantined()
+
+    def totals(self) -> Counters:
+        """What /metrics shows: the whole balancer's counts (this worker's, when it is the only one)."""
+        return self.shared_totals() if self.shared_totals is not None else self.counters
 
     def take_timings(self) -> list[tuple[str, float]]:
         taken, self.pending_timings = self.pending_timings, []
         return taken
+
+
+class CountersCollector(Collector):
+    """The counts in Prometheus's shape, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        totals = self.metrics.totals()
+        requests = CounterMetricFamily("paddler_requests", "Requests the proxy finished, by outcome.",
+                                       labels=["outcome"])
+        for outcome, count in totals.outcomes.items():
+            requests.add_metric([outcome], count)
+        yield requests
+        yield CounterMetricFamily("paddler_quarantines", "Servers quarantined after a refused connection.",
+                                  value=totals.quarantines)
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for name, (metric, help_text) in HISTOGRAMS.items():
+            dist = totals.distributions[name]
+            yield HistogramMetricFamily(metric, help_text, buckets=list(zip(bounds, dist.cumulative(), strict=True)),
+                                        sum_value=dist.sum)
 
 
 class FleetCollector(Collector):
@@ -148,7 +155,7 @@ class StatsdReporter:
         self.addr = options.statsd_addr
         self.prefix = options.statsd_prefix
         self.client: Any = None
-        self._sent_counts = dict.fromkeys(OUTCOMES, 0)
+        self._sent_counts = dict.fromkeys(STATSD_COUNTERS, 0)
         self._sent_quarantines = 0
         self._problem: str | None = None
 
@@ -161,14 +168,15 @@ class StatsdReporter:
         with client.pipeline() as pipe:
             for gauge in ("slots_idle", "slots_processing", "requests_buffered"):
                 pipe.gauge(gauge, health[gauge])
+            counts = metrics.counters
             for outcome, name in STATSD_COUNTERS.items():
-                delta = metrics.counts[outcome] - self._sent_counts[outcome]
+                delta = counts.outcomes[outcome] - self._sent_counts[outcome]
                 if delta:
                     pipe.incr(name, delta)
-                self._sent_counts[outcome] = metrics.counts[outcome]
-            if metrics.quarantine_count != self._sent_quarantines:
-                pipe.incr("quarantines", metrics.quarantine_count - self._sent_quarantines)
-                self._sent_quarantines = metrics.quarantine_count
+                self._sent_counts[outcome] = counts.outcomes[outcome]
+            if counts.quarantines != self._sent_quarantines:
+                pipe.incr("quarantines", counts.quarantines - self._sent_quarantines)
+                self._sent_quarantines = counts.quarantines
             for name, seconds in metrics.take_timings():
                 pipe.timing(name, seconds * 1000.0)
         return True

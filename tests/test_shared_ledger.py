@@ -7,6 +7,7 @@ simulators and agents, and kill things with -9.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -412,3 +414,10 @@ def test_one_balancer_with_two_workers_serves_in_arrival_order(fleet: Fleet, red
         thread.join(60)
     assert finished == list(range(10))
     assert sim_stats(sim)["requests_deferred_total"] == 0
+    # /metrics counts the whole balancer, whichever worker answers the scrape (each counts what it relayed)
+    time.sleep(1.5)  # every worker pushes its counts to Redis each second
+    for _ in range(6):  # a new connection each time: SO_REUSEPORT spreads them over both workers
+        text = requests.get(balancer.extra["management"] + "/metrics", timeout=5,
+                            headers={"Connection": "close"}).text
+        assert 'paddler_requests_total{outcome="served"} 10.0' in text
+        assert re.search(r"^paddler_queue_wait_seconds_count 10\.0$", text, re.M)

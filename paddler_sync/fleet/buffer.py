@@ -74,21 +74,11 @@ class Waiter:
     ticket: Ticket | None = None  # its place in a shared ledger's queue (None with the in-process ledger)
 
 
-@dataclass
-class BufferStats:
-    buffered_total: int = 0
-    served_after_wait: int = 0
-    rejected_full: int = 0
-    timed_out: int = 0
-    abandoned: int = 0
-
-
 class RequestBuffer:
     def __init__(self, ledger: Ledger, max_waiting: int, timeout: float) -> None:
         self.ledger = ledger
         self.max_waiting = max_waiting
         self.timeout = timeout
-        self.stats = BufferStats()
         self._waiters: deque[Waiter] = deque()
         self._closed_reason: str | None = None
         self._dispatching = False
@@ -114,7 +104,6 @@ class RequestBuffer:
             if reservation is not None:
                 return reservation, 0.0
         if len(self._waiters) >= self.max_waiting:
-            self.stats.rejected_full += 1
             raise BufferFull(self._full_message())
         return self._wait(Waiter(), client)
 
@@ -193,14 +182,12 @@ class RequestBuffer:
         if len(self._waiters) == 1:
             self.ledger.waiting_changed(True)
             self._wake_for_early_hand_over()
-        self.stats.buffered_total += 1
         if client is not None:
             client.start(lambda: self._client_left(waiter))
         try:
             reservation = waiter.result.get(timeout=self.timeout)
         except gevent.Timeout:
             self._forget(waiter)
-            self.stats.timed_out += 1
             timeout = BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
                                     f"(--buffered-request-timeout); retry later or add servers")
             timeout.waited = time.monotonic() - waiter.since
@@ -215,14 +202,12 @@ class RequestBuffer:
         finally:
             if client is not None:
                 client.stop()
-        self.stats.served_after_wait += 1
         return reservation, time.monotonic() - waiter.since
 
     def _client_left(self, waiter: Waiter) -> None:
         """Runs in an event-loop callback, where nothing may block (a shared ledger's Redis call would fail
         there): it only wakes the waiter, whose own greenlet gives its place back (``_forget``)."""
         if waiter in self._waiters and not waiter.result.ready():
-            self.stats.abandoned += 1
             waiter.result.set_exception(ClientGone("the client left while waiting"))
 
     def _forget(self, waiter: Waiter) -> None:

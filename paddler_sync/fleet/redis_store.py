@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable
 from importlib import resources
@@ -46,6 +48,7 @@ import gevent
 import redis
 from gevent.event import Event
 
+from paddler_sync.counters import Counters, increments
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.registry import Registry
@@ -60,6 +63,8 @@ SOCKET_TIMEOUT = 1.0
 WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while it has waiters
 MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
 RETRY_PAUSE = 0.5
+COUNTS_TTL = 86_400  # seconds: a stopped balancer's counts go a day after its last increment
+COUNTS_FLUSH_SECONDS = 1.0
 SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
 
 
@@ -213,6 +218,25 @@ class RedisStore:
         for key, leases in by_key.items():
             self.call("renew", [self.keys_of(key)[1]], [self.lease_ttl_ms, *leases])
 
+    # --- the balancer's counts, summed over its workers ------------------------------------------------------
+
+    def add_counts(self, key: str, increments: dict[str, float]) -> None:
+        """One pipeline of HINCRBY(FLOAT)s into the balancer's hash; it expires a day after the last write."""
+        def write() -> None:
+            with self.client.pipeline(transaction=False) as pipe:
+                for field, value in increments.items():
+                    if float(value).is_integer():
+                        pipe.hincrby(key, field, int(value))
+                    else:
+                        pipe.hincrbyfloat(key, field, value)
+                pipe.expire(key, COUNTS_TTL)
+                pipe.execute()
+
+        self._guarded(write)
+
+    def counts(self, key: str) -> dict[str, float]:
+        return {field: float(value) for field, value in self._guarded(self.client.hgetall, key).items()}
+
     def _mark(self, reachable: bool, exc: BaseException | None = None) -> None:
         if reachable != self.reachable:
             if reachable:
@@ -226,10 +250,12 @@ class RedisStore:
 class SharedFleetSync:
     """The worker's greenlets for the Redis store: wake-ups, mirror refreshes and lease renewals."""
 
-    def __init__(self, store: RedisStore, ledger: Ledger, registry: Registry, refresh_interval: float) -> None:
+    def __init__(self, store: RedisStore, ledger: Ledger, registry: Registry, counts: SharedCounts,
+                 refresh_interval: float) -> None:
         self.store = store
         self.ledger = ledger
         self.registry = registry
+        self.counts = counts
         self.refresh_interval = refresh_interval
         self.wake = Event()
 
@@ -260,8 +286,41 @@ class SharedFleetSync:
             finally:
                 pubsub.close()
 
+    def flush_counts_forever(self) -> None:
+        while True:
+            gevent.sleep(COUNTS_FLUSH_SECONDS)
+            with contextlib.suppress(StateUnavailable):
+                self.counts.flush()
+
     def renew_forever(self) -> None:
         while True:
             gevent.sleep(self.store.lease_ttl_ms / 3000)
             with contextlib.suppress(StateUnavailable):
                 self.store.renew_leases()
+
+
+class SharedCounts:
+    """This worker's counts, pushed to Redis as increments, so any worker of the balancer answers /metrics with
+    the whole balancer's totals (one hash per balancer: its host and gunicorn master; other workers'
+    increments of the last second may be missing from a scrape)."""
+
+    def __init__(self, store: RedisStore, counters: Counters) -> None:
+        self.store = store
+        self.counters = counters
+        self.key = f"{store.prefix}:counts:{socket.gethostname()}:{os.getppid()}"
+        self.flushed: dict[str, float] = {}
+
+    def flush(self) -> None:
+        now = self.counters.fields()
+        moved = increments(now, self.flushed)
+        if moved:
+            self.store.add_counts(self.key, moved)
+        self.flushed = now
+
+    def totals(self) -> Counters:
+        """This worker's increments pushed first; this worker's own counts alone while Redis cannot be reached."""
+        try:
+            self.flush()
+            return Counters.from_fields(self.store.counts(self.key))
+        except StateUnavailable:
+            return self.counters

@@ -29,14 +29,12 @@ from paddler_sync.errors import error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, requested_tokens
 from paddler_sync.fleet.upstream import Reservation
-from paddler_sync.metrics import outcome_of
 from paddler_sync.proxy import upstream as up
 from paddler_sync.sockets import ClientWatch
 
 if TYPE_CHECKING:
     from paddler_sync.fleet.ledger import Ledger
     from paddler_sync.metrics import Metrics
-    from paddler_sync.traffic import Traffic
 
 logger = logging.getLogger("paddler_sync.proxy")
 access_log = logging.getLogger("paddler_sync.access")
@@ -63,7 +61,7 @@ class ProxyApp:
     app, mounted under ``--management-path-prefix`` when one is set)."""
 
     def __init__(self, options: argparse.Namespace, ledger: Ledger, buffer: RequestBuffer, metrics: Metrics,
-                 traffic: Traffic, management: WSGIApp) -> None:
+                 management: WSGIApp) -> None:
         self.ledger = ledger
         self.buffer = buffer
         self.management = management
@@ -77,7 +75,6 @@ class ProxyApp:
         self.management_prefix = options.management_path_prefix
         self.management_has_token = bool(options.management_token or options.management_read_token)
         self.metrics = metrics
-        self.traffic = traffic
         self.speeds = DecodeSpeeds()
         self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
 
@@ -223,9 +220,8 @@ class ProxyApp:
         """One finished request: into the metrics and the dashboards' traffic figures, and one access line."""
         now = time.monotonic()
         ttfb_seconds = first_byte - started if first_byte else None
-        self.metrics.request_done(outcome_of(status, ending), waited, ttfb_seconds, now - started)
-        self.traffic.request_done(reservation.addr if reservation else None, status, ending, waited,
-                                  first_token - started if first_token else None, tokens, time.time())
+        self.metrics.request_done(status, ending, reservation.addr if reservation else None, waited, ttfb_seconds,
+                                  now - started, first_token - started if first_token else None, tokens)
         if not access_log.isEnabledFor(logging.INFO):
             return
         ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"

@@ -1,0 +1,97 @@
+"""The balancer's cumulative counts: the one set that Prometheus and StatsD read (the dashboards' time-windowed
+figures are traffic.py, fed by the same call).
+
+Requests by outcome, quarantines, and three latency distributions (time in queue, to the first byte,
+in all). Each worker counts what it finished; as flat ``{field: number}`` maps, counts add up, so the
+workers of a balancer that share a Redis store push their increments there (``RedisStore``) and any
+worker answers ``/metrics`` with the whole balancer's totals. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from paddler_sync.endings import Ending
+
+OUTCOMES = ("served", "rejected", "timed_out", "upstream_error", "client_gone", "refused")
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DISTRIBUTIONS = ("queue_wait", "time_to_first_byte", "request_duration")
+ENDING_OUTCOMES = {  # how each ending of the access log is counted
+    Ending.CLIENT_GONE: "client_gone", Ending.QUEUE_FULL: "rejected", Ending.TIMED_OUT: "timed_out",
+    Ending.UPSTREAM_TIMEOUT: "timed_out", Ending.UPSTREAM_ERROR: "upstream_error",
+    Ending.UPSTREAM_REFUSED: "upstream_error",
+}
+
+
+def outcome_of(status: int, ending: Ending) -> str:
+    if ending in ENDING_OUTCOMES:
+        return ENDING_OUTCOMES[ending]
+    if ending is Ending.DONE:
+        return "upstream_error" if status == 502 else "served"
+    return "refused"
+
+
+class Distribution:
+    """Observations per latency bucket (not cumulative: they add across workers), their count and sum."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above the largest bound
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[int]:
+        """Prometheus's view: observations at or below each bound, then all of them."""
+        total, out = 0, []
+        for count in self.buckets:
+            total += count
+            out.append(total)
+        return out
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.quarantines = 0
+        self.distributions = {name: Distribution() for name in DISTRIBUTIONS}
+
+    def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
+        self.outcomes[outcome] += 1
+        self.distributions["queue_wait"].observe(wait)
+        self.distributions["request_duration"].observe(duration)
+        if ttfb is not None:
+            self.distributions["time_to_first_byte"].observe(ttfb)
+
+    def quarantined(self) -> None:
+        self.quarantines += 1
+
+    def fields(self) -> dict[str, float]:
+        """Every count as one flat map (what a shared store adds up)."""
+        out: dict[str, float] = {f"outcome:{name}": count for name, count in self.outcomes.items()}
+        out["quarantines"] = self.quarantines
+        for name, dist in self.distributions.items():
+            out.update({f"{name}:bucket:{i}": count for i, count in enumerate(dist.buckets)})
+            out[f"{name}:count"] = dist.count
+            out[f"{name}:sum"] = dist.sum
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, float]) -> Counters:
+        counters = cls()
+        for name in OUTCOMES:
+            counters.outcomes[name] = int(fields.get(f"outcome:{name}", 0))
+        counters.quarantines = int(fields.get("quarantines", 0))
+        for name, dist in counters.distributions.items():
+            dist.buckets = [int(fields.get(f"{name}:bucket:{i}", 0)) for i in range(len(dist.buckets))]
+            dist.count = int(fields.get(f"{name}:count", 0))
+            dist.sum = float(fields.get(f"{name}:sum", 0.0))
+        return counters
+
+
+def increments(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """What was counted since ``before`` (fields that did not move are left out)."""
+    return {key: value - before.get(key, 0) for key, value in now.items() if value != before.get(key, 0)}

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+SOURCE = {"path": ROOT}  # where paddler_sync is imported from (bench/revisions.py points it at another revision)
 OUT = ROOT / "bench" / "out"
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
@@ -123,7 +124,7 @@ class PeakRss:
 def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     OUT.mkdir(parents=True, exist_ok=True)
     log = open(OUT / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(SOURCE["path"]), **(env or {})}
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tempfile.gettempdir(),
                             start_new_session=True)
 

@@ -38,6 +38,8 @@ SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
 MANAGEMENT_BACKLOG = 256
 WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker exits with this
+SECOND_WORKER = (". Or gunicorn runs more than one worker (unchecked without paddler_sync's gunicorn settings): with "
+                 "--state-backend local run one (-w 1), or share the ledger: --state-backend redis://HOST:6379/0")
 
 
 class Balancer:
@@ -67,7 +69,7 @@ class Balancer:
             ledger = Ledger(policy, store=store)  # no early hand-over: Redis never takes beyond the free slots
         registry = Registry(ledger, options.agent_missed_reports, options.max_agents)
         if options.state_backend != "local":
-            counts = SharedCounts(store, self.metrics.counters)
+            counts = SharedCounts(store, self.metrics.counters, self.metrics.traffic)
             self.metrics.shared_totals = counts.totals
             self.shared = SharedFleetSync(store, ledger, registry, counts, SWEEP_SECONDS)
         return ledger, registry
@@ -75,7 +77,8 @@ class Balancer:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         return self.proxy(environ, start_response)
 
-    def start(self) -> None:
+    def start(self, workers_unchecked: bool = False) -> None:
+        """``workers_unchecked``: gunicorn runs without our hooks, so a second worker may be what holds the port."""
         addr = self.options.management_addr
         try:
             listener = management_listener(addr.host, addr.port, shared=self.shared is not None)
@@ -85,7 +88,7 @@ class Balancer:
         except OSError as exc:
             logger.error("cannot listen for the management server on %s: %s. Another program holds it (`ss -ltnp` "
                          "shows which): stop it, or choose another address with --management-addr "
-                         "(PADDLER_MANAGEMENT_ADDR)", addr, exc.strerror)
+                         "(PADDLER_MANAGEMENT_ADDR)%s", addr, exc.strerror, SECOND_WORKER if workers_unchecked else "")
             sys.exit(WORKER_BOOT_ERROR)
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")

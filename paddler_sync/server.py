@@ -66,7 +66,7 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
     elif "gunicorn.workers.base" in sys.modules:
         logger.warning(WITHOUT_OUR_SETTINGS)
     balancer = Balancer(options)
-    balancer.start()
+    balancer.start(workers_unchecked=worker is None and "gunicorn.workers.base" in sys.modules)
     if worker is not None:
         balancer.watch_worker(worker)
     return balancer

@@ -7,19 +7,23 @@ counters in the current bucket of two rings (1 s buckets for 5 minutes, 12 s buc
 so memory is bounded (a server silent for an hour is forgotten) and nothing is sorted per request.
 Percentiles come from log-spaced bins (each 15 % wider than the last): within 15 % of the true value.
 
-The figures are this balancer worker's: with a shared ledger and several workers, each counts what it
-relayed (the slot gauges are the whole fleet's, from the shared ledger).
+With several workers sharing a Redis store, each worker also keeps its counts as increments per bucket
+(``take_increments``), pushes them to Redis every second, and reads the balancer's sums back when a
+dashboard asks (``shared_reader``), so the figures are the whole balancer's; the gauges (slots in use,
+requests waiting) are sampled by each worker, from the shared ledger.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_sync.endings import Ending
 
+SharedReader = Callable[[str, list[int]], dict[int, dict[str, float]]]  # (range, bucket indices) -> sums by index
 RANGES = {"5m": (300, 1.0), "1h": (3600, 12.0)}  # name: (seconds shown, bucket width in seconds)
 DEFAULT_RANGE = "5m"
 BIN_BASE, BIN_GROWTH, BINS = 0.001, 1.15, 100  # 1 ms up to ~1 h
@@ -103,6 +107,9 @@ class Traffic:
         self.started = now
         self.fleet = new_rings()
         self.servers: dict[str, dict[str, Ring]] = {}
+        self.sharing = False  # True: keep increments for a shared store (take_increments)
+        self.pending: dict[tuple[str, int], Counter[str]] = {}
+        self.shared_reader: SharedReader | None = None  # the balancer's sums, per bucket index, from the store
 
     def request_done(self, addr: str | None, status: int, ending: Ending, waited: float, ttft: float | None,
                      tokens: int | None, now: float) -> None:
@@ -121,6 +128,28 @@ class Traffic:
                     bucket.ttft[bin_of(ttft)] += 1
                 if kind is not None:
                     bucket.errors[kind] += 1
+        if self.sharing:
+            self._keep_increments(addr, kind, waited, ttft, tokens, now)
+
+    def _keep_increments(self, addr: str | None, kind: str | None, waited: float, ttft: float | None,
+                         tokens: int | None, now: float) -> None:
+        """The same counts as flat fields ``SCOPE|what`` (SCOPE: ``fleet`` or ``srv|ADDR``) per bucket."""
+        scopes = ["fleet"] if addr is None else ["fleet", f"srv|{addr}"]
+        for name, (_, width) in RANGES.items():
+            fields = self.pending.setdefault((name, int(now // width)), Counter())
+            for scope in scopes:
+                fields[f"{scope}|requests"] += 1
+                fields[f"{scope}|wait|{bin_of(waited)}"] += 1
+                if tokens:
+                    fields[f"{scope}|tokens"] += tokens
+                if ttft is not None:
+                    fields[f"{scope}|ttft|{bin_of(ttft)}"] += 1
+                if kind is not None:
+                    fields[f"{scope}|err|{kind}"] += 1
+
+    def take_increments(self) -> dict[tuple[str, int], Counter[str]]:
+        taken, self.pending = self.pending, {}
+        return taken
 
     def sample(self, slots_busy: int, slots_total: int, waiting: int, now: float) -> None:
         """The fleet's gauges, once a second; also forgets servers that relayed nothing for the longest range."""
@@ -142,9 +171,29 @@ class Traffic:
         """Rates are over the range, or over the time since start when that is shorter."""
         seconds, _ = RANGES[range_name]
         span = max(1.0, min(seconds, now - self.started))
+        if self.shared_reader is not None:
+            fleet, servers = self._shared_buckets(range_name, now)
+            return {"fleet": summarize(fleet, span),
+                    "servers": {addr: summarize(buckets, span) for addr, buckets in servers.items()}}
         return {"fleet": summarize(self.fleet[range_name].since(now, seconds), span),
                 "servers": {addr: summarize(rings[range_name].since(now, seconds), span)
                             for addr, rings in self.servers.items()}}
+
+    def _shared_buckets(self, range_name: str, now: float) -> tuple[list[Bucket], dict[str, list[Bucket]]]:
+        """The balancer's buckets over the range, rebuilt from the sums the shared store holds."""
+        assert self.shared_reader is not None
+        seconds, width = RANGES[range_name]
+        last = int(now // width)
+        indices = list(range(last - round(seconds / width) + 1, last + 1))
+        fleet: list[Bucket] = []
+        servers: dict[str, list[Bucket]] = {}
+        for index, fields in sorted(self.shared_reader(range_name, indices).items()):
+            for scope, bucket in buckets_from_fields(index, fields).items():
+                if scope == "fleet":
+                    fleet.append(bucket)
+                else:
+                    servers.setdefault(scope, []).append(bucket)
+        return fleet, servers
 
     def series(self, range_name: str, now: float) -> list[dict[str, Any]]:
         """One point per bucket over the whole range: a quiet minute shows as 0, and the time before the
@@ -152,18 +201,43 @@ class Traffic:
         seconds, width = RANGES[range_name]
         ring = self.fleet[range_name]
         by_index = {b.index: b for b in ring.since(now, seconds)}
+        counted = by_index
+        if self.shared_reader is not None:  # the balancer's counts; the gauges are this worker's samples
+            counted = {b.index: b for b in self._shared_buckets(range_name, now)[0]}
         last, first_known = int(now // width), int(self.started // width)
         points = []
         for index in range(last - round(seconds / width) + 1, last + 1):
-            bucket = by_index.get(index)
+            bucket, counts = by_index.get(index), counted.get(index)
             known = index >= first_known
             points.append({"at": index * width, "width": width,
-                           "requests_per_second": (bucket.requests / width if bucket else 0.0) if known else None,
-                           "tokens_per_second": (bucket.tokens / width if bucket else 0.0) if known else None,
+                           "requests_per_second": (counts.requests / width if counts else 0.0) if known else None,
+                           "tokens_per_second": (counts.tokens / width if counts else 0.0) if known else None,
                            "slots_busy": bucket.slots_busy if bucket and bucket.sampled else None,
                            "slots_total": bucket.slots_total if bucket and bucket.sampled else None,
                            "waiting": bucket.waiting if bucket and bucket.sampled else None})
         return points
+
+
+def buckets_from_fields(index: int, fields: dict[str, float]) -> dict[str, Bucket]:
+    """One bucket per scope (``fleet``, or a server's address) from a shared store's ``SCOPE|what`` sums."""
+    buckets: dict[str, Bucket] = {}
+    for name, value in fields.items():
+        head, *rest = name.split("|")
+        scope = "fleet" if head == "fleet" else rest.pop(0)
+        what, *detail = rest
+        bucket = buckets.setdefault(scope, Bucket(index))
+        count = int(value)
+        if what == "requests":
+            bucket.requests += count
+        elif what == "tokens":
+            bucket.tokens += count
+        elif what == "wait":
+            bucket.wait[int(detail[0])] += count
+        elif what == "ttft":
+            bucket.ttft[int(detail[0])] += count
+        elif what == "err":
+            bucket.errors[detail[0]] += count
+    return buckets
 
 
 def summarize(buckets: list[Bucket], span: float) -> dict[str, Any]:

@@ -221,9 +221,13 @@ def test_worker_count_needs_the_shared_ledger(fleet: Fleet, redis_server: RedisS
     refused = run_cli("balancer", "--workers", "2")
     assert refused.returncode == 2 and "--state-backend" in refused.stderr
     bare = fleet.spawn("gunicorn", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-w", "2", "-b",
-                                    f"127.0.0.1:{free_port()}", "--no-control-socket", "--chdir", str(ROOT),
-                                    "wsgi:balancer"], env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{free_port()}"})
+                                    f"127.0.0.1:{free_port()}", "wsgi:balancer"], cwd=ROOT,  # reads gunicorn.conf.py
+                       env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{free_port()}"})
     assert bare.popen.wait(30) != 0 and "redis://" in bare.log()
+    elsewhere = fleet.spawn("elsewhere", [str(Path(PYTHON).parent / "gunicorn"), "-k", "gevent", "-w", "2", "-b",
+                                          f"127.0.0.1:{free_port()}", "--no-control-socket", "--chdir", str(ROOT),
+                                          "wsgi:balancer"], env={"PADDLER_MANAGEMENT_ADDR": f"127.0.0.1:{free_port()}"})
+    assert elsewhere.popen.wait(30) != 0 and "redis://" in elsewhere.log()  # no hooks: the port clash says it
     bad = run_cli("balancer", "--state-backend", "mysql://x")
     assert bad.returncode == 2 and "--state-backend" in bad.stderr and "redis://" in bad.stderr
 
@@ -421,3 +425,7 @@ def test_one_balancer_with_two_workers_serves_in_arrival_order(fleet: Fleet, red
                             headers={"Connection": "close"}).text
         assert 'paddler_requests_total{outcome="served"} 10.0' in text
         assert re.search(r"^paddler_queue_wait_seconds_count 10\.0$", text, re.M)
+        traffic = requests.get(balancer.extra["management"] + "/api/v1/traffic", timeout=5,
+                               headers={"Connection": "close"}).json()  # and so do the dashboards' figures
+        assert traffic["fleet"]["requests"] == 10 and traffic["fleet"]["tokens"] == 100
+        assert [s["requests"] for s in traffic["servers"]] == [10]

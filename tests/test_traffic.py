@@ -98,3 +98,27 @@ def test_memory_is_bounded_under_a_day_of_traffic() -> None:
         for name, ring in rings.items():
             seconds, width = RANGES[name]
             assert len(ring.buckets) <= seconds / width
+
+
+def test_two_workers_increments_add_up_to_the_balancers_figures() -> None:
+    """What each worker pushes to a shared store, summed, reads back as the figures of all their requests."""
+    workers = [Traffic(T0), Traffic(T0)]
+    alone = Traffic(T0)  # one worker that saw every request: the truth
+    for worker in workers:
+        worker.sharing = True
+    for i in range(40):
+        args = ("a:1" if i % 3 else "b:2", 200 if i % 7 else 504, Ending.DONE if i % 7 else Ending.TIMED_OUT,
+                i / 100, 0.05 * (i % 5), 10, T0 + i)
+        workers[i % 2].request_done(*args)
+        alone.request_done(*args)
+    sums: dict[tuple[str, int], Counter[str]] = {}
+    for worker in workers:
+        for key, fields in worker.take_increments().items():
+            sums.setdefault(key, Counter()).update(fields)
+    reader = Traffic(T0)
+    reader.shared_reader = lambda name, indices: {i: dict(sums[(name, i)]) for i in indices if (name, i) in sums}
+    for range_name in ("5m", "1h"):
+        assert reader.summary(range_name, T0 + 45) == alone.summary(range_name, T0 + 45)
+    assert [p["tokens_per_second"] for p in reader.series("5m", T0 + 45)] == \
+           [p["tokens_per_second"] for p in alone.series("5m", T0 + 45)]
+    assert workers[0].take_increments() == {}  # taken once

@@ -54,6 +54,8 @@ from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
 from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
+from paddler_sync.traffic import RANGES as TRAFFIC_RANGES
+from paddler_sync.traffic import Traffic
 
 logger = logging.getLogger("paddler_sync.shared")
 
@@ -63,7 +65,6 @@ SOCKET_TIMEOUT = 1.0
 WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while it has waiters
 MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
 RETRY_PAUSE = 0.5
-COUNTS_TTL = 86_400  # seconds: a stopped balancer's counts go a day after its last increment
 COUNTS_FLUSH_SECONDS = 1.0
 SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
 
@@ -220,8 +221,8 @@ class RedisStore:
 
     # --- the balancer's counts, summed over its workers ------------------------------------------------------
 
-    def add_counts(self, key: str, increments: dict[str, float]) -> None:
-        """One pipeline of HINCRBY(FLOAT)s into the balancer's hash; it expires a day after the last write."""
+    def add_counts(self, key: str, increments: dict[str, float], ttl: int = 86_400) -> None:
+        """One pipeline of HINCRBY(FLOAT)s into a hash of the balancer's; it expires ``ttl`` s after the last write."""
         def write() -> None:
             with self.client.pipeline(transaction=False) as pipe:
                 for field, value in increments.items():
@@ -229,13 +230,24 @@ class RedisStore:
                         pipe.hincrby(key, field, int(value))
                     else:
                         pipe.hincrbyfloat(key, field, value)
-                pipe.expire(key, COUNTS_TTL)
+                pipe.expire(key, ttl)
                 pipe.execute()
 
         self._guarded(write)
 
     def counts(self, key: str) -> dict[str, float]:
         return {field: float(value) for field, value in self._guarded(self.client.hgetall, key).items()}
+
+    def many_counts(self, keys: list[str], labels: list[int]) -> dict[int, dict[str, float]]:
+        """Several hashes in one round trip, by label; empty ones left out."""
+        def read() -> list[dict[str, str]]:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                return pipe.execute()
+
+        return {label: {k: float(v) for k, v in fields.items()}
+                for label, fields in zip(labels, self._guarded(read), strict=True) if fields}
 
     def _mark(self, reachable: bool, exc: BaseException | None = None) -> None:
         if reachable != self.reachable:
@@ -300,15 +312,18 @@ class SharedFleetSync:
 
 
 class SharedCounts:
-    """This worker's counts, pushed to Redis as increments, so any worker of the balancer answers /metrics with
-    the whole balancer's totals (one hash per balancer: its host and gunicorn master; other workers'
-    increments of the last second may be missing from a scrape)."""
+    """This worker's counts and traffic figures, pushed to Redis as increments, so any worker of the balancer
+    answers /metrics and the dashboards with the whole balancer's (hashes per balancer: its host and gunicorn
+    master; other workers' increments of the last second may be missing from an answer)."""
 
-    def __init__(self, store: RedisStore, counters: Counters) -> None:
+    def __init__(self, store: RedisStore, counters: Counters, traffic: Traffic) -> None:
         self.store = store
         self.counters = counters
+        self.traffic = traffic
         self.key = f"{store.prefix}:counts:{socket.gethostname()}:{os.getppid()}"
         self.flushed: dict[str, float] = {}
+        traffic.sharing = True
+        traffic.shared_reader = self.traffic_sums
 
     def flush(self) -> None:
         now = self.counters.fields()
@@ -316,6 +331,21 @@ class SharedCounts:
         if moved:
             self.store.add_counts(self.key, moved)
         self.flushed = now
+        for (range_name, index), fields in self.traffic.take_increments().items():
+            seconds, _ = TRAFFIC_RANGES[range_name]
+            self.store.add_counts(self._traffic_key(range_name, index), dict(fields), ttl=int(seconds) + 60)
+
+    def _traffic_key(self, range_name: str, index: int) -> str:
+        return f"{self.key}:traffic:{range_name}:{index}"
+
+    def traffic_sums(self, range_name: str, indices: list[int]) -> dict[int, dict[str, float]]:
+        """The balancer's sums per bucket (this worker's increments pushed first); this worker's own increments
+        are lost for the dashboards while Redis cannot be reached (its counts are kept)."""
+        try:
+            self.flush()
+            return self.store.many_counts([self._traffic_key(range_name, i) for i in indices], indices)
+        except StateUnavailable:
+            return {}
 
     def totals(self) -> Counters:
         """This worker's increments pushed first; this worker's own counts alone while Redis cannot be reached."""

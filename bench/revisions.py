@@ -1,0 +1,111 @@
+"""paddler_sync at two revisions, side by side in one run: does a refactor cost anything?
+
+    python bench/revisions.py BEFORE_REV [--seconds 6] [--reps 3]
+
+Checks BEFORE_REV out into a scratch folder and measures it and this checkout in turns (A B B A ...),
+on the same simulators: the proxy overhead (non-streaming, wrk at 1, 16 and 64 connections) on the
+in-process store, and on the Redis store with one worker, plus one request's Redis round trip. Prints a
+markdown table of medians and the after/before ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness
+from bench.run import wrk
+from bench.shared import redis_server
+
+CONNECTIONS = (1, 16, 64)
+
+
+def checkout(rev: str) -> Path:
+    target = Path(tempfile.mkdtemp(prefix="paddler-rev-"))
+    archive = subprocess.run(["git", "-C", str(harness.ROOT), "archive", rev, "paddler_sync"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def start(source: Path, upstreams: list[harness.Service], *args: str, name: str) -> harness.Service:
+    harness.SOURCE["path"] = source
+    try:
+        return harness.paddler(upstreams, "--log-level", "info", "--max-client-connections", "20000",
+                               "--upstream-pool-size", "64", *args, name=name)
+    finally:
+        harness.SOURCE["path"] = harness.ROOT
+
+
+def measure(services: dict[str, harness.Service], reps: int, seconds: float) -> dict[str, dict[str, list[float]]]:
+    rows: dict[str, dict[str, list[float]]] = {}
+    for conc in CONNECTIONS:
+        for rep in range(reps):
+            order = list(services) if rep % 2 == 0 else list(reversed(services))
+            for name in order:
+                service = services[name]
+                cpu_before = service.cpu_seconds()
+                result = wrk(service.url, conc, seconds)
+                cpu = service.cpu_seconds() - cpu_before
+                cell = rows.setdefault(f"{name} c={conc}", {})
+                for key in ("rps", "p50_ms", "p99_ms"):
+                    cell.setdefault(key, []).append(result[key])
+                cell.setdefault("cpu_us_per_req", []).append(1e6 * cpu / max(1, result["requests"]))
+                print(f"  {name} c={conc} rep={rep}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.3f} ms",
+                      flush=True)
+    return rows
+
+
+def table(rows: dict[str, dict[str, list[float]]]) -> str:
+    medians = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in rows.items()}
+    lines = ["| contender | req/s | p50 ms | p99 ms | CPU µs/req | req/s after/before |", "|---|---|---|---|---|---|"]
+    for name, cell in medians.items():
+        ratio = ""
+        if name.startswith("after"):
+            before = medians.get(name.replace("after", "before", 1))
+            ratio = f"{cell['rps'] / before['rps']:.3f}" if before else ""
+        lines.append(f"| {name} | {cell['rps']:.0f} | {cell['p50_ms']:.3f} | {cell['p99_ms']:.3f} | "
+                     f"{cell['cpu_us_per_req']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before")
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    before = checkout(args.before)
+    upstreams = [harness.simulator("--parallel", "128", "--decode-tokens-per-second", "0",
+                                   "--prefill-ms-per-token", "0", name=f"sim{i}") for i in range(2)]
+    redis_proc, url = redis_server()
+    results: dict[str, Any] = {}
+    try:
+        for store, extra in (("local", ()), ("redis -w1", ("--state-backend", url))):
+            services = {}
+            for label, source in (("before", before), ("after", harness.ROOT)):
+                prefix = ("--state-prefix", f"r{uuid.uuid4().hex[:8]}") if extra else ()
+                services[f"{label} {store}"] = start(source, upstreams, *extra, *prefix, name=f"{label}-{store[:5]}")
+            try:
+                results.update(measure(services, args.reps, args.seconds))
+            finally:
+                for service in services.values():
+                    harness.stop_paddler(service)
+    finally:
+        for upstream in upstreams:
+            upstream.stop()
+        redis_proc.terminate()
+    print(f"\npaddler_sync {args.before} (before) and this checkout (after), same run, medians of {args.reps}:\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ test: $(STAMP)
 	scripts/system-packages.sh
 	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	bench/setup.sh $(PY)

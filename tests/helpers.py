@@ -34,10 +34,30 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+PORT_RANGES = 4  # xdist workers each draw ports from their own slice of 20000-31999 (below the ephemeral ports)
+_next_port = {"value": 0}
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on. Under pytest-xdist each worker takes ports from its own range, so two workers
+    never pick the same one between choosing it and binding it; alone, the kernel chooses."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    size = 12000 // PORT_RANGES
+    base = 20000 + (int(worker[2:]) % PORT_RANGES) * size
+    for _ in range(size):
+        port = base + _next_port["value"] % size
+        _next_port["value"] += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + size - 1}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,

@@ -53,7 +53,10 @@ def measure(services: dict[str, harness.Service], reps: int, seconds: float) -> 
             for name in order:
                 service = services[name]
                 cpu_before = service.cpu_seconds()
-                result = wrk(service.url, conc, seconds)
+                try:
+                    result = wrk(service.url, conc, seconds)
+                except AttributeError:  # wrk printed no result (a connection error): once more
+                    result = wrk(service.url, conc, seconds)
                 cpu = service.cpu_seconds() - cpu_before
                 cell = rows.setdefault(f"{name} c={conc}", {})
                 for key in ("rps", "p50_ms", "p99_ms"):

@@ -10,6 +10,7 @@ from typing import Any
 
 FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+GUNICORN_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s gunicorn[%(process)d]: %(message)s"
 
 
 class UTCFormatter(logging.Formatter):
@@ -20,15 +21,6 @@ def utc_formatter() -> logging.Formatter:
     return UTCFormatter(FORMAT, DATE_FORMAT)
 
 
-# gunicorn's own lines (start-up, workers) in the same shape, through its logconfig_dict
-GUNICORN_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s gunicorn[%(process)d]: %(message)s"
-GUNICORN_LOGCONFIG = {  # levels stay gunicorn's (--log-level)
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"generic": {"()": UTCFormatter, "datefmt": DATE_FORMAT, "format": GUNICORN_FORMAT}},
-    "loggers": {"gunicorn.error": {"handlers": ["error_console"], "propagate": False},
-                "gunicorn.access": {"handlers": ["console"], "propagate": False}},
-}
 
 
 def setup_logging(level: str = "info") -> None:

@@ -17,11 +17,13 @@ import math
 import os
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from paddler_sync.logs import GUNICORN_LOGCONFIG
+from paddler_sync.logs import DATE_FORMAT, GUNICORN_FORMAT
 from paddler_sync.settings import parse_settings
 
 if TYPE_CHECKING:
@@ -176,7 +178,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         "limit_request_fields": options.max_headers,
         "accesslog": None,
         "errorlog": "-",
-        "logconfig_dict": GUNICORN_LOGCONFIG,
+        "logger_class": "paddler_sync.server.GunicornLogger",
         "loglevel": options.log_level,
         "proc_name": "paddler-sync-balancer",
         # gunicornc could add workers at run time, splitting the ledger; several balancers would also
@@ -185,6 +187,20 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         "on_starting": lambda arbiter: refuse_taken_addresses(arbiter, options),
         "post_fork": lambda _arbiter, worker: post_fork(worker, options),
     }
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's own lines (start-up, workers) in our shape: UTC, with the zone said. Not through gunicorn's
+    logconfig_dict, which would also switch its access log on: one more line, and its cost, per request."""
+
+    error_fmt = GUNICORN_FORMAT
+    datefmt = DATE_FORMAT
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            if handler.formatter is not None:
+                handler.formatter.converter = time.gmtime
 
 
 class BalancerApplication(BaseApplication):

@@ -137,6 +137,7 @@ def test_access_lines_and_log_level(fleet: Fleet) -> None:
                                         r"wait=[\d.]+ms ttfb=[\d.]+ms duration=[\d.]+ms bytes=\d+ end=done",
                                         balancer.log()))
     assert f"upstream=127.0.0.1:{sims[0].port}" in line.group(0)
+    assert "HTTP/1.1\" 200" not in balancer.log()  # one access line per request: ours, never gunicorn's too
     assert balancer.log().count("registered agent") == 1
     quiet = fleet.balancer("--log-level", "warning")
     sim = fleet.simulator()

@@ -5,7 +5,7 @@
 Checks BEFORE_REV out into a scratch folder and measures it and this checkout in turns (A B B A ...),
 on the same simulators: the proxy overhead (non-streaming, wrk at 1, 16 and 64 connections) on the
 in-process store, and on the Redis store with one worker, plus one request's Redis round trip. Prints a
-markdown table of medians and the after/before ratios.
+markdown table of medians and the after/before ratios, and writes it to bench/REVISIONS.md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def start(source: Path, upstreams: list[harness.Service], *args: str, name: str)
         harness.SOURCE["path"] = harness.ROOT
 
 
-def measure(services: dict[str, harness.Service], reps: int, seconds: float) -> dict[str, dict[str, list[float]]]:
+def measure(services: dict[str, harness.Service], reps: int, seconds: int) -> dict[str, dict[str, list[float]]]:
     rows: dict[str, dict[str, list[float]]] = {}
     for conc in CONNECTIONS:
         for rep in range(reps):
@@ -53,10 +54,7 @@ def measure(services: dict[str, harness.Service], reps: int, seconds: float) -> 
             for name in order:
                 service = services[name]
                 cpu_before = service.cpu_seconds()
-                try:
-                    result = wrk(service.url, conc, seconds)
-                except AttributeError:  # wrk printed no result (a connection error): once more
-                    result = wrk(service.url, conc, seconds)
+                result = wrk(service.url, conc, seconds)
                 cpu = service.cpu_seconds() - cpu_before
                 cell = rows.setdefault(f"{name} c={conc}", {})
                 for key in ("rps", "p50_ms", "p99_ms"):
@@ -83,7 +81,7 @@ def table(rows: dict[str, dict[str, list[float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before")
-    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--seconds", type=int, default=6)  # wrk takes whole seconds
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     before = checkout(args.before)
@@ -106,8 +104,18 @@ def main() -> None:
         for upstream in upstreams:
             upstream.stop()
         redis_proc.terminate()
-    print(f"\npaddler_sync {args.before} (before) and this checkout (after), same run, medians of {args.reps}:\n")
-    print(table(results))
+    report = (f"# paddler_sync at two revisions\n\n`python bench/revisions.py {args.before} --seconds {args.seconds} "
+              f"--reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: revision {args.before} "
+              f"(before) and this checkout (after, {head()}), in turns on the same simulators; medians of "
+              f"{args.reps} runs of {args.seconds} s (wrk, non-streaming, 1 token). CPU is the balancer's "
+              f"processes'.\n\n{table(results)}\n")
+    (harness.ROOT / "bench" / "REVISIONS.md").write_text(report)
+    print(report)
+
+
+def head() -> str:
+    return subprocess.run(["git", "-C", str(harness.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -98,3 +98,23 @@ def test_a_request_that_waits_too_long_is_answered_504_with_its_wait(balancer: t
     b"".join(holder)
     holder.close()
     assert app.ledger.in_flight() == 0
+
+
+def test_served_in_process_on_port_0(balancer: tuple[Balancer, Proc]) -> None:
+    """The same app behind gevent's WSGI server on a port the kernel picks, a real HTTP client in a thread."""
+    import gevent
+    import requests
+    from gevent.pywsgi import WSGIServer
+
+    app, _ = balancer
+    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/completion"
+        pending = gevent.get_hub().threadpool.spawn(requests.post, url, timeout=10,
+                                                    json={"prompt": "x", "n_predict": 3, "stream": True})
+        response = pending.get(timeout=10)  # the hub serves the app meanwhile
+        assert response.status_code == 200 and response.text.count("data: ") >= 3
+        assert app.ledger.in_flight() == 0
+    finally:
+        server.stop(timeout=1)

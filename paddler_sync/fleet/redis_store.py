@@ -22,7 +22,9 @@ Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server ke
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
 ``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
 waiters → mark expiry); sorted set ``PREFIX:queue`` (ticket ``WORKER:N`` → N) and counter
-``PREFIX:tickets``; channel ``PREFIX:capacity``. Lease expiry uses
+``PREFIX:tickets``; channel ``PREFIX:capacity``; per balancer (``B`` is ``HOST:MASTER_PID``) hash
+``PREFIX:counts:B`` (its counts, a day's TTL) and hashes ``PREFIX:counts:B:traffic:RANGE:INDEX`` (the dashboards'
+sums per bucket, the range's TTL). Lease expiry uses
 Redis's own clock, so balancer clocks never disagree about it; report times and quarantines use the
 balancers' wall clocks (keep them in NTP sync, as for any fleet).
 

@@ -63,12 +63,13 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
 
     setup_logging(options.log_level)
     worker = ThisWorker.worker
+    unchecked = worker is None and "gunicorn.workers.base" in sys.modules  # a gunicorn worker, without our hooks
     if worker is not None:
         answer_parse_errors_in_json(worker)
-    elif "gunicorn.workers.base" in sys.modules:
+    elif unchecked:
         logger.warning(WITHOUT_OUR_SETTINGS)
     balancer = Balancer(options)
-    balancer.start(workers_unchecked=worker is None and "gunicorn.workers.base" in sys.modules)
+    balancer.start(workers_unchecked=unchecked)
     if worker is not None:
         balancer.watch_worker(worker)
     return balancer

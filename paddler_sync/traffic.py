@@ -110,13 +110,19 @@ class Traffic:
         self.sharing = False  # True: keep increments for a shared store (take_increments)
         self.pending: dict[tuple[str, int], Counter[str]] = {}
         self.shared_reader: SharedReader | None = None  # the balancer's sums, per bucket index, from the store
+        self._last_read: tuple[tuple[str, float], tuple[list[Bucket], dict[str, list[Bucket]]]] | None = None
 
     def request_done(self, addr: str | None, status: int, ending: Ending, waited: float, ttft: float | None,
                      tokens: int | None, now: float) -> None:
+        """Into this worker's rings; or, when a shared store sums the workers' counts, only into the increments
+        it will push (the dashboards read the sums, so the rings would count for nothing)."""
+        kind = error_kind(status, ending)
+        if self.sharing:
+            self._keep_increments(addr, kind, waited, ttft, tokens, now)
+            return
         rings = [self.fleet]
         if addr is not None:
             rings.append(self.servers.get(addr) or self.servers.setdefault(addr, new_rings()))
-        kind = error_kind(status, ending)
         for by_range in rings:
             for ring in by_range.values():
                 bucket = ring.at(now)
@@ -128,8 +134,6 @@ class Traffic:
                     bucket.ttft[bin_of(ttft)] += 1
                 if kind is not None:
                     bucket.errors[kind] += 1
-        if self.sharing:
-            self._keep_increments(addr, kind, waited, ttft, tokens, now)
 
     def _keep_increments(self, addr: str | None, kind: str | None, waited: float, ttft: float | None,
                          tokens: int | None, now: float) -> None:
@@ -180,8 +184,11 @@ class Traffic:
                             for addr, rings in self.servers.items()}}
 
     def _shared_buckets(self, range_name: str, now: float) -> tuple[list[Bucket], dict[str, list[Bucket]]]:
-        """The balancer's buckets over the range, rebuilt from the sums the shared store holds."""
+        """The balancer's buckets over the range, rebuilt from the sums the shared store holds; read once for a
+        summary and a series of the same moment (a dashboard refresh asks for both)."""
         assert self.shared_reader is not None
+        if self._last_read is not None and self._last_read[0] == (range_name, now):
+            return self._last_read[1]
         seconds, width = RANGES[range_name]
         last = int(now // width)
         indices = list(range(last - round(seconds / width) + 1, last + 1))
@@ -193,6 +200,7 @@ class Traffic:
                     fleet.append(bucket)
                 else:
                     servers.setdefault(scope, []).append(bucket)
+        self._last_read = ((range_name, now), (fleet, servers))
         return fleet, servers
 
     def series(self, range_name: str, now: float) -> list[dict[str, Any]]:
@@ -216,6 +224,16 @@ class Traffic:
                            "slots_total": bucket.slots_total if bucket and bucket.sampled else None,
                            "waiting": bucket.waiting if bucket and bucket.sampled else None})
         return points
+
+
+def rate_text(value: float) -> str:
+    """A rate as both dashboards show it: two decimals below 10, whole numbers above."""
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def errors_text(errors: dict[str, int]) -> str:
+    """Errors by kind as both dashboards show them (``none`` when there were none)."""
+    return ", ".join(f"{kind} {count}" for kind, count in errors.items()) or "none"
 
 
 def buckets_from_fields(index: int, fields: dict[str, float]) -> dict[str, Bucket]:

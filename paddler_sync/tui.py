@@ -20,6 +20,8 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from paddler_sync.traffic import errors_text, rate_text
+
 COLUMNS = ("Name", "Issues", "Idle", "Busy", "In flight", "Req/s", "Tok/s", "TTFT95", "Errors",
            "Llama.cpp address", "Last update (UTC)")
 WIDTHS = {"Name": 12, "Issues": 16}  # the rest fit their contents; these two are cut (the detail line has all)
@@ -66,14 +68,6 @@ def duration_text(seconds: float | None) -> str:
     if seconds <= 0.001:  # the finest bin: every wait shorter than a millisecond
         return "<1ms"
     return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
-
-
-def rate_text(value: float) -> str:
-    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
-
-
-def errors_text(errors: dict[str, int]) -> str:
-    return ", ".join(f"{kind} {count}" for kind, count in errors.items()) or "none"
 
 
 def row_for(agent: dict[str, Any], figures: dict[str, Any] | None) -> tuple[Text, ...]:

@@ -122,8 +122,10 @@ def assert_same_body(capture: Capture, response: requests.Response) -> None:
         assert response.text == capture.body.strip("\n")
 
 
-CASES = [
-    # (capture, simulator flags, method, path, headers, json body)
+CHAT = {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16}
+SAME_REQUESTS = [
+    # (capture, simulator flags, method, path, headers, json body): replayed against each build's
+    # capture of that name
     ("01-health-idle.txt", [], "GET", "/health", {}, None),
     ("02-slots-idle.txt", [], "GET", "/slots", {}, None),
     ("03-props.txt", [], "GET", "/props", {}, None),
@@ -137,31 +139,35 @@ CASES = [
      {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16}),
     ("09-chat-stream.txt", [], "POST", "/v1/chat/completions", {},
      {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16, "stream": True}),
-    ("09b-chat-stream-usage.txt", [], "POST", "/v1/chat/completions", {},
-     {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "stream": True,
-      "stream_options": {"include_usage": True}}),
     ("10-v1-completions.txt", [], "POST", "/v1/completions", {},
      {"model": "x", "prompt": "Once upon a time", "max_tokens": 16}),
     ("10b-v1-completions-stream.txt", [], "POST", "/v1/completions", {},
      {"model": "x", "prompt": "Once upon a time", "max_tokens": 4, "stream": True}),
     ("11-tokenize.txt", [], "POST", "/tokenize", {}, {"content": "Hello world"}),
-    ("11b-tokenize-pieces.txt", [], "POST", "/tokenize", {}, {"content": "Hello world", "with_pieces": True}),
     ("11c-detokenize.txt", [], "POST", "/detokenize", {}, {"tokens": [15043, 3186]}),
-    ("12-embedding-no-flag.txt", [], "POST", "/embedding", {}, {"content": "Hello world"}),
-    ("12b-v1-embeddings-no-flag.txt", [], "POST", "/v1/embeddings", {}, {"input": "Hello world", "model": "x"}),
-    ("15-slots-fail-on-no-slot-idle.txt", [], "GET", "/slots?fail_on_no_slot=1", {}, None),
     ("16-unknown-path.txt", [], "GET", "/nonexistent", {}, None),
-    ("18-completion-ctx-overflow.txt", [], "POST", "/completion", {}, {"prompt": "hello " * 1500, "n_predict": 4}),
     ("19-health-v1.txt", [], "GET", "/v1/health", {}, None),
     ("20-props-post-disabled.txt", [], "POST", "/props", {}, {}),
     ("51-apikey-completion-nokey.txt", ["--api-key", "secret"], "POST", "/completion", {}, {"prompt": "x"}),
     ("53-apikey-health-nokey.txt", ["--api-key", "secret"], "GET", "/health", {}, None),
+    ("56-apikey-goodkey-stream.txt", ["--api-key", "secret"], "POST", "/completion",
+     {"Authorization": "Bearer secret"}, {"prompt": "x", "n_predict": 4, "stream": True}),
+]
+
+CASES = [
+    *SAME_REQUESTS,
+    ("09b-chat-stream-usage.txt", [], "POST", "/v1/chat/completions", {},
+     {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "stream": True,
+      "stream_options": {"include_usage": True}}),
+    ("11b-tokenize-pieces.txt", [], "POST", "/tokenize", {}, {"content": "Hello world", "with_pieces": True}),
+    ("12-embedding-no-flag.txt", [], "POST", "/embedding", {}, {"content": "Hello world"}),
+    ("12b-v1-embeddings-no-flag.txt", [], "POST", "/v1/embeddings", {}, {"input": "Hello world", "model": "x"}),
+    ("15-slots-fail-on-no-slot-idle.txt", [], "GET", "/slots?fail_on_no_slot=1", {}, None),
+    ("18-completion-ctx-overflow.txt", [], "POST", "/completion", {}, {"prompt": "hello " * 1500, "n_predict": 4}),
     ("54-apikey-xapikey-header.txt", ["--api-key", "secret"], "POST", "/completion", {"x-api-key": "secret"},
      {"prompt": "x"}),
     ("55-apikey-no-bearer.txt", ["--api-key", "secret"], "POST", "/completion", {"Authorization": "secret"},
      {"prompt": "x"}),
-    ("56-apikey-goodkey-stream.txt", ["--api-key", "secret"], "POST", "/completion",
-     {"Authorization": "Bearer secret"}, {"prompt": "x", "n_predict": 4, "stream": True}),
     ("60-noslots-default-slots.txt", ["--no-slots", "--no-metrics"], "GET", "/slots", {}, None),
     ("60-noslots-default-metrics.txt", ["--no-slots", "--no-metrics"], "GET", "/metrics", {}, None),
     ("60-noslots-default-props.txt", ["--no-slots", "--no-metrics"], "GET", "/props", {}, None),
@@ -173,29 +179,9 @@ CASES = [
 
 
 MODERN = ["--dialect", "modern", "--build-info", "b0-unknown"]
-CHAT = {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16}
 CASES_2026 = [
     # the 2026 build (tests/captures/2026, recorded by scripts/record_captures.py) against --dialect modern
-    ("01-health-idle.txt", [], "GET", "/health", {}, None),
-    ("02-slots-idle.txt", [], "GET", "/slots", {}, None),
-    ("03-props.txt", [], "GET", "/props", {}, None),
-    ("04-metrics-idle.txt", [], "GET", "/metrics", {}, None),
-    ("05-v1-models.txt", [], "GET", "/v1/models", {}, None),
-    ("05b-models.txt", [], "GET", "/models", {}, None),
-    ("06-completion-nonstream.txt", [], "POST", "/completion", {}, {"prompt": "Hello, my name is", "n_predict": 16}),
-    ("07-completion-stream.txt", [], "POST", "/completion", {},
-     {"prompt": "Hello, my name is", "n_predict": 16, "stream": True}),
-    ("08-chat-nonstream.txt", [], "POST", "/v1/chat/completions", {}, CHAT),
-    ("09-chat-stream.txt", [], "POST", "/v1/chat/completions", {}, {**CHAT, "stream": True}),
-    ("10-v1-completions.txt", [], "POST", "/v1/completions", {},
-     {"model": "x", "prompt": "Once upon a time", "max_tokens": 16}),
-    ("10b-v1-completions-stream.txt", [], "POST", "/v1/completions", {},
-     {"model": "x", "prompt": "Once upon a time", "max_tokens": 4, "stream": True}),
-    ("11-tokenize.txt", [], "POST", "/tokenize", {}, {"content": "Hello world"}),
-    ("11c-detokenize.txt", [], "POST", "/detokenize", {}, {"tokens": [15043, 3186]}),
-    ("16-unknown-path.txt", [], "GET", "/nonexistent", {}, None),
-    ("19-health-v1.txt", [], "GET", "/v1/health", {}, None),
-    ("20-props-post-disabled.txt", [], "POST", "/props", {}, {}),
+    *SAME_REQUESTS,
     ("22-responses-nonstream.txt", [], "POST", "/v1/responses", {},
      {"model": "x", "input": "Say hi", "max_output_tokens": 16}),
     ("22b-responses-stream.txt", [], "POST", "/v1/responses", {},
@@ -204,11 +190,7 @@ CASES_2026 = [
     ("23b-messages-stream.txt", [], "POST", "/v1/messages", {}, {**CHAT, "max_tokens": 4, "stream": True}),
     ("24-messages-count-tokens.txt", [], "POST", "/v1/messages/count_tokens", {}, CHAT),
     ("25-chat-input-tokens.txt", [], "POST", "/v1/chat/completions/input_tokens", {}, CHAT),
-    ("51-apikey-completion-nokey.txt", ["--api-key", "secret"], "POST", "/completion", {}, {"prompt": "x"}),
     ("52-apikey-slots-nokey.txt", ["--api-key", "secret"], "GET", "/slots", {}, None),
-    ("53-apikey-health-nokey.txt", ["--api-key", "secret"], "GET", "/health", {}, None),
-    ("56-apikey-goodkey-stream.txt", ["--api-key", "secret"], "POST", "/completion",
-     {"Authorization": "Bearer secret"}, {"prompt": "x", "n_predict": 4, "stream": True}),
     ("60-noslots-slots.txt", ["--no-slots"], "GET", "/slots", {}, None),
 ]
 

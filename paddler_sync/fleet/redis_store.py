@@ -67,6 +67,7 @@ SOCKET_TIMEOUT = 1.0
 WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while it has waiters
 MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
 RETRY_PAUSE = 0.5
+COUNTS_TTL = 86_400  # seconds: a stopped balancer's counts go a day after its last increment
 COUNTS_FLUSH_SECONDS = 1.0
 SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
 
@@ -223,19 +224,22 @@ class RedisStore:
 
     # --- the balancer's counts, summed over its workers ------------------------------------------------------
 
-    def add_counts(self, key: str, increments: dict[str, float], ttl: int = 86_400) -> None:
-        """One pipeline of HINCRBY(FLOAT)s into a hash of the balancer's; it expires ``ttl`` s after the last write."""
+    def add_counts(self, batches: list[tuple[str, dict[str, float], int]]) -> None:
+        """Increments into hashes of the balancer's, ``(key, increments, ttl)`` each, in one round trip; each hash
+        expires ``ttl`` s after its last write."""
         def write() -> None:
             with self.client.pipeline(transaction=False) as pipe:
-                for field, value in increments.items():
-                    if float(value).is_integer():
-                        pipe.hincrby(key, field, int(value))
-                    else:
-                        pipe.hincrbyfloat(key, field, value)
-                pipe.expire(key, ttl)
+                for key, increments, ttl in batches:
+                    for field, value in increments.items():
+                        if float(value).is_integer():
+                            pipe.hincrby(key, field, int(value))
+                        else:
+                            pipe.hincrbyfloat(key, field, value)
+                    pipe.expire(key, ttl)
                 pipe.execute()
 
-        self._guarded(write)
+        if batches:
+            self._guarded(write)
 
     def counts(self, key: str) -> dict[str, float]:
         return {field: float(value) for field, value in self._guarded(self.client.hgetall, key).items()}
@@ -328,14 +332,15 @@ class SharedCounts:
         traffic.shared_reader = self.traffic_sums
 
     def flush(self) -> None:
+        """Everything counted since the last flush, in one round trip."""
         now = self.counters.fields()
         moved = increments(now, self.flushed)
-        if moved:
-            self.store.add_counts(self.key, moved)
-        self.flushed = now
+        batches = [(self.key, moved, COUNTS_TTL)] if moved else []
         for (range_name, index), fields in self.traffic.take_increments().items():
             seconds, _ = TRAFFIC_RANGES[range_name]
-            self.store.add_counts(self._traffic_key(range_name, index), dict(fields), ttl=int(seconds) + 60)
+            batches.append((self._traffic_key(range_name, index), dict(fields), int(seconds) + 60))
+        self.store.add_counts(batches)
+        self.flushed = now
 
     def _traffic_key(self, range_name: str, index: int) -> str:
         return f"{self.key}:traffic:{range_name}:{index}"

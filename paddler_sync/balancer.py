@@ -48,7 +48,8 @@ class Balancer:
         self.metrics = Metrics()
         self.shared: SharedFleetSync | None = None
         self.ledger, self.registry = self._fleet_state(policy or make_policy(options.policy))
-        self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout)
+        self.buffer = RequestBuffer(self.ledger, options.max_buffered_requests, options.buffered_request_timeout,
+                                    options.per_model_queues)
         self.greenlets = Group()
         self.shutting_down = False
         self.status = FleetStatus(self.ledger, self.registry, self.buffer,
@@ -67,7 +68,8 @@ class Balancer:
         else:
             store = RedisStore(options.state_backend, options.state_prefix, options.lease_ttl)
             ledger = Ledger(policy, store=store)  # no early hand-over: Redis never takes beyond the free slots
-        registry = Registry(ledger, options.agent_missed_reports, options.max_agents)
+        registry = Registry(ledger, options.agent_missed_reports, options.max_agents,
+                            models_autoload=options.models_autoload)
         if options.state_backend != "local":
             counts = SharedCounts(store, self.metrics.counters, self.metrics.traffic)
             self.metrics.shared_totals = counts.totals

@@ -57,6 +57,7 @@ class Counters:
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.quarantines = 0
+        self.model_loads: dict[str, int] = {}  # requests that made a router load their model, by model id
         self.distributions = {name: Distribution() for name in DISTRIBUTIONS}
 
     def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
@@ -69,10 +70,14 @@ class Counters:
     def quarantined(self) -> None:
         self.quarantines += 1
 
+    def model_load(self, model: str) -> None:
+        self.model_loads[model] = self.model_loads.get(model, 0) + 1
+
     def fields(self) -> dict[str, float]:
         """Every count as one flat map (what a shared store adds up)."""
         out: dict[str, float] = {f"outcome:{name}": count for name, count in self.outcomes.items()}
         out["quarantines"] = self.quarantines
+        out.update({f"model_load:{model}": count for model, count in self.model_loads.items()})
         for name, dist in self.distributions.items():
             out.update({f"{name}:bucket:{i}": count for i, count in enumerate(dist.buckets)})
             out[f"{name}:count"] = dist.count
@@ -85,6 +90,8 @@ class Counters:
         for name in OUTCOMES:
             counters.outcomes[name] = int(fields.get(f"outcome:{name}", 0))
         counters.quarantines = int(fields.get("quarantines", 0))
+        counters.model_loads = {key[len("model_load:"):]: int(value) for key, value in fields.items()
+                                if key.startswith("model_load:")}
         for name, dist in counters.distributions.items():
             dist.buckets = [int(fields.get(f"{name}:bucket:{i}", 0)) for i in range(len(dist.buckets))]
             dist.count = int(fields.get(f"{name}:count", 0))

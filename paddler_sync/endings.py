@@ -22,4 +22,7 @@ class Ending(StrEnum):
     UPSTREAM_REFUSED = "upstream_refused"  # no server accepted a connection
     FORBIDDEN = "forbidden"  # /slots without --slots-endpoint-enable
     BODY_TOO_LARGE = "body_too_large"
+    UNKNOWN_MODEL = "unknown_model"  # 404: no server serves the model it names
+    BAD_MODEL = "bad_model"  # 400: 'model' is not a string, or none named where every server needs one
+    CONTEXT_TOO_LONG = "context_too_long"  # 400: prompt and limit fit no slot of its model
     REFUSED = "refused"  # any other answer of the balancer's own

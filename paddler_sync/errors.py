@@ -18,13 +18,15 @@ REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            504: "Gateway Timeout"}
 
 
-def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, code: str | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``extra``: fields beside the message (the models that exist, a context's numbers)."""
     return {"error": {"message": message, "type": TYPES.get(status, "server_error"),
-                      "code": code or REASONS.get(status, "error").lower().replace(" ", "_")}}
+                      "code": code or REASONS.get(status, "error").lower().replace(" ", "_"), **(extra or {})}}
 
 
-def error_bytes(status: int, message: str, code: str | None = None) -> bytes:
-    return json.dumps(error_body(status, message, code)).encode()
+def error_bytes(status: int, message: str, code: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    return json.dumps(error_body(status, message, code, extra)).encode()
 
 
 def status_line(status: int) -> str:

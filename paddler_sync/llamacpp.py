@@ -1,7 +1,10 @@
 """What a llama.cpp server says about itself, in every dialect, reduced to one small model.
 
 ``/slots`` is the one reliable source of busy slots (``is_processing`` since b4027, ``state`` 0/1
-from b3606 to b4026); ``/props`` adds the slot total, the model and the build. Every poll sends
+from b3606 to b4026) and of each slot's context; ``/props`` adds the slot total, the model, the build
+and whether the server is a *router* (2026 builds started without a model: ``/models`` lists the models
+with their status, and each GET names one with ``?model=``; ``autoload=false`` keeps a poll from loading
+it); ``/v1/models`` gives a single-model server's id and aliases. Every poll sends
 ``Connection: close``: a kept-alive poller would pin one of llama.cpp's few HTTP threads
 (shared/reference/proxy-anchors.md, observation 8).
 """
@@ -9,8 +12,10 @@ from b3606 to b4026); ``/props`` adds the slot total, the model and the build. E
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -48,6 +53,7 @@ class SlotsReading:
     slots_idle: int = 0
     slots_processing: int = 0
     is_sleeping: bool = False  # read from /props (2026 builds); /slots would have woken the server
+    n_ctx: int | None = None  # tokens each slot holds (the smallest, should they differ)
 
     @property
     def is_authorized(self) -> bool | None:
@@ -69,6 +75,18 @@ class Props:
     model: str | None = None
     build: str | None = None
     is_sleeping: bool | None = None  # 2026 builds started with --sleep-idle-seconds unload the model when idle
+    router: bool = False  # a 2026 build in router mode (no model of its own; /models lists those it serves)
+    models_autoload: bool | None = None  # the router loads a model when a request names it
+
+
+@dataclass(frozen=True)
+class ListedModel:
+    """One model of /v1/models (a single server's) or /models (a router's, with its status)."""
+
+    id: str
+    aliases: tuple[str, ...] = ()
+    status: str = "loaded"
+    path: str | None = None
 
 
 class MalformedSlots(ValueError):
@@ -92,6 +110,13 @@ def count_slots(body: Any) -> tuple[int, int]:
     return len(body) - processing, processing
 
 
+def slot_context(body: list[Any]) -> int | None:
+    """The context each slot holds, from a /slots body (the smallest, should they differ)."""
+    sizes = [slot["n_ctx"] for slot in body if isinstance(slot, dict) and isinstance(slot.get("n_ctx"), int)
+             and not isinstance(slot.get("n_ctx"), bool) and slot["n_ctx"] > 0]
+    return min(sizes) if sizes else None
+
+
 def parse_props(body: Any) -> Props:
     if not isinstance(body, dict):
         return Props()
@@ -99,10 +124,41 @@ def parse_props(body: Any) -> Props:
     model = body.get("model_path") or (body.get("default_generation_settings") or {}).get("model")
     build = body.get("build_info")
     sleeping = body.get("is_sleeping")
+    autoload = body.get("models_autoload")
     return Props(total_slots=total if isinstance(total, int) and not isinstance(total, bool) else None,
-                 model=model if isinstance(model, str) else None,
+                 model=model if isinstance(model, str) and model != "none" else None,
                  build=build if isinstance(build, str) else None,
-                 is_sleeping=sleeping if isinstance(sleeping, bool) else None)
+                 is_sleeping=sleeping if isinstance(sleeping, bool) else None,
+                 router=body.get("role") == "router",
+                 models_autoload=autoload if isinstance(autoload, bool) else None)
+
+
+def parse_models(body: Any) -> list[ListedModel] | None:
+    """The models of a /v1/models or /models answer (None when it is not one); a router's carry their status
+    and the file each loads (its ``--model`` argument)."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return None
+    models = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"].strip():
+            continue
+        aliases = tuple(a for a in item.get("aliases") or () if isinstance(a, str) and a)
+        status = item.get("status")
+        value = status.get("value") if isinstance(status, dict) else None
+        models.append(ListedModel(item["id"], aliases, value if isinstance(value, str) else "loaded",
+                                  _model_argument(status)))
+    return models
+
+
+def _model_argument(status: Any) -> str | None:
+    args = status.get("args") if isinstance(status, dict) else None
+    if not isinstance(args, list):
+        return None
+    for flag, value in itertools.pairwise(args):
+        if flag in ("--model", "-m") and isinstance(value, str):
+            return value
+    return None
 
 
 class LlamaCppClient:
@@ -117,8 +173,10 @@ class LlamaCppClient:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
-    def read_slots(self) -> SlotsReading:
-        url = f"{self.addr.url}/slots"
+    def read_slots(self, model: str | None = None) -> SlotsReading:
+        """``model``: one of a router's (loaded) models; ``autoload=false``, or the poll would load it."""
+        url = f"{self.addr.url}/slots" if model is None else \
+            f"{self.addr.url}/slots?model={quote(model, safe='')}&autoload=false"
         try:
             response = self.session.get(url, timeout=self.timeout)
         except requests.RequestException as exc:
@@ -133,10 +191,20 @@ class LlamaCppClient:
         if status != 200:
             return SlotsReading(ServerState.UNEXPECTED_STATUS, f"/slots answered HTTP {status}")
         try:
-            idle, processing = count_slots(response.json())
+            body = response.json()
+            idle, processing = count_slots(body)
         except ValueError as exc:
             return SlotsReading(ServerState.MALFORMED, f"malformed /slots answer: {exc}")
-        return SlotsReading(ServerState.READY, None, idle, processing)
+        return SlotsReading(ServerState.READY, None, idle, processing, n_ctx=slot_context(body))
+
+    def read_models(self, router: bool) -> list[ListedModel] | None:
+        """A router's /models (with each model's status) or a single server's /v1/models; None when unreadable."""
+        try:
+            response = self.session.get(f"{self.addr.url}/models" if router else f"{self.addr.url}/v1/models",
+                                        timeout=self.timeout)
+            return parse_models(response.json()) if response.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None
 
     def read_props(self) -> Props:
         try:

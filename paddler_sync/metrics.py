@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +69,10 @@ class Metrics:
     def quarantined(self) -> None:
         self.counters.quarantined()
 
+    def model_load(self, model: str | None) -> None:
+        """A request sent to a router whose model was unloaded: it loads first."""
+        self.counters.model_load(model or "")
+
     def totals(self) -> Counters:
         """What /metrics shows: the whole balancer's counts (this worker's, when it is the only one)."""
         return self.shared_totals() if self.shared_totals is not None else self.counters
@@ -92,6 +97,11 @@ class CountersCollector(Collector):
         yield requests
         yield CounterMetricFamily("paddler_quarantines", "Servers quarantined after a refused connection.",
                                   value=totals.quarantines)
+        loads = CounterMetricFamily("paddler_model_loads", "Requests sent to a router that had to load their model "
+                                    "first.", labels=["model"])
+        for model, count in sorted(totals.model_loads.items()):
+            loads.add_metric([model], count)
+        yield loads
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for name, (metric, help_text) in HISTOGRAMS.items():
             dist = totals.distributions[name]
@@ -130,12 +140,39 @@ class FleetCollector(Collector):
                                                  "Requests this balancer has in flight per server.", labels=labels),
             "ready": GaugeMetricFamily("paddler_agent_ready", "1 when the server takes traffic.", labels=labels),
         }
+        per_model = GaugeMetricFamily("paddler_agent_model_slots_idle", "Free slots per server and model (a "
+                                      "router has one set of slots per loaded model).", labels=[*labels, "model",
+                                                                                                "state"])
         for agent in self.status.agents():
             values = [agent["agent_id"], agent["agent_name"] or "", agent["external_llamacpp_addr"]]
             for key, family in families.items():
                 value = agent["state"] == "ready" if key == "ready" else agent[key]
                 family.add_metric(values, float(value))
+            for model in agent["models"]:
+                per_model.add_metric([*values, model["id"], model["state"]], float(model["slots_idle"]))
         yield from families.values()
+        yield per_model
+        yield from model_families(self.status.models())
+
+
+MODEL_GAUGES = {"slots_idle": "Free slots of the model across the fleet.",
+                "slots_total": "Slots of the model across the fleet (loaded models only).",
+                "servers": "Servers that serve the model (loaded or not).",
+                "servers_loaded": "Servers with the model loaded.",
+                "requests_buffered": "Requests for the model waiting for a slot."}
+
+
+def model_families(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    for key, help_text in MODEL_GAUGES.items():
+        family = GaugeMetricFamily(f"paddler_model_{key}", help_text, labels=["model"])
+        for model in models:
+            family.add_metric([model["id"]], float(model[key]))
+        yield family
+
+
+def statsd_name(model: str) -> str:
+    """A model id as one StatsD path segment (no dots, colons, pipes or slashes)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", model) or "_"
 
 
 def live_greenlets() -> int:
@@ -168,6 +205,9 @@ class StatsdReporter:
         with client.pipeline() as pipe:
             for gauge in ("slots_idle", "slots_processing", "requests_buffered"):
                 pipe.gauge(gauge, health[gauge])
+            for model in self.status.models():
+                for key in ("slots_idle", "slots_total", "requests_buffered"):
+                    pipe.gauge(f"models.{statsd_name(model['id'])}.{key}", model[key])
             counts = metrics.counters
             for outcome, name in STATSD_COUNTERS.items():
                 delta = counts.outcomes[outcome] - self._sent_counts[outcome]

@@ -106,6 +106,20 @@ def name(text: str) -> str:
     return text
 
 
+def model_specs(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``tiny slow=fast,quick``: model ids separated by spaces, each with its aliases after '='."""
+    specs = []
+    for word in text.split():
+        model_id, _, aliases = word.partition("=")
+        names = tuple(a for a in aliases.split(",") if a)
+        if not model_id or len(word) > 256 or any(ord(c) < 32 for c in word):
+            raise argparse.ArgumentTypeError(f"'{word}' is not a model: expected ID or ID=ALIAS,ALIAS")
+        specs.append((model_id, names))
+    if not specs or len({s[0] for s in specs}) != len(specs):
+        raise argparse.ArgumentTypeError("expected one or more distinct model ids, separated by spaces")
+    return tuple(specs)
+
+
 def state_backend(text: str) -> str:
     """``local`` or a Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
     value = text.strip()

@@ -26,6 +26,7 @@ from paddler_sync.setting_values import (
     duration,
     fraction,
     log_level,
+    model_specs,
     name,
     networks,
     non_negative_number,
@@ -104,6 +105,25 @@ SETTINGS: tuple[Setting, ...] = (
             "0 turns buffering off.", B, count, 30),
     Setting("buffered-request-timeout", "How long a request may wait for a free slot before it gets 504 "
             "(waiting only, never generation).", B, duration, 10.0, metavar="SECONDS"),
+    Setting("default-model", "The model of a request that names none (its body has no 'model', a GET no "
+            "?model=). Unset: such a request goes to any server that serves one model.", B, text_value, None,
+            metavar="MODEL"),
+    Setting("buffer-unknown-models", "Let a request for a model no server serves wait in the buffer "
+            "(scale from zero: its servers are still starting) instead of answering 404 at once.", B,
+            default=False, switch=True),
+    Setting("models-autoload", "Send a request for a model that is loaded nowhere to a llama.cpp router "
+            "(2026 builds) that can load it, rather than letting it wait. A router started with "
+            "--no-models-autoload is never asked.", B, default=True, switch=True),
+    Setting("models-discovery-time", "For this long after start, a request for a model no agent has "
+            "reported yet waits (up to this long) for the agents' first reports before it gets 404; at least the "
+            "agents' --monitoring-interval.", B, duration, 5.0, metavar="SECONDS"),
+    Setting("per-model-queues", "One waiting queue per model, so a burst for one model never delays "
+            "another's requests. --no-per-model-queues keeps one queue for all (the benchmarks' baseline).", B,
+            default=True, switch=True),
+    Setting("context-check", "Answer 400 up front to a request that fits no slot of its model: "
+            "prompt-and-limit (its prompt plus max_tokens / n_predict, as OpenAI does), prompt (the prompt alone, "
+            "as llama.cpp does: generation stops when the context is full) or off.", B,
+            choice("prompt-and-limit", "prompt", "off"), "prompt-and-limit"),
     Setting("agent-missed-reports", "Drop an agent after this many of its reporting intervals pass without "
             "a report.", B, positive_count, 3),
     Setting("statsd-addr", "Send StatsD metrics to this UDP address (off when unset).", B, address, None,
@@ -195,8 +215,18 @@ SETTINGS: tuple[Setting, ...] = (
             "answer 501.", S, default=False, switch=True),
     Setting("api-key", "Require 'Authorization: Bearer KEY' on protected paths, as llama-server --api-key.",
             S, text_value, None, secret=True, metavar="KEY"),
-    Setting("alias", "Model id shown in /v1/models and /props (llama-server --alias).", S, name,
+    Setting("alias", "Model id shown in /v1/models and /props (llama-server --alias); with --dialect modern a "
+            "comma-separated list, as the 2026 build takes it (the first in sorted order is the id).", S, name,
             "models/simulated.gguf"),
+    Setting("router-models", "Serve as a llama.cpp router (2026 build started without -m): these models, "
+            "separated by spaces, each ID or ID=ALIAS,ALIAS, each with its own --parallel slots, loaded on "
+            "demand. Implies --dialect modern.", S, model_specs, None, metavar="MODELS"),
+    Setting("load-time", "Router: how long loading a model takes (its status is 'loading' meanwhile).", S,
+            duration, 0.5, metavar="SECONDS"),
+    Setting("models-max", "Router: most models loaded at once; loading one more unloads the least recently "
+            "used (llama-server --models-max).", S, positive_count, 4),
+    Setting("router-autoload", "Router: load a model when a request names it (llama-server --models-autoload).",
+            S, default=True, switch=True),
     Setting("dialect", "Which llama.cpp to imitate: b4748 (recorded), modern (after 2025-08: leaner /slots, "
             "/v1/health) or state (b3606-b4026: /slots has 'state' instead of 'is_processing').", S,
             choice("b4748", "modern", "state"), "b4748"),

@@ -59,7 +59,25 @@ def detail_text(agent: dict[str, Any]) -> str:
         parts.append(agent.get("hint") or agent["state"])
         if agent.get("error"):
             parts.append(agent["error"])
+    if agent.get("models"):
+        parts.append("models " + ", ".join(model_text(m) for m in agent["models"]))
     return ": ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:])
+
+
+def model_text(model: dict[str, Any]) -> str:
+    """``tiny 3/4 free``, or ``slow (unloaded)`` for a router's model that is not loaded."""
+    if model["state"] != "loaded":
+        return f"{model['id']} ({model['state']})"
+    return f"{model['id']} {model['slots_idle']}/{model['total_slots']} free"
+
+
+def models_text(models: list[dict[str, Any]], width: int = 80) -> str:
+    """The fleet's models in one line: free slots of each, and the requests waiting for it."""
+    parts = [f"{m['id']} {m['slots_idle']}/{m['slots_total']} free" + (f", {m['requests_buffered']} waiting"
+                                                                       if m["requests_buffered"] else "")
+             for m in models]
+    line = "models: " + " | ".join(parts)
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def duration_text(seconds: float | None) -> str:
@@ -139,10 +157,11 @@ class FleetDashboard(App):
             agents = self.get_json("/api/v1/agents")["agents"]
             health = self.get_json("/health")
             traffic = self.get_json("/api/v1/traffic")
+            models = self.get_json("/api/v1/models")["models"]
         except (requests.RequestException, ValueError, KeyError) as exc:
             self.call_from_thread(self.show_error, exc)
             return
-        self.call_from_thread(self.show, agents, health, traffic)
+        self.call_from_thread(self.show, agents, health, traffic, models)
 
     def get_json(self, path: str) -> dict[str, Any]:
         """A management API document; an error answer (a missing token, say) raises with its own message."""
@@ -152,7 +171,8 @@ class FleetDashboard(App):
             raise ValueError(body.get("error", {}).get("message", f"HTTP {response.status_code}"))
         return body
 
-    def show(self, agents: list[dict[str, Any]], health: dict[str, Any], traffic: dict[str, Any]) -> None:
+    def show(self, agents: list[dict[str, Any]], health: dict[str, Any], traffic: dict[str, Any],
+             models: list[dict[str, Any]] | None = None) -> None:
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
@@ -164,7 +184,10 @@ class FleetDashboard(App):
         self.agents = {agent["agent_id"]: agent for agent in agents}
         self._set_message("" if agents else EMPTY)
         self.show_detail()
-        self.query_one("#totals", Static).update(Text(totals_text(health, traffic)))
+        totals = totals_text(health, traffic)
+        if models:
+            totals += "\n" + models_text(models)
+        self.query_one("#totals", Static).update(Text(totals))
 
     def show_detail(self) -> None:
         table = self.query_one(DataTable)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PORT = 18080
+ROUTER = ("ROUTER",)  # not a flag: start in router mode, with a --models-dir holding the model as tiny.gguf
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16}
 # (file, server flags, method, path, headers, body)
 EXCHANGES: list[tuple[str, tuple[str, ...], str, str, dict[str, str], object]] = [
@@ -55,6 +58,19 @@ EXCHANGES: list[tuple[str, tuple[str, ...], str, str, dict[str, str], object]] =
     ("56-apikey-goodkey-stream.txt", ("--api-key", "secret"), "POST", "/completion",
      {"Authorization": "Bearer secret"}, {"prompt": "x", "n_predict": 4, "stream": True}),
     ("60-noslots-slots.txt", ("--no-slots",), "GET", "/slots", {}, None),
+    # router mode (no -m; --models-dir holding tiny.gguf), in this order: the model loads on the way
+    ("90-router-props.txt", ROUTER, "GET", "/props", {}, None),
+    ("91-router-models-unloaded.txt", ROUTER, "GET", "/models", {}, None),
+    ("92-router-slots-no-model.txt", ROUTER, "GET", "/slots", {}, None),
+    ("93-router-completion-no-model.txt", ROUTER, "POST", "/completion", {}, {"prompt": "x", "n_predict": 2}),
+    ("94-router-unknown-model.txt", ROUTER, "POST", "/v1/chat/completions", {}, {**CHAT, "model": "nope"}),
+    ("95-router-slots-not-loaded.txt", ROUTER, "GET", "/slots?model=tiny&autoload=false", {}, None),
+    ("96-router-load.txt", ROUTER, "POST", "/models/load", {}, {"model": "tiny"}),
+    ("97-router-models-loaded.txt", ROUTER, "GET", "/models", {}, None),
+    ("98-router-slots.txt", ROUTER, "GET", "/slots?model=tiny&autoload=false", {}, None),
+    ("99-router-chat.txt", ROUTER, "POST", "/v1/chat/completions", {}, {**CHAT, "model": "tiny"}),
+    ("99b-router-props-model.txt", ROUTER, "GET", "/props?model=tiny&autoload=false", {}, None),
+    ("99c-router-unload.txt", ROUTER, "POST", "/models/unload", {}, {"model": "tiny"}),
 ]
 
 
@@ -81,7 +97,12 @@ def exchange(method: str, path: str, headers: dict[str, str], body: object) -> s
 
 
 def start(server: str, model: str, flags: tuple[str, ...]) -> subprocess.Popen:
-    proc = subprocess.Popen([server, "-m", model, "--host", "127.0.0.1", "--port", str(PORT), "-c", "4096",
+    served = ["-m", model]
+    if flags == ROUTER:
+        folder = Path(tempfile.mkdtemp())
+        (folder / "tiny.gguf").symlink_to(Path(model).resolve())
+        served, flags = ["--models-dir", str(folder)], ()
+    proc = subprocess.Popen([server, *served, "--host", "127.0.0.1", "--port", str(PORT), "-c", "4096",
                              "-np", "4", "-t", "2", "--metrics", "--seed", "42", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
@@ -94,6 +115,14 @@ def start(server: str, model: str, flags: tuple[str, ...]) -> subprocess.Popen:
     raise RuntimeError("llama-server did not become healthy")
 
 
+def wait_until_loaded() -> None:
+    for _ in range(200):
+        if '"value":"loaded"' in exchange("GET", "/models", {}, None):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the router did not load the model")
+
+
 def main() -> None:
     server, model, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +133,9 @@ def main() -> None:
                 if wanted != flags:
                     continue
                 text = exchange(method, path, headers, body)
+                if name == "96-router-load.txt":
+                    wait_until_loaded()
+                text = re.sub(r'/tmp/tmp\w+/tiny\.gguf', 'models/tiny.gguf', text)
                 text = text.replace(model, "models/tiny.gguf").replace(str(Path(model).parent), "models")
                 (out / name).write_text(f"### {curl_line(method, path, headers, body)}\n{text}\n")
         finally:

@@ -60,9 +60,9 @@ def make_models(out: Path) -> dict[str, Path]:
     return {"tiny": out / "tiny.gguf", "slow": out / "slow.gguf"}
 
 
-def metric(url: str, name: str) -> float:
-    """One llamacpp:NAME value from a real server's /metrics."""
-    text = requests.get(url + "/metrics", timeout=5).text
+def metric(url: str, name: str, query: str = "") -> float:
+    """One llamacpp:NAME value from a real server's /metrics (``query``: a router's ``?model=``)."""
+    text = requests.get(url + "/metrics" + query, timeout=5).text
     found = re.search(rf"^llamacpp:{name} (\S+)$", text, re.M)
     if found is None:
         raise AssertionError(f"llamacpp:{name} not in /metrics:\n{text}")

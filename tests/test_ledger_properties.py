@@ -1,8 +1,10 @@
 """Property tests: random interleavings of report / reserve / release / disconnect / remove / quarantine.
 
+Servers serve model m1, m2, or (a router's entry) m1 only when named; requests name m1, m2 or none.
 After every step: no counter is negative, in-flight counts equal the reservations really held, free
-slots never exceed the total, a reservation is refused only when no server has a free slot, the
-chosen server has the most free slots, and once everything is released nothing has leaked.
+slots never exceed the total, a reservation goes only to a server of its model and is refused only
+when no such server has a free slot, the chosen server has the most free slots among them, and once
+everything is released nothing has leaked.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
 from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.models import Serving
 from paddler_sync.fleet.upstream import Reservation
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])
+SERVINGS = st.sampled_from([Serving("m1", frozenset({"m1"})), Serving("m2", frozenset({"m2", "alias2"})),
+                            Serving("m1", frozenset({"m1"}), needs_model=True), Serving()])
+ASKED = st.sampled_from(["m1", "m2", "alias2", None])
 
 
 class Clock:
@@ -40,19 +46,20 @@ class LedgerMachine(RuleBasedStateMachine):
         self.wakeups += 1
 
     @rule(key=KEYS, total=st.integers(0, 6), processing=st.integers(0, 8), routable=st.booleans(),
-          port=st.sampled_from([1, 2]))
-    def report(self, key: str, total: int, processing: int, routable: bool, port: int) -> None:
-        self.ledger.report(key, f"10.0.0.1:{port}{ord(key)}", total, min(processing, total), routable)
+          port=st.sampled_from([1, 2]), serving=SERVINGS)
+    def report(self, key: str, total: int, processing: int, routable: bool, port: int, serving: Serving) -> None:
+        self.ledger.report(key, f"10.0.0.1:{port}{ord(key)}", total, min(processing, total), routable,
+                           serving=serving)
 
-    @rule(target=reservations)
-    def reserve(self) -> Reservation | None:
+    @rule(target=reservations, model=ASKED)
+    def reserve(self, model: str | None) -> Reservation | None:
         now = self.clock()
-        best_free = max((u.free(now) for u in self.ledger.upstreams()), default=0)
-        reservation = self.ledger.reserve()
+        best_free = max((u.free(now) for u in self.ledger.upstreams() if u.serving.serves(model)), default=0)
+        reservation = self.ledger.reserve(model=model)
         if best_free == 0:
             assert reservation is None
             return None
-        assert reservation is not None
+        assert reservation is not None and reservation.upstream.serving.serves(model)
         assert reservation.upstream.free(now) + 1 == best_free  # it took from a server with the most free slots
         self.held.append(reservation)
         return reservation
@@ -82,7 +89,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def everything_released_and_reported_idle_leaks_nothing(self) -> None:
         for upstream in list(self.ledger.upstreams()):
-            self.ledger.report(upstream.key, upstream.addr, upstream.total, 0, True)
+            self.ledger.report(upstream.key, upstream.addr, upstream.total, 0, True, serving=upstream.serving)
         now = self.clock()
         for upstream in self.ledger.upstreams():
             assert upstream.in_flight == 0

@@ -51,7 +51,7 @@ BAD = [
     (json.dumps(good_report(monitoring_interval=0)).encode(), 400, "monitoring_interval"),
     (json.dumps(good_report(agent_name="x" * 500)).encode(), 400, "agent_name"),
     (json.dumps(good_report(surprise=1)).encode(), 400, "unknown report fields"),
-    (json.dumps(good_report(model="m" * 20000)).encode(), 413, "at most"),
+    (json.dumps(good_report(model="m" * 70000)).encode(), 413, "at most"),
 ]
 
 

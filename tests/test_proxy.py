@@ -371,7 +371,7 @@ def test_procfile_web_command_starts_quietly_with_its_management_path(fleet: Fle
                             "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"})
     wait_until(lambda: port_open(management))
     public = f"http://127.0.0.1:{port}"
-    response = requests.get(public + "/v1/models", timeout=5)
+    response = requests.get(public + "/props", timeout=5)
     assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable_error"
     assert requests.get(public + "/_paddler/health", timeout=5).json()["status"] == "ok"
     assert requests.get(public + "/_paddler/api/v1/agents", timeout=5).status_code == 401

@@ -151,7 +151,7 @@ def test_a_client_leaving_frees_the_llamacpp_slot_streaming_or_not(fleet: Fleet,
     server = serve(fleet, build, llamacpp_models, balancer, 1, "one", model="slow", interval=1.5)
     for stream in (True, False):
         client = socket.create_connection(("127.0.0.1", balancer.extra["proxy_port"]))
-        body = json.dumps({"prompt": "Once", "n_predict": 4000, "ignore_eos": True, "stream": stream}).encode()
+        body = json.dumps({"prompt": "Once", "n_predict": 900, "ignore_eos": True, "stream": stream}).encode()
         client.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_until(lambda: busy_slots(server.url) == 1, timeout=10, message="generation started")
@@ -183,7 +183,7 @@ def test_a_server_killed_mid_stream_cuts_that_stream_only(fleet: Fleet, build: B
     balancer = fleet.balancer()
     doomed = serve(fleet, build, llamacpp_models, balancer, 1, "doomed", model="slow")
     serve(fleet, build, llamacpp_models, balancer, 1, "survivor")
-    stream = generate(balancer.extra["proxy"], 2000, stream=True)
+    stream = generate(balancer.extra["proxy"], 900, stream=True)
     assert stream.status_code == 200
     chunks = stream.iter_content(None)
     next(chunks)

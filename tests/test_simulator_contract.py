@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,38 @@ def test_api_key_matrix(simulators) -> None:
             response = requests.request(method, base + path, headers=headers, timeout=10,
                                         data=json.dumps(payload) if method == "POST" else None)
             assert str(response.status_code) == expected, (path, method, header, response.text)
+
+
+ROUTER_REQUESTS = [
+    # the 2026 build in router mode (recorded in this order by scripts/record_captures.py: the model loads on the way)
+    ("90-router-props.txt", "GET", "/props", None),
+    ("91-router-models-unloaded.txt", "GET", "/models", None),
+    ("92-router-slots-no-model.txt", "GET", "/slots", None),
+    ("93-router-completion-no-model.txt", "POST", "/completion", {"prompt": "x", "n_predict": 2}),
+    ("94-router-unknown-model.txt", "POST", "/v1/chat/completions", {**CHAT, "model": "nope"}),
+    ("95-router-slots-not-loaded.txt", "GET", "/slots?model=tiny&autoload=false", None),
+    ("96-router-load.txt", "POST", "/models/load", {"model": "tiny"}),
+    ("97-router-models-loaded.txt", "GET", "/models", None),
+    ("98-router-slots.txt", "GET", "/slots?model=tiny&autoload=false", None),
+    ("99-router-chat.txt", "POST", "/v1/chat/completions", {**CHAT, "model": "tiny"}),
+    ("99b-router-props-model.txt", "GET", "/props?model=tiny&autoload=false", None),
+    ("99c-router-unload.txt", "POST", "/models/unload", {"model": "tiny"}),
+]
+
+
+def test_router_mode_matches_the_2026_router_captures(fleet: Fleet) -> None:
+    """The simulated router answers each recorded exchange of the real one, in the order recorded."""
+    router = fleet.simulator("--parallel", "4", "--ctx-size", "4096", "--decode-tokens-per-second", "0",
+                             "--build-info", "b0-unknown", "--router-models", "tiny", "--load-time", "0.2")
+    for name, method, path, body in ROUTER_REQUESTS:
+        capture = load_capture("2026/" + name)
+        response = requests.request(method, router.url + path, data=None if body is None else json.dumps(body),
+                                    timeout=10)
+        assert f"{response.status_code} {response.reason}" == capture.status, name
+        assert_same_headers(capture.headers, response.headers)
+        assert_same_body(capture, response)
+        if name == "96-router-load.txt":  # loading takes --load-time; the recording waited for it too
+            deadline = time.monotonic() + 5
+            while '"loaded"' not in requests.get(router.url + "/models", timeout=5).text:
+                assert time.monotonic() < deadline, "the simulated router never finished loading"
+                time.sleep(0.05)

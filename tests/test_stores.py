@@ -6,11 +6,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import gevent
 import pytest
+from gevent.pool import Group
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.models import Serving
 from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.store import LocalStore
+from paddler_sync.fleet.upstream import Reservation
 from tests.helpers import RedisServer
 
 
@@ -125,3 +132,59 @@ def test_refresh_mirrors_a_shared_store_and_is_a_no_op_in_process(ledger: Ledger
         assert records is None
     else:
         assert records == {"a": '{"x": 1}'}
+
+
+# --- per-model queues: random interleavings of arrivals and freed slots, on both stores ----------------------
+
+MODELS = st.sampled_from(["a", "b", None])
+STEPS = st.lists(st.tuples(st.sampled_from(["arrive", "arrive", "free"]), MODELS), min_size=1, max_size=25)
+
+
+def fresh_ledger(backend: str, request: pytest.FixtureRequest) -> Ledger:
+    if backend == "local":
+        return Ledger(store=LocalStore(), clock=Clock())
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return Ledger(store=RedisStore(server.url, f"q{uuid.uuid4().hex[:10]}", lease_ttl=60), clock=Clock())
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS)
+def test_each_model_keeps_its_own_fifo_and_never_waits_behind_another(backend: str, steps: list,
+                                                                      request: pytest.FixtureRequest) -> None:
+    """Two single-slot servers, one per model (both take requests that name none). Whatever the interleaving: a
+    request goes only to a server of its model; each model's waiters get slots in arrival order; and after every
+    step nobody waits for a model whose server has a free slot (a queue for one model never blocks another)."""
+    ledger = fresh_ledger(backend, request)
+    ledger.report("sa", "10.0.0.1:1", 1, 0, True, serving=Serving("a", frozenset({"a"})))
+    ledger.report("sb", "10.0.0.1:2", 1, 0, True, serving=Serving("b", frozenset({"b"})))
+    buffer = RequestBuffer(ledger, max_waiting=100, timeout=30)
+    arrivals: dict[str | None, list[int]] = {"a": [], "b": [], None: []}
+    served: dict[str | None, list[int]] = {"a": [], "b": [], None: []}
+    held: list[Reservation] = []
+
+    def arrive(number: int, model: str | None) -> None:
+        reservation, _ = buffer.acquire(model=model)
+        assert reservation.upstream.serving.serves(model)
+        served[model].append(number)
+        held.append(reservation)
+
+    group = Group()
+    try:
+        for number, (step, model) in enumerate(steps):
+            if step == "arrive":
+                arrivals[model].append(number)
+                group.spawn(arrive, number, model)
+            elif held:
+                ledger.release(held.pop(0))
+            gevent.sleep(0.005 if backend == "redis" else 0)
+            for key in ("a", "b", None):
+                assert served[key] == arrivals[key][:len(served[key])], f"{key}: not first come, first served"
+            waiting = buffer.waiting_by_model()
+            for model_name, count in waiting.items():
+                if count:
+                    assert all(u.free(ledger.clock()) == 0 for u in ledger.candidates(model_name)), \
+                        f"a request for {model_name} waits while its server has a free slot"
+    finally:
+        group.kill()
+        buffer.close("test over")

@@ -21,8 +21,9 @@ from gevent.pool import Group
 
 from paddler_sync.addresses import Address
 from paddler_sync.agent.aws import MetadataError, fetch_local_ipv4
-from paddler_sync.fleet.reports import AgentReport
-from paddler_sync.llamacpp import HINTS, LlamaCppClient, Props, ServerState, SlotsReading
+from paddler_sync.fleet.models import FAILED, LOAD_STATES, LOADED
+from paddler_sync.fleet.reports import AgentReport, ModelReport
+from paddler_sync.llamacpp import HINTS, ListedModel, LlamaCppClient, Props, ServerState, SlotsReading
 from paddler_sync.logs import log_greenlet_exception
 
 logger = logging.getLogger("paddler_sync.agent")
@@ -80,6 +81,7 @@ class Agent:
         self.name = name
         self.sleep_idle = sleep_idle  # llama-server's --sleep-idle-seconds (0: it never sleeps)
         self.props = Props()
+        self.listed: list[ListedModel] | None = None  # a single server's /v1/models, read with /props
         self._props_read_at = float("-inf")
         self._last_state: ServerState | None = None
         self._last_state_changed = True
@@ -102,17 +104,55 @@ class Agent:
             stop.wait(due - now)
 
     def tick(self) -> AgentReport:
-        if self.sleep_idle:
-            reading = self._read_slots_letting_it_sleep()
+        if self._props_stale():
+            self._read_props()
+        if self.props.router:
+            reading, models = self._read_router()
         else:
-            reading, self._read_at = self.llamacpp.read_slots(), time.monotonic()
+            if self.sleep_idle:
+                reading = self._read_slots_letting_it_sleep()
+            else:
+                reading, self._read_at = self.llamacpp.read_slots(), time.monotonic()
+            models = self._single_model(reading)
         self._note_state(reading)
-        if reading.state is ServerState.READY and self._props_stale():
-            self.props = self.llamacpp.read_props()
-            self._props_read_at = time.monotonic()
-        report = self.build_report(reading)
+        report = self.build_report(reading, models)
         self.balancer.report(report)
         return report
+
+    def _read_props(self) -> None:
+        self.props = self.llamacpp.read_props()
+        if not self.props.router and self.props != Props():
+            self.listed = self.llamacpp.read_models(router=False)
+        self._props_read_at = time.monotonic()
+
+    def _single_model(self, reading: SlotsReading) -> tuple[ModelReport, ...] | None:
+        """The one model a single server serves: its /v1/models id and aliases, its path, its slots' context."""
+        listed = self.listed[0] if self.listed else None
+        model_id = listed.id if listed else self.props.model
+        if not model_id:
+            return None
+        return (ModelReport(model_id, listed.aliases if listed else (), self.props.model, LOADED,
+                            reading.slots_idle, reading.slots_processing, reading.n_ctx),)
+
+    def _read_router(self) -> tuple[SlotsReading, tuple[ModelReport, ...] | None]:
+        """A router: its models and their status from /models, then /slots of each loaded one (never loading one)."""
+        listed = self.llamacpp.read_models(router=True)
+        if listed is None:  # /slots says why, in the words every other state uses
+            return self.llamacpp.read_slots(), None
+        models = tuple(self._router_model(m) for m in listed)
+        self._read_at = time.monotonic()
+        return SlotsReading(ServerState.READY, None, sum(m.slots_idle for m in models),
+                            sum(m.slots_processing for m in models)), models
+
+    def _router_model(self, listed: ListedModel) -> ModelReport:
+        status = listed.status if listed.status in LOAD_STATES else FAILED
+        if status != LOADED:
+            return ModelReport(listed.id, listed.aliases, listed.path, status)
+        slots = self.llamacpp.read_slots(listed.id)
+        if slots.state is not ServerState.READY:  # unloaded between the two reads, or still starting
+            return ModelReport(listed.id, listed.aliases, listed.path, "loading")
+        return ModelReport(listed.id, listed.aliases, listed.path, LOADED, slots.slots_idle, slots.slots_processing,
+                           slots.n_ctx)
 
     def _read_slots_letting_it_sleep(self) -> SlotsReading:
         """For a server that sleeps when idle: every /slots (and /metrics) request wakes it and restarts its
@@ -136,7 +176,7 @@ class Agent:
         self._last_slots_at = self._read_at = time.monotonic()
         return self._last_slots
 
-    def build_report(self, reading: SlotsReading) -> AgentReport:
+    def build_report(self, reading: SlotsReading, models: tuple[ModelReport, ...] | None = None) -> AgentReport:
         ready = reading.state is ServerState.READY
         return AgentReport(
             external_llamacpp_addr=str(self.external_addr), monitoring_interval=self.interval,
@@ -147,10 +187,13 @@ class Agent:
             model=self.props.model, llamacpp_build=self.props.build,
             is_sleeping=reading.is_sleeping if ready else None,
             slots_sample_age=round(time.monotonic() - self._read_at, 6) if ready else None,
+            models=models if ready else None, router=self.props.router or None,
+            models_autoload=self.props.models_autoload if self.props.router else None,
         )
 
     def _props_stale(self) -> bool:
-        """Read /props on every state change, every tick until one read works, then once a minute."""
+        """Read /props (and a single server's /v1/models) on every state change, every tick until one read works,
+        then once a minute (a router's /models is read every tick: its models load and unload)."""
         return (self._last_state_changed or self.props == Props()
                 or time.monotonic() - self._props_read_at > PROPS_REFRESH_SECONDS)
 

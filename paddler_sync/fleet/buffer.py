@@ -1,10 +1,12 @@
 """The request buffer: requests that found no free slot wait here, in arrival order, never in llama.cpp.
 
-When a slot frees (a release, a report, a lifted quarantine, a message from another worker through
-the shared ledger) the ledger calls :meth:`dispatch`,
-which hands reservations straight to the oldest waiters that can use them, one slot to one waiter:
-no thundering herd, and a new arrival never overtakes a waiter. A waiter that times out, or whose
-client leaves, takes itself out of the queue and takes nothing with it.
+One FIFO queue per model named (and one for requests that name none): a burst for one model never
+delays a request for another while that model's servers have room. When a slot frees (a release, a
+report, a lifted quarantine, a message from another worker through the shared ledger) the ledger
+calls :meth:`dispatch`, which hands reservations straight to the heads of the queues that can use
+them, oldest head first, one slot to one waiter: no thundering herd, and a new arrival never overtakes
+a waiter for its model. A waiter that times out, or whose client leaves, takes itself out of its queue
+and takes nothing with it. ``per_model=False`` keeps one queue for all (the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -69,17 +71,22 @@ class ClientGone(BufferRefusal):
 
 @dataclass(eq=False)
 class Waiter:
+    model: str | None = None  # the (normalized) model it asks for
+    need: int | None = None  # the context it needs, in tokens, when known
+    queue: str | None = None  # the queue it stands in: its model's, or the one for all
     since: float = field(default_factory=time.monotonic)
     result: AsyncResult = field(default_factory=AsyncResult)
     ticket: Ticket | None = None  # its place in a shared ledger's queue (None with the in-process ledger)
 
 
 class RequestBuffer:
-    def __init__(self, ledger: Ledger, max_waiting: int, timeout: float) -> None:
+    def __init__(self, ledger: Ledger, max_waiting: int, timeout: float, per_model: bool = True) -> None:
         self.ledger = ledger
         self.max_waiting = max_waiting
         self.timeout = timeout
-        self._waiters: deque[Waiter] = deque()
+        self.per_model = per_model
+        self._queues: dict[str | None, deque[Waiter]] = {}
+        self._count = 0
         self._closed_reason: str | None = None
         self._dispatching = False
         self._dispatch_again = False
@@ -89,23 +96,35 @@ class RequestBuffer:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return self._count
+
+    def waiting_by_model(self) -> dict[str | None, int]:
+        counts: dict[str | None, int] = {}
+        for queue in self._queues.values():
+            for waiter in queue:
+                counts[waiter.model] = counts.get(waiter.model, 0) + 1
+        return counts
 
     def oldest_wait(self) -> float:
-        return time.monotonic() - self._waiters[0].since if self._waiters else 0.0
+        heads = [queue[0].since for queue in self._queues.values() if queue]
+        return time.monotonic() - min(heads) if heads else 0.0
 
-    def acquire(self, client: Watch | None = None) -> tuple[Reservation, float]:
-        """A reservation and how long it waited; raises a BufferRefusal when there is none to give."""
+    def acquire(self, client: Watch | None = None, model: str | None = None, need: int | None = None,
+                timeout: float | None = None) -> tuple[Reservation, float]:
+        """A reservation and how long it waited; raises a BufferRefusal when there is none to give.
+        ``model``: the normalized model the request names (None: none); ``need``: its context in tokens;
+        ``timeout``: a shorter wait than the buffer's."""
         if self._closed_reason:
             raise BufferClosed(self._closed_reason)
         self.ledger.check_available()
-        if not self._waiters:
-            reservation = self.ledger.reserve()
+        waiter = Waiter(model, need, model if self.per_model else None)
+        if not self._queues.get(waiter.queue):
+            reservation = self.ledger.reserve(model=model, need=need)
             if reservation is not None:
                 return reservation, 0.0
-        if len(self._waiters) >= self.max_waiting:
+        if self._count >= self.max_waiting:
             raise BufferFull(self._full_message())
-        return self._wait(Waiter(), client)
+        return self._wait(waiter, client, self.timeout if timeout is None else min(timeout, self.timeout))
 
     def dispatch(self) -> None:
         """Hand free slots to the oldest waiters, one slot each, in arrival order.
@@ -125,30 +144,41 @@ class RequestBuffer:
             self._dispatching = False
 
     def _dispatch_round(self) -> None:
-        while self._waiters:
-            head = self._waiters[0]
-            if head.result.ready():  # its client left; its place goes back here or in its greenlet, once
-                self._waiters.popleft()
-                self.ledger.return_ticket(head.ticket)
-                self._announce_if_empty()
-                continue
-            try:
-                reservation = self.ledger.reserve(ticket=head.ticket)
-            except StateUnavailable:
-                return  # the waiters keep waiting; the shared ledger's refresh tries again
-            except TicketLost:
-                if not self._redraw_ticket(head):
-                    return
-                continue
-            if reservation is None:
-                self._wake_for_early_hand_over()
-                return
-            if head not in self._waiters:  # it left while a shared ledger answered: the slot goes back
-                self.ledger.release(reservation)
-                continue
-            self._waiters.remove(head)
-            head.result.set(reservation)
-            self._announce_if_empty()
+        """Serve the queues' heads, oldest first, until every queue is empty or finds no slot."""
+        blocked: set[str | None] = set()
+        while True:
+            heads = [queue[0] for key, queue in self._queues.items() if key not in blocked]
+            if not heads:
+                break
+            head = min(heads, key=lambda waiter: waiter.since)
+            served = self._serve(head)
+            if served is None:
+                return  # the shared ledger is unreachable: the waiters keep waiting; its refresh tries again
+            if not served:
+                blocked.add(head.queue)
+        if blocked:
+            self._wake_for_early_hand_over()
+
+    def _serve(self, head: Waiter) -> bool | None:
+        """Hand the head of its queue a slot: True when the queue moved on, False when its model has no slot
+        free, None when the shared ledger cannot be reached."""
+        if head.result.ready():  # its client left; its place goes back here or in its greenlet, once
+            self._remove(head)
+            self.ledger.return_ticket(head.ticket)
+            return True
+        try:
+            reservation = self.ledger.reserve(ticket=head.ticket, model=head.model, need=head.need)
+        except StateUnavailable:
+            return None
+        except TicketLost:
+            return True if self._redraw_ticket(head) else None
+        if reservation is None:
+            return False
+        if not self._remove(head):  # it left while a shared ledger answered: the slot goes back
+            self.ledger.release(reservation)
+            return True
+        head.result.set(reservation)
+        return True
 
     def _wake_for_early_hand_over(self) -> None:
         """One timer for the soonest moment a running request is due to end (--early-dispatch)."""
@@ -169,29 +199,29 @@ class RequestBuffer:
     def close(self, reason: str) -> None:
         """Refuse new requests and send every waiter away (shutdown)."""
         self._closed_reason = reason
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            self.ledger.return_ticket(waiter.ticket)
-            waiter.result.set_exception(BufferClosed(reason))
-        self._announce_if_empty()
+        for queue in list(self._queues.values()):
+            for waiter in list(queue):
+                self._remove(waiter)
+                self.ledger.return_ticket(waiter.ticket)
+                waiter.result.set_exception(BufferClosed(reason))
 
-    def _wait(self, waiter: Waiter, client: Watch | None) -> tuple[Reservation, float]:
+    def _wait(self, waiter: Waiter, client: Watch | None, timeout: float) -> tuple[Reservation, float]:
         """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep."""
-        waiter.ticket = self.ledger.take_ticket()
+        waiter.ticket = self.ledger.take_ticket(waiter.queue)
         self._enqueue(waiter)
-        if len(self._waiters) == 1:
+        if self._count == 1:
             self.ledger.waiting_changed(True)
             self._wake_for_early_hand_over()
         if client is not None:
             client.start(lambda: self._client_left(waiter))
         try:
-            reservation = waiter.result.get(timeout=self.timeout)
+            reservation = waiter.result.get(timeout=timeout)
         except gevent.Timeout:
             self._forget(waiter)
-            timeout = BufferTimeout(f"no llama.cpp slot became free within {self.timeout:g}s "
+            refusal = BufferTimeout(f"no llama.cpp slot became free within {timeout:g}s "
                                     f"(--buffered-request-timeout); retry later or add servers")
-            timeout.waited = time.monotonic() - waiter.since
-            raise timeout from None
+            refusal.waited = time.monotonic() - waiter.since
+            raise refusal from None
         except BufferRefusal as refusal:
             self._forget(waiter)
             refusal.waited = time.monotonic() - waiter.since
@@ -207,49 +237,67 @@ class RequestBuffer:
     def _client_left(self, waiter: Waiter) -> None:
         """Runs in an event-loop callback, where nothing may block (a shared ledger's Redis call would fail
         there): it only wakes the waiter, whose own greenlet gives its place back (``_forget``)."""
-        if waiter in self._waiters and not waiter.result.ready():
+        if self._holds(waiter) and not waiter.result.ready():
             waiter.result.set_exception(ClientGone("the client left while waiting"))
 
     def _forget(self, waiter: Waiter) -> None:
         """A waiter leaving for any reason: out of the queue, and any slot it was handed goes back."""
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        if self._remove(waiter):
             self.ledger.return_ticket(waiter.ticket)
-            self._announce_if_empty()
         elif waiter.result.successful():
             self.ledger.release(waiter.result.value)
 
     def _redraw_ticket(self, waiter: Waiter) -> bool:
         """A new place at the end of the shared queue for a waiter whose ticket was lost."""
         try:
-            ticket = self.ledger.take_ticket()
+            ticket = self.ledger.take_ticket(waiter.queue)
         except StateUnavailable:
             return False
-        if waiter in self._waiters:  # it may have left while Redis answered
-            self._waiters.remove(waiter)
+        if self._holds(waiter):  # it may have left while Redis answered
+            self._queues[waiter.queue].remove(waiter)
             waiter.ticket = ticket
-            self._enqueue(waiter)
+            self._queues[waiter.queue].append(waiter)
+            self._order_by_ticket(self._queues[waiter.queue])
         else:
             self.ledger.return_ticket(ticket)
         return True
 
     def _enqueue(self, waiter: Waiter) -> None:
-        """Append, in ticket order: two arrivals may get their shared tickets back in either order, and the
-        local head must hold this worker's oldest ticket, or the shared queue would wait on it forever."""
-        self._waiters.append(waiter)
+        queue = self._queues.setdefault(waiter.queue, deque())
+        queue.append(waiter)
+        self._count += 1
+        self._order_by_ticket(queue)
+
+    @staticmethod
+    def _order_by_ticket(queue: deque[Waiter]) -> None:
+        """Keep its last waiter in ticket order: two arrivals may get their shared tickets back in either order,
+        and the local head must hold this worker's oldest ticket, or the shared queue would wait on it forever."""
+        waiter = queue[-1]
         if waiter.ticket is None:
             return
-        index = len(self._waiters) - 1
-        while index > 0 and (before := self._waiters[index - 1].ticket) is not None \
-                and before.number > waiter.ticket.number:
+        index = len(queue) - 1
+        while index > 0 and (before := queue[index - 1].ticket) is not None and before.number > waiter.ticket.number:
             index -= 1
-        if index != len(self._waiters) - 1:
-            self._waiters.pop()
-            self._waiters.insert(index, waiter)
+        if index != len(queue) - 1:
+            queue.pop()
+            queue.insert(index, waiter)
 
-    def _announce_if_empty(self) -> None:
-        if not self._waiters:
+    def _holds(self, waiter: Waiter) -> bool:
+        queue = self._queues.get(waiter.queue)
+        return queue is not None and waiter in queue
+
+    def _remove(self, waiter: Waiter) -> bool:
+        """Out of its queue (an empty queue goes); False when it was not in it."""
+        queue = self._queues.get(waiter.queue)
+        if queue is None or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        self._count -= 1
+        if not queue:
+            del self._queues[waiter.queue]
+        if not self._count:
             self.ledger.waiting_changed(False)
+        return True
 
     def _full_message(self) -> str:
         if self.max_waiting == 0:

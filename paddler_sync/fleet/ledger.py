@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from paddler_sync.fleet.models import ANY, UNLOADED, Serving
 from paddler_sync.fleet.policy import MostFreeSlots, Policy, preference
 from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
 from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost, Upstream, as_of_now
@@ -61,8 +62,9 @@ class Ledger:
 
     # --- the waiting queue (a shared store orders it across workers; here the buffer's order is enough) ------
 
-    def take_ticket(self) -> Ticket | None:
-        return self.store.take_ticket()
+    def take_ticket(self, model: str | None = None) -> Ticket | None:
+        """A place in the shared queue of requests for ``model`` (one queue per model named)."""
+        return self.store.take_ticket(model)
 
     def return_ticket(self, ticket: Ticket | None) -> None:
         """A waiter left without a slot: its place in the shared queue goes."""
@@ -79,16 +81,18 @@ class Ledger:
     # --- changes from agents ----------------------------------------------------------------------
 
     def report(self, key: str, addr: str, total: int, processing: int, routable: bool,
-               sleeping: bool = False, sampled_at: float | None = None, record: str = "{}") -> None:
+               sleeping: bool = False, sampled_at: float | None = None, record: str = "{}",
+               serving: Serving = ANY) -> None:
         """``sampled_at``: when the agent read /slots, on this ledger's clock (None: just now). The reading is
         moved on by this worker's own takes and releases since (with a shared store, other workers' are not
         known here: one of theirs that ended meanwhile may hide a slot until the next report). ``record``: the
-        agent's record as JSON, kept with it by a shared store for every balancer."""
+        agent's record as JSON, kept with it by a shared store for every balancer. ``serving``: its model(s)."""
         upstream = self._view(key, addr)
         processing = max(0, as_of_now(upstream, processing, sampled_at))
-        self.store.report(upstream, max(0, total), processing, routable, sleeping, self.clock(), record)
+        self.store.report(upstream, max(0, total), processing, routable, sleeping, self.clock(), record, serving)
         upstream.routable = routable
         upstream.sleeping = sleeping
+        upstream.serving = serving
         if routable:
             upstream.quarantined_until = None
         self._capacity_may_have_grown()
@@ -140,12 +144,14 @@ class Ledger:
         if snapshot is None:
             return None
         seen = set()
-        for key, addr, total, external, routable, quarantined_until, in_flight, draining, sleeping in snapshot.rows:
+        for key, addr, total, external, routable, quarantined_until, in_flight, draining, sleeping, serving \
+                in snapshot.rows:
             seen.add(key)
             upstream = self._view(key, addr)
             upstream.set_counts(int(total), int(in_flight), int(external), int(draining))
             upstream.routable = routable == "1"
             upstream.sleeping = sleeping == "1"
+            upstream.serving = Serving.from_json(serving)
             upstream.quarantined_until = float(quarantined_until) if quarantined_until else None
         for key in set(self._upstreams) - seen:
             del self._upstreams[key]
@@ -154,23 +160,26 @@ class Ledger:
 
     # --- taking and giving back ----------------------------------------------------------------------
 
-    def reserve(self, ticket: Ticket | None = None) -> Reservation | None:
+    def reserve(self, ticket: Ticket | None = None, model: str | None = None,
+                need: int | None = None) -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request.
-        ``ticket``: the waiter's place in a shared store's queue. A server the store finds full (another
-        worker took its last slot) or gone is skipped, and the next choice tried."""
+        ``ticket``: the waiter's place in a shared store's queue. ``model``: the (normalized) model the request
+        names, None when it names none; ``need``: the context it needs, in tokens, when known. A server the
+        store finds full (another worker took its last slot) or gone is skipped, and the next choice tried."""
         self.check_available()
         now = self.clock()
         for _ in range(len(self._upstreams) + 1):
-            upstream = self.policy.choose(list(self._upstreams.values()), now)
+            candidates = self.candidates(model, need)
+            upstream = self.policy.choose(candidates, now)
             early = upstream is None and self.early_lead > 0
             if early:
-                upstream = self._soonest_to_free(now)
+                upstream = self._soonest_to_free(candidates, now)
             if upstream is None:
                 return None
-            take = self.store.take(upstream, now, ticket, beyond_slots=early or self.policy.slot_blind)
+            take = self.store.take(upstream, now, ticket, early or self.policy.slot_blind, model)
             if take.outcome is TakeOutcome.TAKEN:
                 upstream.moves.append((now, 1))
-                return Reservation(upstream, lease=take.lease, early=early)
+                return self._taken(upstream, take.lease, early)
             if take.outcome is TakeOutcome.NOT_YOUR_TURN:
                 return None  # an older request waits, here or on another worker
             if take.outcome is TakeOutcome.TICKET_LOST:
@@ -183,8 +192,31 @@ class Ledger:
                 return None  # the store takes no early hand-over (a shared one never does)
         return None
 
-    def _soonest_to_free(self, now: float) -> Upstream | None:
-        ready = [u for u in self._upstreams.values() if u.early_room(now, self.early_lead)]
+    def candidates(self, model: str | None, need: int | None = None) -> list[Upstream]:
+        """The entries that may serve a request for ``model`` needing ``need`` tokens of context: those that
+        serve the model and hold that much (or do not say). A model loaded (or loading: an unloaded router
+        model that a request was sent to loads now) somewhere is served only there; only when it is loaded
+        nowhere may a router that can load it get the request."""
+        pools = [u for u in self._upstreams.values() if u.serving.serves(model)
+                 and (need is None or u.serving.n_ctx is None or u.serving.n_ctx >= need)]
+        warm = [u for u in pools if not _cold(u)]
+        return warm if warm else [u for u in pools if u.serving.loadable]
+
+    def knows(self, model: str) -> bool:
+        """Some entry of the fleet serves this (normalized) model, loaded or not."""
+        return any(u.serving.serves(model) for u in self._upstreams.values())
+
+    def needs_model(self) -> bool:
+        """Every entry wants a model named (a fleet of routers): a request without one can go nowhere."""
+        return bool(self._upstreams) and all(u.serving.needs_model for u in self._upstreams.values())
+
+    @staticmethod
+    def _taken(upstream: Upstream, lease: str | None, early: bool) -> Reservation:
+        """A slot taken on an unloaded router model starts its load (counted apart in the metrics)."""
+        return Reservation(upstream, lease=lease, early=early, loads_model=upstream.serving.state == UNLOADED)
+
+    def _soonest_to_free(self, candidates: list[Upstream], now: float) -> Upstream | None:
+        ready = [u for u in candidates if u.early_room(now, self.early_lead)]
         return min(ready, key=lambda u: min(u.ends.values()), default=None)
 
     def expect_end(self, reservation: Reservation, at: float) -> None:
@@ -201,10 +233,10 @@ class Ledger:
         times = [min(u.ends.values()) for u in self._upstreams.values() if u.may_overbook(now)]
         return min(times) - self.early_lead if times else None
 
-    def pick_without_slot(self) -> Reservation | None:
-        """Any usable server, for requests that run no llama.cpp task (health, models, tokenize...)."""
+    def pick_without_slot(self, model: str | None = None) -> Reservation | None:
+        """Any usable server of ``model``, for requests that run no llama.cpp task (health, props, tokenize...)."""
         now = self.clock()
-        usable = [u for u in self._upstreams.values() if u.is_usable(now)]
+        usable = [u for u in self.candidates(model) if u.is_usable(now)]
         if not usable:
             return None
         return Reservation(min(usable, key=lambda u: preference(u, now)), uses_slot=False)
@@ -235,3 +267,8 @@ class Ledger:
     def _capacity_may_have_grown(self) -> None:
         for listener in self._capacity_listeners:
             listener()
+
+
+def _cold(upstream: Upstream) -> bool:
+    """An unloaded router model that no request was sent to: loading it costs seconds."""
+    return upstream.serving.state == UNLOADED and upstream.in_flight + upstream.external == 0

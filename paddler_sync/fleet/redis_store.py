@@ -18,11 +18,13 @@ so it is atomic across workers and hosts:
 
 The scripts are ``paddler_sync/fleet/lua/*.lua``, each with its keys, arguments and answer in its header.
 Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
-``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at); sorted sets
+``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at, serving: the
+models it serves as JSON); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
 ``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
-waiters → mark expiry); sorted set ``PREFIX:queue`` (ticket ``WORKER:N`` → N) and counter
-``PREFIX:tickets``; channel ``PREFIX:capacity``; per balancer (``B`` is ``HOST:MASTER_PID``) hash
+waiters → mark expiry); sorted sets ``PREFIX:queue`` (requests naming no model) and ``PREFIX:queue:model:NAME``
+(one per model named; ticket ``WORKER:N`` → N) and counter ``PREFIX:tickets``; channel ``PREFIX:capacity``;
+per balancer (``B`` is ``HOST:MASTER_PID``) hash
 ``PREFIX:counts:B`` (its counts, a day's TTL) and hashes ``PREFIX:counts:B:traffic:RANGE:INDEX`` (the dashboards'
 sums per bucket, the range's TTL). Lease expiry uses
 Redis's own clock, so balancer clocks never disagree about it; report times and quarantines use the
@@ -53,6 +55,7 @@ from gevent.event import Event
 from paddler_sync.counters import Counters, increments
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.models import Serving
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
 from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
@@ -130,11 +133,17 @@ class RedisStore:
 
     # --- the slot store -------------------------------------------------------------------------------------
 
-    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool) -> Take:
+    def queue_of(self, model: str | None) -> str:
+        """The shared queue of requests for ``model``: each model's waiters keep their own order."""
+        return self.queue_key if model is None else f"{self.queue_key}:model:{model}"
+
+    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
+             model: str | None = None) -> Take:
         """take.lua; the mirror gets the counts Redis holds. Never beyond the free slots."""
         lease = uuid.uuid4().hex
+        queue = ticket.queue if ticket is not None else self.queue_of(model)
         outcome, total, in_flight, external, draining = self.call(
-            "take", [*self.keys_of(upstream.key), self.queue_key, self.waiting_key],
+            "take", [*self.keys_of(upstream.key), queue, self.waiting_key],
             [upstream.addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
              ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)])
         outcome = TakeOutcome(outcome)
@@ -163,11 +172,11 @@ class RedisStore:
         return True
 
     def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
-               now: float, record: str) -> None:
+               now: float, record: str, serving: Serving) -> None:
         in_flight, external = self.call(
             "report", [*self.keys_of(upstream.key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"],
             [upstream.key, upstream.addr, total, processing, int(routable), now, record, self.channel,
-             int(sleeping)])
+             int(sleeping), serving.to_json()])
         upstream.set_counts(total, in_flight, external, 0)
 
     def remove(self, key: str, reported_before: float | None = None) -> bool:
@@ -184,16 +193,17 @@ class RedisStore:
 
     # --- the queue shared by every worker -------------------------------------------------------------
 
-    def take_ticket(self) -> Ticket:
-        number = self.call("enqueue", [f"{self.prefix}:tickets", self.queue_key, self.waiting_key],
+    def take_ticket(self, model: str | None) -> Ticket:
+        queue = self.queue_of(model)
+        number = self.call("enqueue", [f"{self.prefix}:tickets", queue, self.waiting_key],
                            [self.worker_id, int(WAITING_MARK_TTL * 1000)])
-        return Ticket(number, f"{self.worker_id}:{number}")
+        return Ticket(number, f"{self.worker_id}:{number}", queue)
 
     def return_ticket(self, ticket: Ticket | None) -> None:
         if ticket is None:
             return
         try:
-            self._guarded(self.client.zrem, self.queue_key, ticket.name)
+            self._guarded(self.client.zrem, ticket.queue, ticket.name)
         except StateUnavailable:
             self.unreturned_tickets.add(ticket)  # it would block the queue head: retried by the refresh loop
 
@@ -212,7 +222,7 @@ class RedisStore:
         if self.has_waiters:
             self.mark_waiting(True)
         for ticket in list(self.unreturned_tickets):
-            self._guarded(self.client.zrem, self.queue_key, ticket.name)
+            self._guarded(self.client.zrem, ticket.queue, ticket.name)
             self.unreturned_tickets.discard(ticket)
 
     def renew_leases(self) -> None:

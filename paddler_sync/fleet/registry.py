@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.reports import AgentReport, ReportError
+from paddler_sync.fleet.reports import AgentReport, ReportError, owned_by
 from paddler_sync.llamacpp import HINTS, ServerState
 
 logger = logging.getLogger("paddler_sync.registry")
@@ -34,8 +34,9 @@ class AgentRecord:
 
 class Registry:
     def __init__(self, ledger: Ledger, missed_reports: int = 3, max_agents: int = 10_000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, models_autoload: bool = True) -> None:
         self.ledger = ledger
+        self.models_autoload = models_autoload  # send a request for an unloaded model to a router that loads it
         self.missed_reports = missed_reports
         self.max_agents = max_agents
         self.clock = clock
@@ -74,13 +75,23 @@ class Registry:
         return record.reports == 1
 
     def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
-        """The slot numbers to the ledger, with the record as JSON (a shared store keeps it for every balancer)."""
+        """The slot numbers to the ledger, an entry per pool of slots (a router has one per model), with the
+        record as JSON (a shared store keeps it for every balancer). Entries the report no longer makes go."""
         stored = json.dumps({"report": report.to_json(),
                              "first_seen": record.first_seen if record is not None else now,
                              "last_update": now, "reports": record.reports + 1 if record is not None else 1})
-        self.ledger.report(agent_id, report.external_llamacpp_addr, total=report.slots_idle + report.slots_processing,
-                           processing=report.slots_processing, routable=report.is_ready,
-                           sleeping=bool(report.is_sleeping), sampled_at=sampled_at(report, now), record=stored)
+        pools = report.pools(agent_id, self.models_autoload)
+        for pool in pools:
+            self.ledger.report(pool.key, report.external_llamacpp_addr, total=pool.total, processing=pool.processing,
+                               routable=pool.routable, sleeping=bool(report.is_sleeping),
+                               sampled_at=sampled_at(report, now), record=stored, serving=pool.serving)
+        kept = {pool.key for pool in pools}
+        for key in self.entries_of(agent_id) - kept:
+            self.ledger.remove(key)
+
+    def entries_of(self, agent_id: str) -> set[str]:
+        """The ledger's entries for this agent's server: its own, or one per model of a router."""
+        return {u.key for u in self.ledger.upstreams() if owned_by(u.key, agent_id)}
 
     def remove(self, agent_id: str, why: str) -> bool:
         return self._remove(agent_id, why, reported_before=None)
@@ -89,13 +100,14 @@ class Registry:
         """With ``reported_before``, only if no balancer heard from the agent since."""
         if agent_id not in self._agents:
             return False
-        try:
-            if reported_before is None:
-                self.ledger.remove(agent_id)
-            elif not self.ledger.remove_if_silent(agent_id, reported_before):
-                return False  # another balancer heard from it meanwhile
-        except StateUnavailable:
-            self.ledger.forget(agent_id)  # drop it here at least; the store drops it on the next report or expiry
+        for key in sorted(self.entries_of(agent_id)):
+            try:
+                if reported_before is None:
+                    self.ledger.remove(key)
+                elif not self.ledger.remove_if_silent(key, reported_before):
+                    return False  # another balancer heard from it meanwhile
+            except StateUnavailable:
+                self.ledger.forget(key)  # drop it here at least; the store drops it on the next report or expiry
         return self._forget(agent_id, why)
 
     def _forget(self, agent_id: str, why: str) -> bool:
@@ -147,7 +159,7 @@ class Registry:
 def record_from_json(agent_id: str, raw: str) -> AgentRecord | None:
     try:
         body = json.loads(raw)
-        return AgentRecord(agent_id, AgentReport(**body["report"]), first_seen=body["first_seen"],
+        return AgentRecord(agent_id, AgentReport.from_json(body["report"]), first_seen=body["first_seen"],
                            last_update=body["last_update"], reports=body["reports"])
     except (ValueError, TypeError, KeyError):
         logger.warning("ignored an unreadable record of agent %s in the shared store", agent_id)

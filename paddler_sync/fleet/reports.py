@@ -16,9 +16,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from paddler_sync.addresses import AddressError, parse_address
+from paddler_sync.fleet.models import LOAD_STATES, LOADED, UNLOADED, Serving, names_for
 from paddler_sync.llamacpp import ServerState
 
-MAX_REPORT_BYTES = 16 * 1024
+MAX_REPORT_BYTES = 64 * 1024
+MAX_MODELS = 64
+MAX_ALIASES = 16
+MAX_CONTEXT = 10_000_000
 MAX_SLOTS = 4096
 MAX_NAME = 128
 MAX_TEXT = 1024
@@ -32,6 +36,33 @@ class ReportError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One model a server serves: a single-model server's one, or each of a router's."""
+
+    id: str
+    aliases: tuple[str, ...] = ()
+    path: str | None = None
+    status: str = LOADED  # loaded, loading, unloaded or failed (router mode loads models on demand)
+    slots_idle: int = 0
+    slots_processing: int = 0
+    n_ctx: int | None = None  # tokens per slot
+
+    def names(self) -> frozenset[str]:
+        return names_for((self.id, *self.aliases, self.path))
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One entry of the ledger made from a report: a server's slots, or a router's slots for one model."""
+
+    key: str
+    total: int
+    processing: int
+    routable: bool
+    serving: Serving
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,9 @@ class AgentReport:
     llamacpp_build: str | None = None
     is_sleeping: bool | None = None  # the model is unloaded until a request wakes the server
     slots_sample_age: float | None = None  # seconds from the agent's /slots reading to sending this report
+    models: tuple[ModelReport, ...] | None = None  # None: the agent could not tell (or predates models)
+    router: bool | None = None  # llama.cpp's router mode: several models, loaded on demand
+    models_autoload: bool | None = None  # the router loads a model when a request names it
 
     @property
     def is_ready(self) -> bool:
@@ -57,6 +91,42 @@ class AgentReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> AgentReport:
+        """A report as :meth:`to_json` wrote it (a shared store's copy): trusted, only rebuilt."""
+        models = body.get("models")
+        fields = {**body, "models": None if models is None else tuple(
+            ModelReport(**{**m, "aliases": tuple(m.get("aliases") or ())}) for m in models)}
+        return cls(**fields)
+
+    def pools(self, agent_id: str, autoload: bool) -> list[Pool]:
+        """The ledger entries this report makes: one for a single-model server (keyed by the agent id), one per
+        model for a router (``AGENT/MODEL``). ``autoload``: the balancer may send a request for an unloaded
+        router model, which then loads (its entry offers one slot until the model's own slots are seen)."""
+        total = self.slots_idle + self.slots_processing
+        if not self.router:
+            model = self.models[0] if self.models else None
+            serving = Serving() if model is None else Serving(model.id, model.names(), n_ctx=model.n_ctx)
+            return [Pool(agent_id, total, self.slots_processing, self.is_ready, serving)]
+        return [self._router_pool(agent_id, m, autoload and bool(self.models_autoload)) for m in self.models or ()]
+
+    def _router_pool(self, agent_id: str, model: ModelReport, autoload: bool) -> Pool:
+        loadable = autoload and model.status == UNLOADED
+        serving = Serving(model.id, model.names(), needs_model=True, state=model.status, n_ctx=model.n_ctx,
+                          loadable=loadable)
+        total = 1 if loadable else model.slots_idle + model.slots_processing
+        return Pool(pool_key(agent_id, model.id), total, model.slots_processing,
+                    self.is_ready and (model.status == LOADED or loadable), serving)
+
+
+def pool_key(agent_id: str, model: str | None = None) -> str:
+    """A ledger key: the agent id, and for a router's model ``AGENT/MODEL`` (agent ids hold no '/')."""
+    return agent_id if model is None else f"{agent_id}/{model}"
+
+
+def owned_by(key: str, agent_id: str) -> bool:
+    return key == agent_id or key.startswith(agent_id + "/")
 
 
 def check_agent_id(agent_id: str) -> str:
@@ -93,9 +163,57 @@ def parse_report(raw: bytes) -> AgentReport:
         llamacpp_build=_text(body, "llamacpp_build", MAX_NAME),
         is_sleeping=_tristate(body, "is_sleeping"),
         slots_sample_age=_sample_age(body.get("slots_sample_age")),
+        models=_models(body.get("models")),
+        router=_tristate(body, "router"),
+        models_autoload=_tristate(body, "models_autoload"),
     )
     _check_consistent(report)
+    _check_models(report)
     return report
+
+
+def _models(value: Any) -> tuple[ModelReport, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_MODELS:
+        raise ReportError(400, f"models must be a list of at most {MAX_MODELS} models")
+    return tuple(_model(item) for item in value)
+
+
+def _model(item: Any) -> ModelReport:
+    if not isinstance(item, dict):
+        raise ReportError(400, "each of models must be a JSON object")
+    unknown = sorted(set(item) - set(ModelReport.__dataclass_fields__))
+    if unknown:
+        raise ReportError(400, f"unknown model fields: {', '.join(unknown[:5])}")
+    model_id = _text(item, "id", MAX_NAME * 2)
+    if not model_id or not model_id.strip():
+        raise ReportError(400, "each model needs a non-empty id")
+    aliases = item.get("aliases") or []
+    if not isinstance(aliases, list) or len(aliases) > MAX_ALIASES or not all(
+            isinstance(a, str) and 0 < len(a) <= MAX_NAME * 2 for a in aliases):
+        raise ReportError(400, f"a model's aliases must be a list of at most {MAX_ALIASES} names")
+    status = item.get("status", LOADED)
+    if status not in LOAD_STATES:
+        raise ReportError(400, f"a model's status must be one of {', '.join(LOAD_STATES)}")
+    n_ctx = item.get("n_ctx")
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= MAX_CONTEXT):
+        raise ReportError(400, f"a model's n_ctx must be a whole number from 1 to {MAX_CONTEXT}")
+    return ModelReport(model_id, tuple(aliases), _text(item, "path", MAX_TEXT), status,
+                       _slot_count(item, "slots_idle"), _slot_count(item, "slots_processing"), n_ctx)
+
+
+def _check_models(r: AgentReport) -> None:
+    models = r.models or ()
+    if not r.router and len(models) > 1:
+        raise ReportError(400, "contradictory report: several models, but not in router mode")
+    if len({m.id for m in models}) != len(models):
+        raise ReportError(400, "contradictory report: a model id appears twice")
+    if r.router and r.is_ready and (sum(m.slots_idle for m in models) != r.slots_idle
+                                    or sum(m.slots_processing for m in models) != r.slots_processing):
+        raise ReportError(400, "contradictory report: the router's slots are not the sum of its models' slots")
+    if any(m.status != LOADED and m.slots_idle + m.slots_processing for m in models):
+        raise ReportError(400, "contradictory report: a model that is not loaded cannot have slots")
 
 
 def _check_consistent(r: AgentReport) -> None:

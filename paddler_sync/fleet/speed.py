@@ -8,28 +8,11 @@ so the estimate errs late, never early) over the tokens it generated.
 
 from __future__ import annotations
 
-import json
 import re
 
 SMOOTHING = 0.2  # weight of the newest request in the running mean
 # The tokens an answer generated: native /completion, OpenAI usage, Responses and Anthropic usage.
 GENERATED = re.compile(rb'"(?:tokens_predicted|completion_tokens|output_tokens)":(\d+)')
-LIMIT_KEYS = ("n_predict", "max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-def requested_tokens(body: bytes) -> int | None:
-    """The generation limit a request's JSON body asks for, or None (then its end cannot be foreseen)."""
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(parsed, dict):
-        return None
-    for key in LIMIT_KEYS:
-        value = parsed.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 def generated_tokens(final_chunk: bytes) -> int | None:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.models import LOADED
 from paddler_sync.fleet.registry import AgentRecord, Registry
+from paddler_sync.fleet.reports import owned_by
 from paddler_sync.fleet.upstream import Upstream
 from paddler_sync.llamacpp import HINTS, ServerState
 
@@ -27,11 +29,27 @@ def system_time(seconds: float | None) -> dict[str, int] | None:
     return {"secs_since_epoch": whole, "nanos_since_epoch": int((seconds - whole) * 1e9)}
 
 
-def agent_json(record: AgentRecord, upstream: Upstream | None, now: float) -> dict[str, Any]:
+def slots_of(upstream: Upstream, now: float) -> tuple[int, int]:
+    """(total, free) as shown: an unloaded router model's one slot is only an offer to load it, not a slot."""
+    if upstream.serving.state != LOADED:
+        return 0, 0
+    return upstream.total, upstream.free(now)
+
+
+def model_json(upstream: Upstream, now: float) -> dict[str, Any]:
+    total, free = slots_of(upstream, now)
+    return {"id": upstream.serving.model, "state": upstream.serving.state, "n_ctx": upstream.serving.n_ctx,
+            "total_slots": total, "slots_idle": free, "slots_in_flight": upstream.in_flight,
+            "names": sorted(upstream.serving.names)}
+
+
+def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[str, Any]:
+    """An agent as the API shows it; ``pools``: its ledger entries (a router has one per model)."""
     report = record.report
-    total = upstream.total if upstream else 0
-    idle = upstream.free(now) if upstream else 0
-    quarantined = upstream.quarantined_until if upstream and upstream.is_quarantined(now) else None
+    shown = [slots_of(u, now) for u in pools]
+    total, idle = sum(t for t, _ in shown), sum(f for _, f in shown)
+    quarantine = [u.quarantined_until for u in pools if u.quarantined_until is not None and u.is_quarantined(now)]
+    quarantined = max(quarantine) if quarantine else None
     state = ServerState(report.state)
     return {
         "agent_id": record.agent_id,
@@ -47,16 +65,39 @@ def agent_json(record: AgentRecord, upstream: Upstream | None, now: float) -> di
         "state": "quarantined" if quarantined else state.value,
         "hint": HINTS.get(state),
         "total_slots": total,
-        "slots_in_flight": upstream.in_flight if upstream else 0,
-        "slots_external": upstream.external + upstream.draining if upstream else 0,
+        "slots_in_flight": sum(u.in_flight for u in pools),
+        "slots_external": sum(u.external + u.draining for u in pools),
         "reported_slots_idle": report.slots_idle,
         "reported_slots_processing": report.slots_processing,
         "model": report.model,
+        "models": [model_json(u, now) for u in sorted(pools, key=lambda u: u.key) if u.serving.model],
+        "router": bool(report.router),
         "llamacpp_build": report.llamacpp_build,
         "is_sleeping": bool(report.is_sleeping),
         "monitoring_interval": report.monitoring_interval,
         "first_seen": system_time(record.first_seen),
     }
+
+
+def fleet_models(pools: list[Upstream], now: float) -> list[dict[str, Any]]:
+    """The fleet's models, each once (by id), with the servers that serve it and their slots: /v1/models."""
+    models: dict[str, dict[str, Any]] = {}
+    for upstream in sorted(pools, key=lambda u: u.key):
+        serving = upstream.serving
+        if not serving.model:
+            continue
+        total, free = slots_of(upstream, now) if upstream.is_usable(now) else (0, 0)
+        entry = models.setdefault(serving.model, {"id": serving.model, "names": set(), "servers": 0,
+                                                  "servers_loaded": 0, "slots_total": 0, "slots_idle": 0,
+                                                  "n_ctx": None})
+        entry["names"] |= serving.names
+        entry["servers"] += 1
+        entry["servers_loaded"] += int(serving.state == LOADED)
+        entry["slots_total"] += total
+        entry["slots_idle"] += free
+        if serving.n_ctx is not None:
+            entry["n_ctx"] = max(entry["n_ctx"] or 0, serving.n_ctx)
+    return [{**m, "names": sorted(m["names"])} for _, m in sorted(models.items())]
 
 
 class FleetStatus:
@@ -71,7 +112,14 @@ class FleetStatus:
     def agents(self) -> list[dict[str, Any]]:
         now = self.ledger.clock()
         records = sorted(self.registry.records(), key=lambda r: (r.report.agent_name or "", r.agent_id))
-        return [agent_json(r, self.ledger.get(r.agent_id), now) for r in records]
+        pools = list(self.ledger.upstreams())
+        return [agent_json(r, [u for u in pools if owned_by(u.key, r.agent_id)], now) for r in records]
+
+    def models(self) -> list[dict[str, Any]]:
+        """The fleet's models, each with its servers, slots and the requests waiting for it."""
+        waiting = self.buffer.waiting_by_model()
+        return [{**m, "requests_buffered": sum(waiting.get(name, 0) for name in m["names"])}
+                for m in fleet_models(list(self.ledger.upstreams()), self.ledger.clock())]
 
     def agent_names(self) -> dict[str, str | None]:
         """Each server's agent name, by address (the traffic figures know servers by address)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any, NamedTuple, Protocol
 
+from paddler_sync.fleet.models import Serving
 from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
 
 
@@ -40,15 +41,18 @@ class Take(NamedTuple):
 
 class Snapshot(NamedTuple):
     """A shared store's whole fleet: rows of (key, addr, total, external, routable, quarantined_until, in_flight,
-    draining, sleeping) as text or numbers, and the agents' records (agent id -> JSON)."""
+    draining, sleeping, serving) as text or numbers (serving: :class:`Serving` as JSON), and the agents' records
+    (agent id -> JSON)."""
 
     rows: list[list[Any]]
     records: dict[str, str]
 
 
 class SlotStore(Protocol):
-    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool) -> Take:
-        """``beyond_slots``: it may take a request with no slot free (an early hand-over, a slot-blind
+    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
+             model: str | None = None) -> Take:
+        """``model``: the request's, whose queue's order the take keeps. ``beyond_slots``: it may take a request
+        with no slot free (an early hand-over, a slot-blind
         baseline policy); a shared store never does."""
         ...
 
@@ -57,7 +61,7 @@ class SlotStore(Protocol):
         ...
 
     def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
-               now: float, record: str) -> None: ...
+               now: float, record: str, serving: Serving) -> None: ...
 
     def remove(self, key: str, reported_before: float | None = None) -> bool:
         """False when ``reported_before`` is given and the server reported after it (a balancer heard from it)."""
@@ -65,7 +69,9 @@ class SlotStore(Protocol):
 
     def quarantine(self, key: str, until: float) -> None: ...
 
-    def take_ticket(self) -> Ticket | None: ...
+    def take_ticket(self, model: str | None) -> Ticket | None:
+        """A place at the end of the queue of requests for ``model`` (None: requests that name none)."""
+        ...
 
     def return_ticket(self, ticket: Ticket | None) -> None: ...
 
@@ -87,7 +93,8 @@ class LocalStore:
         self.current: dict[str, Upstream] = {}  # the server each key names now (a new address replaces it)
         self.reported_at: dict[str, float] = {}
 
-    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool) -> Take:
+    def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
+             model: str | None = None) -> Take:
         if self.current.get(upstream.key) is not upstream:
             return Take(TakeOutcome.GONE)
         if not upstream.is_usable(now):
@@ -107,7 +114,7 @@ class LocalStore:
         return True
 
     def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
-               now: float, record: str) -> None:
+               now: float, record: str, serving: Serving) -> None:
         self.current[upstream.key] = upstream
         self.reported_at[upstream.key] = now
         upstream.total = total
@@ -124,8 +131,8 @@ class LocalStore:
     def quarantine(self, key: str, until: float) -> None:
         """The view holds it (the ledger sets it there); nothing else to keep."""
 
-    def take_ticket(self) -> Ticket | None:
-        return None  # one process, one queue: the buffer's own order is the queue
+    def take_ticket(self, model: str | None) -> Ticket | None:
+        return None  # one process: the buffer's own queues are the order
 
     def return_ticket(self, ticket: Ticket | None) -> None:
         """No tickets here."""

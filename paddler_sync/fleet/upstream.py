@@ -10,6 +10,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from paddler_sync.fleet.models import ANY, Serving
+
 MOVES_KEPT = 1024  # a server's recent takes and releases: seconds of them at any realistic rate
 
 
@@ -24,6 +26,7 @@ class Upstream:
     routable: bool = False
     quarantined_until: float | None = None
     sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
+    serving: Serving = ANY  # the model(s) it serves, and whether loaded (paddler_sync/fleet/models.py)
     moves: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=MOVES_KEPT), repr=False)
     ends: dict[Reservation, float] = field(default_factory=dict, repr=False)  # when running requests should end
 
@@ -72,10 +75,12 @@ class TicketLost(Exception):
 
 
 class Ticket(NamedTuple):
-    """A waiting request's place in a shared ledger's queue: ``number`` orders it, ``name`` names it in Redis."""
+    """A waiting request's place in a shared ledger's queue: ``number`` orders it, ``name`` names it in Redis,
+    ``queue`` is the queue it stands in (one per model named; '' for requests that name none)."""
 
     number: int
     name: str
+    queue: str = ""
 
 
 @dataclass(eq=False)
@@ -87,6 +92,7 @@ class Reservation:
     released: bool = False
     lease: str | None = None  # its name in the shared ledger (Redis), which lets it expire
     early: bool = False  # handed over before a slot was free (it waits inside llama.cpp until one is)
+    loads_model: bool = False  # sent to a router whose model was unloaded: llama.cpp loads it first
 
     @property
     def addr(self) -> str:

@@ -91,6 +91,10 @@ def add_fleet_routes(app: Flask, status: FleetStatus, traffic: Traffic, metrics:
     def agents() -> Response:
         return jsonify({"agents": status.agents()})
 
+    @app.get("/api/v1/models")
+    def models() -> Response:
+        return jsonify({"models": status.models()})
+
     @app.get("/api/v1/traffic")
     def traffic_figures() -> tuple[Response, int]:
         range_name = request.args.get("range", DEFAULT_RANGE)

@@ -43,6 +43,7 @@ def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint
         by_addr = {s["addr"]: s for s in traffic["servers"]}
         agents = [with_display_fields(a, by_addr.get(a["external_llamacpp_addr"])) for a in status.agents()]
         return render_template("fleet.html", agents=agents, health=status.health(), traffic=traffic,
+                               models=status.models(),
                                fleet_figures=display_figures(traffic["fleet"]), range_name=range_name,
                                charts=charts(traffic["series"], traffic["step_seconds"]),
                                now=format_time(time.time()))

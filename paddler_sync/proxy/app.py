@@ -1,6 +1,7 @@
 """The reverse proxy: where a request goes, where its slot is taken, and where it is given back.
 
-    __call__      read the (bounded) body; decide whether the path takes a slot
+    __call__      read the (bounded) body; decide whether the path takes a slot, and for which model
+                  (paddler_sync/proxy/routing.py)
     _connect      take a slot (or wait in the buffer), open the upstream request; on a refused
                   connection quarantine that server and try another, while nothing was sent;
                   a client that leaves meanwhile cuts the upstream call (llama.cpp stops too)
@@ -26,10 +27,13 @@ from urllib3 import HTTPResponse
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_bytes, status_line
-from paddler_sync.fleet.buffer import BufferRefusal, RequestBuffer, StateUnavailable
-from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, requested_tokens
+from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
+from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens
 from paddler_sync.fleet.upstream import Reservation
 from paddler_sync.proxy import upstream as up
+from paddler_sync.proxy.context_fit import ContextCheck
+from paddler_sync.proxy.refusal import ProxyError
+from paddler_sync.proxy.routing import ModelRouting, Route
 from paddler_sync.sockets import ClientWatch
 
 if TYPE_CHECKING:
@@ -41,19 +45,6 @@ access_log = logging.getLogger("paddler_sync.access")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Any]
 MAX_CONNECT_ATTEMPTS = 16
-
-
-class ProxyError(Exception):
-    """An answer the balancer gives itself; ``ending``, ``reservation`` and ``waited`` go to the access log."""
-
-    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
-                 ending: Ending = Ending.REFUSED, reservation: Reservation | None = None, waited: float = 0.0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or []
-        self.ending = ending
-        self.reservation = reservation
-        self.waited = waited
 
 
 class ProxyApp:
@@ -77,6 +68,7 @@ class ProxyApp:
         self.metrics = metrics
         self.speeds = DecodeSpeeds()
         self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
+        self.routing = ModelRouting(options, ledger, ContextCheck(ledger, self.transport, options.context_check))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Relay | list[bytes]:
         started = time.monotonic()
@@ -86,18 +78,29 @@ class ProxyApp:
             return self._management(environ, start_response)
         try:
             self._refuse_slots_endpoint(path)
+            if self.routing.lists_models(method, path, environ.get("QUERY_STRING", "")):
+                return self._own_answer(environ, start_response, started, self.routing.models_answer())
             body = self._read_body(environ)
             takes_slot = up.uses_slot(method, path)
-            tokens = requested_tokens(body) if takes_slot and self.foresee_ends else None
-            reservation, response, waited = self._connect(environ, body, takes_slot, tokens)
+            route = self.routing.route(method, environ, body, takes_slot)
+            tokens = route.ask.limit if takes_slot and self.foresee_ends else None
+            reservation, response, waited = self._connect(environ, body, takes_slot, tokens, route)
         except ProxyError as exc:
-            body = error_bytes(exc.status, str(exc))
+            body = exc.body()
             self.record(environ, exc.status, exc.reservation, exc.waited, started, sent=len(body), ending=exc.ending)
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
             return [body]
         start_response(f"{response.status} {response.reason}", up.response_headers(response))
         return Relay(self, environ, start_response, response, reservation, waited, started, tokens)
+
+    def _own_answer(self, environ: dict[str, Any], start_response: StartResponse, started: float,
+                    body: bytes) -> list[bytes]:
+        """A 200 the balancer answers from what it knows (the fleet's models), bothering no llama.cpp."""
+        self.record(environ, 200, None, 0.0, started, sent=len(body), ending=Ending.DONE)
+        start_response("200 OK", [("Content-Type", "application/json; charset=utf-8"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
 
     def _management(self, environ: dict[str, Any], start_response: StartResponse) -> Any:
         """The management API mounted under a prefix of the public port (one-port platforms).
@@ -133,23 +136,25 @@ class ProxyApp:
                              ending=Ending.BODY_TOO_LARGE)
         return body
 
-    def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool,
-                 tokens: int | None = None) -> tuple[Reservation, HTTPResponse, float]:
+    def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool, tokens: int | None,
+                 route: Route) -> tuple[Reservation, HTTPResponse, float]:
         """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
         to which nothing was sent yet, goes to another one, or waits for one. A quarantined server that its
         agent reports healthy again may serve the retry."""
         waited = 0.0
         for _ in range(MAX_CONNECT_ATTEMPTS):
             try:
-                reservation, wait = self._reserve(environ, takes_slot)
+                reservation, wait = self._reserve(environ, takes_slot, route)
             except ProxyError as exc:
                 exc.waited += waited  # a retry after a refused connection waited twice
                 raise
             waited += wait
             if tokens is not None:
                 self._foresee_end(reservation, tokens)
+            if reservation.loads_model:
+                self.metrics.model_load(reservation.upstream.serving.model)
             try:
-                return reservation, self._send(environ, body, reservation), waited
+                return reservation, self._send(environ, body, reservation, route), waited
             except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
                 self.ledger.release(reservation, draining=reservation.uses_slot)
                 raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, reservation=reservation,
@@ -162,19 +167,36 @@ class ProxyApp:
         raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts",
                          ending=Ending.UPSTREAM_REFUSED, waited=waited)
 
-    def _reserve(self, environ: dict[str, Any], takes_slot: bool) -> tuple[Reservation, float]:
+    def _reserve(self, environ: dict[str, Any], takes_slot: bool, route: Route) -> tuple[Reservation, float]:
         if not takes_slot:
-            reservation = self.ledger.pick_without_slot()
+            reservation = self.ledger.pick_without_slot(route.model)
             if reservation is None:
+                if not self.routing.knows(route.model):
+                    raise self.routing.unknown(route.ask.named or str(route.model))
                 raise ProxyError(503, "no llama.cpp server is ready to answer; agents register them "
                                       "(see /api/v1/agents on the management server)", [("Retry-After", "1")],
                                  ending=Ending.NO_SERVER)
             return reservation, 0.0
         try:
-            return self.buffer.acquire(client_watch(environ))
+            return self._acquire(environ, route)
         except BufferRefusal as exc:
             raise ProxyError(exc.status, str(exc), self._retry_after(exc), ending=exc.ending,
                              waited=exc.waited) from None
+
+    def _acquire(self, environ: dict[str, Any], route: Route) -> tuple[Reservation, float]:
+        """A slot from the buffer; a model not seen yet while agents are still reporting waits for it only until
+        then, and gets 404 if it is still unknown."""
+        if route.wait_for_discovery is None:
+            return self.buffer.acquire(client_watch(environ), route.model, route.need)
+        try:
+            return self.buffer.acquire(client_watch(environ), route.model, timeout=route.wait_for_discovery)
+        except BufferTimeout as exc:
+            if not self.routing.knows(route.model):
+                error = self.routing.unknown(route.ask.named or str(route.model))
+                error.waited = exc.waited
+                raise error from None
+            reservation, waited = self.buffer.acquire(client_watch(environ), route.model)
+            return reservation, waited + exc.waited
 
     def _retry_after(self, refusal: BufferRefusal) -> list[tuple[str, str]]:
         if isinstance(refusal, StateUnavailable):  # Redis is checked again within a second
@@ -183,9 +205,11 @@ class ProxyApp:
             return [("Retry-After", str(max(1, round(self.buffer.timeout))))]
         return []
 
-    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation) -> HTTPResponse:
+    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation, route: Route) -> HTTPResponse:
         raw_uri = environ.get("RAW_URI", "")
         target = raw_uri if raw_uri.startswith("/") else _path_and_query(environ)
+        target = self.routing.named_target(route, reservation, target, environ["REQUEST_METHOD"])
+        body = self.routing.named_body(route, reservation, body)
         headers = up.request_headers(environ, reservation.addr, self.rewrite_host, len(body))
         return self.transport.send(environ["REQUEST_METHOD"], reservation.addr, target, headers, body or None,
                                    client_watch(environ))

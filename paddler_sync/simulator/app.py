@@ -48,6 +48,7 @@ N_EMBD = 128
 @dataclass
 class SimulatorConfig:
     model: str = "models/simulated.gguf"
+    aliases: tuple[str, ...] = ()  # the 2026 build lists them in /v1/models (the id among them)
     n_ctx: int = 4096
     slots_endpoint: bool = True
     metrics_endpoint: bool = True
@@ -201,7 +202,7 @@ class SimulatorApp:
 
     def models(self, req: Request) -> list[bytes]:
         return req.json(payloads.models_json(self.config.model, int(self.started), self.config.n_ctx,
-                                             self.engine.slots[0].n_ctx, self.config.dialect))
+                                             self.engine.slots[0].n_ctx, self.config.dialect, self.config.aliases))
 
     def index(self, req: Request) -> list[bytes]:
         page = b"<!doctype html><title>llama.cpp - simulated</title><p>paddler_sync llama.cpp simulator</p>"

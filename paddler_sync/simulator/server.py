@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -14,6 +15,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from paddler_sync.simulator.app import SimulatorApp, SimulatorConfig
 from paddler_sync.simulator.engine import Engine, Timing
+from paddler_sync.simulator.router import RoutedModel, RouterApp
 
 logger = logging.getLogger("paddler_sync.simulator")
 
@@ -37,20 +39,39 @@ class SocketAwareHandler(WSGIHandler):
         pass
 
 
-def build_simulator(options: argparse.Namespace) -> SimulatorApp:
+def build_simulator(options: argparse.Namespace) -> SimulatorApp | RouterApp:
+    if options.router_models:
+        return build_router(options)
+    names: tuple[str, ...] = (options.alias,)
+    if options.dialect == "modern":  # the 2026 build's --alias takes a list; its id is the first in order
+        names = tuple(sorted(a for a in options.alias.split(",") if a)) or (options.alias,)
+    return single_model(options, names[0], names if options.dialect == "modern" else (), options.dialect)
+
+
+def single_model(options: argparse.Namespace, model: str, aliases: tuple[str, ...], dialect: str,
+                 startup_time: float | None = None) -> SimulatorApp:
     timing = Timing(prefill_ms_per_token=options.prefill_ms_per_token,
                     decode_tokens_per_second=options.decode_tokens_per_second,
                     decode_jitter=options.decode_jitter)
     engine = Engine(options.parallel, options.ctx_size, timing, prompt_cache=options.prompt_cache,
                     seed=options.seed)
     config = SimulatorConfig(
-        model=options.alias, n_ctx=options.ctx_size, slots_endpoint=options.slots,
+        model=model, aliases=aliases, n_ctx=options.ctx_size, slots_endpoint=options.slots,
         metrics_endpoint=options.metrics, embeddings=options.embeddings, api_key=options.api_key,
-        dialect=options.dialect, startup_time=options.startup_time,
+        dialect=dialect, startup_time=options.startup_time if startup_time is None else startup_time,
         default_n_predict=options.default_n_predict, build_info=options.build_info, seed=options.seed,
         stamp_events=options.stamp_events,
     )
     return SimulatorApp(engine, config)
+
+
+def build_router(options: argparse.Namespace) -> RouterApp:
+    """Each model a fresh modern single-model server when it loads (its aliases as the router lists them)."""
+    def server_of(aliases: tuple[str, ...]) -> Callable[[str], SimulatorApp]:
+        return lambda name: single_model(options, name, (name, *aliases), "modern", startup_time=0.0)
+
+    models = [RoutedModel(model_id, aliases, server_of(aliases)) for model_id, aliases in options.router_models]
+    return RouterApp(models, options.load_time, options.models_max, options.router_autoload)
 
 
 def run_simulator(options: argparse.Namespace) -> int:
@@ -63,8 +84,12 @@ def run_simulator(options: argparse.Namespace) -> int:
     except OSError as exc:
         logger.error("cannot listen on %s: %s (is another server using that port?)", addr, exc.strerror)
         return 2
-    logger.info("simulated llama.cpp (%s dialect) with %d slots listening on %s", options.dialect,
-                options.parallel, addr)
+    if options.router_models:
+        logger.info("simulated llama.cpp router with models %s (%d slots each once loaded) listening on %s",
+                    ", ".join(m for m, _ in options.router_models), options.parallel, addr)
+    else:
+        logger.info("simulated llama.cpp (%s dialect) with %d slots listening on %s", options.dialect,
+                    options.parallel, addr)
     gevent.signal_handler(signal.SIGTERM, server.stop)
     gevent.signal_handler(signal.SIGINT, server.stop)
     server.serve_forever()

@@ -1,5 +1,6 @@
 -- take: one slot on the server a worker chose, only if it still has one, and only in queue order.
--- KEYS  1 PREFIX:up:KEY   2 PREFIX:leases:KEY   3 PREFIX:draining:KEY   4 PREFIX:queue   5 PREFIX:waiting
+-- KEYS  1 PREFIX:up:KEY   2 PREFIX:leases:KEY   3 PREFIX:draining:KEY   4 the request's queue (PREFIX:queue, or
+--       PREFIX:queue:model:NAME for a request naming a model)   5 PREFIX:waiting
 -- ARGV  1 the server's address (it must still be this server)   2 the new lease id   3 lease TTL (ms)
 --       4 now on the balancer's clock (s; quarantines are kept on it)   5 the waiter's ticket name, or ''
 --       6 its number   7 the worker id   8 the waiting mark's TTL (ms)

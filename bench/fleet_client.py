@@ -21,7 +21,8 @@ PREDICTED = re.compile(rb'"tokens_predicted":(\d+)')
 def one(host: str, port: int, start: float, item: dict) -> dict:
     gevent.sleep(max(0.0, start + item["at"] - time.monotonic()))
     sent = time.monotonic()
-    body = json.dumps({"prompt": item["prompt"], "n_predict": item["n_predict"], "stream": True}).encode()
+    named = {"model": item["model"]} if "model" in item else {}
+    body = json.dumps({"prompt": item["prompt"], "n_predict": item["n_predict"], "stream": True, **named}).encode()
     result = {"at": item["at"], "sent": sent - start, "status": 0, "ttft": None, "e2e": None, "tokens": 0}
     try:
         sock = socket.create_connection((host, port), timeout=600)

@@ -196,6 +196,30 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     return made
 
 
+def models_section(m: dict[str, Any]) -> list[str]:
+    heavy, light = m["heavy"], m["light"]
+    lines = ["## 3b. Two models: a saturated one must not delay a light one", "",
+             f"Model `heavy`: {heavy['servers']} simulated servers × {heavy['slots']} slots at {heavy['speed']:g} "
+             f"tokens/s, offered {heavy['load']:.0%} of its capacity ({heavy['tokens']}-token answers); model `light`: "
+             f"{light['servers']} server × {light['slots']} slots at {light['speed']:g} tokens/s, offered "
+             f"{light['load']:.0%} ({light['tokens']}-token answers). Open-loop Poisson trace of {m['seconds']:g} s, "
+             f"seed {m['seed']}, medians of {m['reps']} runs (bench/models.py). `one_shared_queue` is the same "
+             "balancer with `--no-per-model-queues`. Misrouted: requests a server of the other model served "
+             "(each simulator's count against the requests sent for its model).", "",
+             "| contender | light TTFT p50 ms | light TTFT p99 ms | heavy TTFT p99 ms | failed | misrouted |",
+             "|---|---|---|---|---|---|"]
+    for name, row in m["table"].items():
+        lines.append(f"| {name} | {fmt(row['light_ttft_p50_ms'], 0)} | {fmt(row['light_ttft_p99_ms'], 0)} | "
+                     f"{fmt(row['heavy_ttft_p99_ms'], 0)} | {fmt(row['light_failed'] + row['heavy_failed'], 0)} | "
+                     f"{fmt(row['misrouted'], 0)} |")
+    per_model = m["table"].get("per_model_queues", {}).get("light_ttft_p99_ms")
+    shared = m["table"].get("one_shared_queue", {}).get("light_ttft_p99_ms")
+    if per_model and shared:
+        lines += ["", f"The light model's TTFT p99 with per-model queues is {per_model / shared:.3f}× what it is "
+                      "behind one shared queue."]
+    return [*lines, ""]
+
+
 def real_table(real: dict[str, Any]) -> list[str]:
     rows = ["| scenario | contender | tokens/s | vs least-conn. | p50 ms | p99 ms | slots used per decode (of 4) | "
             "samples with a request deferred in llama.cpp | most deferred at once | balancer CPU s/s | errors |",
@@ -261,6 +285,8 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                 "every 10 s, preemptive counting in between, no buffer, so a request with no idle slot fails). "
                 "Misroutes are requests that waited inside a busy simulator (counted by the simulators).", ""]
         out += [*fleet_table(f), "", "![fleet](plot-fleet.png)", ""]
+    if "models" in results:
+        out += models_section(results["models"])
     if "shared" in results:
         out += ["## 4. The ledger shared in Redis: -w 2 against -w 1", "",
                 "The same wrk load as 1a against the in-process ledger with one worker, the Redis ledger with one "

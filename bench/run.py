@@ -2,8 +2,9 @@
 
 Sections: (1) proxy overhead, non-streaming and streaming, against direct, a naive requests proxy,
 HAProxy and nginx; (2) the buffer at scale; (3) fleet efficiency against round robin,
-least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (4) the Redis ledger; (5) closed-loop
-throughput on real llama-servers against least-connections and round robin. Contenders alternate within
+least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (3b) two models, per-model queues
+against one shared queue; (4) the Redis ledger; (5) closed-loop throughput on real llama-servers against
+least-connections and round robin. Contenders alternate within
 each repetition and the tables show medians, because this 2-core machine is shared and noisy.
 Benchmarks report; tests never assert these timings.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import harness
 from bench.buffer_scale import buffer_at_scale
 from bench.fleet import fleet_efficiency
+from bench.models import model_isolation
 from bench.real_llamacpp import real_llamacpp
 from bench.report import write_report
 from bench.shared import shared_ledger
@@ -163,13 +165,15 @@ def machine() -> dict[str, str]:
                                if line.startswith("model name")), "unknown")}
 
 
+SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "shared", "real")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter runs (a few minutes)")
-    parser.add_argument("--only", choices=("overhead", "stream", "buffer", "fleet", "shared", "real"),
-                        action="append")
+    parser.add_argument("--only", choices=SECTIONS, action="append")
     args = parser.parse_args()
-    sections = set(args.only or ("overhead", "stream", "buffer", "fleet", "shared", "real"))
+    sections = set(args.only or SECTIONS)
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick,
                                "command": "make bench-quick" if args.quick else "make bench",
@@ -199,6 +203,10 @@ def main() -> None:
         print("fleet efficiency", flush=True)
         results["fleet"] = fleet_efficiency(seconds=12 if args.quick else 30, reps=1,
                                             loads=(0.8, 1.1) if args.quick else (0.5, 0.8, 0.95, 1.1))
+        save()
+    if "models" in sections:
+        print("two models: head-of-line isolation", flush=True)
+        results["models"] = model_isolation(seconds=10 if args.quick else 20, reps=1 if args.quick else 2)
         save()
     if "shared" in sections:
         print("shared ledger in Redis", flush=True)

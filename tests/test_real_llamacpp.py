@@ -260,7 +260,7 @@ def test_2026_endpoints_take_slots_through_the_balancer(fleet: Fleet, build: Bui
         lambda: requests.post(balancer.extra["proxy"] + "/v1/responses", timeout=60, stream=True,
                               json={"input": "hi", "max_output_tokens": 24, "stream": True}),
         lambda: requests.post(balancer.extra["proxy"] + "/v1/messages", timeout=60, stream=True,
-                              json={"model": "m", "max_tokens": 24, "messages": chat, "stream": True}),
+                              json={"model": "slow", "max_tokens": 24, "messages": chat, "stream": True}),
     ]
     with DeferredSampler(servers) as sampler, ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: calls[i % 2](), range(6)))

@@ -119,7 +119,7 @@ class RequestBuffer:
         self.ledger.check_available()
         waiter = Waiter(model, need, model if self.per_model else None)
         if not self._queues.get(waiter.queue):
-            reservation = self.ledger.reserve(model=model, need=need)
+            reservation = self.ledger.reserve(model=model, need=need, one_queue=not self.per_model)
             if reservation is not None:
                 return reservation, 0.0
         if self._count >= self.max_waiting:
@@ -167,7 +167,7 @@ class RequestBuffer:
             self.ledger.return_ticket(head.ticket)
             return True
         try:
-            reservation = self.ledger.reserve(ticket=head.ticket, model=head.model, need=head.need)
+            reservation = self.ledger.reserve(head.ticket, head.model, head.need, one_queue=not self.per_model)
         except StateUnavailable:
             return None
         except TicketLost:

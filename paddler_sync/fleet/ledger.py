@@ -104,13 +104,14 @@ class Ledger:
             upstream = self._upstreams[key] = Upstream(key=key, addr=addr)
         return upstream
 
-    def remove(self, key: str) -> Upstream | None:
-        self.store.remove(key)
+    def remove(self, key: str, agent: str | None = None) -> Upstream | None:
+        """``agent``: its agent left, and a shared store forgets the agent's record too."""
+        self.store.remove(key, agent=agent)
         return self._upstreams.pop(key, None)
 
-    def remove_if_silent(self, key: str, reported_before: float) -> bool:
+    def remove_if_silent(self, key: str, reported_before: float, agent: str | None = None) -> bool:
         """Remove it unless a balancer (any of them) heard from its agent after ``reported_before``."""
-        if not self.store.remove(key, reported_before):
+        if not self.store.remove(key, reported_before, agent):
             return False
         self._upstreams.pop(key, None)
         return True
@@ -160,12 +161,13 @@ class Ledger:
 
     # --- taking and giving back ----------------------------------------------------------------------
 
-    def reserve(self, ticket: Ticket | None = None, model: str | None = None,
-                need: int | None = None) -> Reservation | None:
+    def reserve(self, ticket: Ticket | None = None, model: str | None = None, need: int | None = None,
+                one_queue: bool = False) -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request.
         ``ticket``: the waiter's place in a shared store's queue. ``model``: the (normalized) model the request
-        names, None when it names none; ``need``: the context it needs, in tokens, when known. A server the
-        store finds full (another worker took its last slot) or gone is skipped, and the next choice tried."""
+        names, None when it names none; ``need``: the context it needs, in tokens, when known; ``one_queue``: the
+        buffer keeps one queue for all models (a new arrival keeps that queue's order, not its model's). A server
+        the store finds full (another worker took its last slot) or gone is skipped, and the next choice tried."""
         self.check_available()
         now = self.clock()
         for _ in range(len(self._upstreams) + 1):
@@ -176,7 +178,8 @@ class Ledger:
                 upstream = self._soonest_to_free(candidates, now)
             if upstream is None:
                 return None
-            take = self.store.take(upstream, now, ticket, early or self.policy.slot_blind, model)
+            take = self.store.take(upstream, now, ticket, early or self.policy.slot_blind,
+                                   None if one_queue else model)
             if take.outcome is TakeOutcome.TAKEN:
                 upstream.moves.append((now, 1))
                 return self._taken(upstream, take.lease, early)

@@ -57,6 +57,7 @@ from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.models import Serving
 from paddler_sync.fleet.registry import Registry
+from paddler_sync.fleet.reports import agent_of
 from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
 from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
 from paddler_sync.traffic import RANGES as TRAFFIC_RANGES
@@ -176,12 +177,12 @@ class RedisStore:
         in_flight, external = self.call(
             "report", [*self.keys_of(upstream.key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"],
             [upstream.key, upstream.addr, total, processing, int(routable), now, record, self.channel,
-             int(sleeping), serving.to_json()])
+             int(sleeping), serving.to_json(), agent_of(upstream.key)])
         upstream.set_counts(total, in_flight, external, 0)
 
-    def remove(self, key: str, reported_before: float | None = None) -> bool:
+    def remove(self, key: str, reported_before: float | None = None, agent: str | None = None) -> bool:
         keys = [*self.keys_of(key), f"{self.prefix}:upstreams", f"{self.prefix}:agents"]
-        args = [key, "" if reported_before is None else reported_before, self.channel]
+        args = [key, "" if reported_before is None else reported_before, self.channel, agent or ""]
         return bool(self.call("remove", keys, args))
 
     def quarantine(self, key: str, until: float) -> None:

@@ -100,11 +100,11 @@ class Registry:
         """With ``reported_before``, only if no balancer heard from the agent since."""
         if agent_id not in self._agents:
             return False
-        for key in sorted(self.entries_of(agent_id)):
+        for key in sorted(self.entries_of(agent_id)) or [agent_id]:  # a router with no model has no entry
             try:
                 if reported_before is None:
-                    self.ledger.remove(key)
-                elif not self.ledger.remove_if_silent(key, reported_before):
+                    self.ledger.remove(key, agent=agent_id)
+                elif not self.ledger.remove_if_silent(key, reported_before, agent=agent_id):
                     return False  # another balancer heard from it meanwhile
             except StateUnavailable:
                 self.ledger.forget(key)  # drop it here at least; the store drops it on the next report or expiry

@@ -129,6 +129,10 @@ def owned_by(key: str, agent_id: str) -> bool:
     return key == agent_id or key.startswith(agent_id + "/")
 
 
+def agent_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
 def check_agent_id(agent_id: str) -> str:
     if not AGENT_ID.match(agent_id):
         raise ReportError(400, "the agent id must be 1 to 64 letters, digits, '.', '_' or '-'")

@@ -63,8 +63,9 @@ class SlotStore(Protocol):
     def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
                now: float, record: str, serving: Serving) -> None: ...
 
-    def remove(self, key: str, reported_before: float | None = None) -> bool:
-        """False when ``reported_before`` is given and the server reported after it (a balancer heard from it)."""
+    def remove(self, key: str, reported_before: float | None = None, agent: str | None = None) -> bool:
+        """False when ``reported_before`` is given and the server reported after it (a balancer heard from it).
+        ``agent``: the agent's record goes too (it left), not only this entry (one of a router's models)."""
         ...
 
     def quarantine(self, key: str, until: float) -> None: ...
@@ -121,7 +122,7 @@ class LocalStore:
         upstream.external = max(0, processing - upstream.in_flight)
         upstream.draining = 0
 
-    def remove(self, key: str, reported_before: float | None = None) -> bool:
+    def remove(self, key: str, reported_before: float | None = None, agent: str | None = None) -> bool:
         if reported_before is not None and self.reported_at.get(key, 0.0) > reported_before:
             return False
         self.current.pop(key, None)

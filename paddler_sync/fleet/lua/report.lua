@@ -3,6 +3,7 @@
 -- ARGV  1 the server key (the agent id)   2 its address   3 total slots   4 busy slots (as of now)
 --       5 '1' when it takes requests   6 now on the balancer's clock (s)   7 the agent's record (JSON)
 --       8 the capacity channel   9 '1' when its model is unloaded (sleeping)   10 the model(s) it serves (JSON)
+--       11 the agent id (the record's key: a router's agent has an entry per model, AGENT/MODEL, and one record)
 -- A new address starts the server afresh (its leases belonged to another server). Draining slots end here:
 -- the reading shows whether llama.cpp still runs them. Returns {in_flight, external}.
 local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -15,6 +16,6 @@ redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'total', ARGV[3], 'external', exter
            'reported_at', ARGV[6], 'sleeping', ARGV[9], 'serving', ARGV[10])
 if ARGV[5] == '1' then redis.call('HDEL', KEYS[1], 'quarantined_until') end
 redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
+redis.call('HSET', KEYS[5], ARGV[11], ARGV[7])
 redis.call('PUBLISH', ARGV[8], 'report')
 return {in_flight, external}

@@ -215,8 +215,8 @@ def models_section(m: dict[str, Any]) -> list[str]:
     per_model = m["table"].get("per_model_queues", {}).get("light_ttft_p99_ms")
     shared = m["table"].get("one_shared_queue", {}).get("light_ttft_p99_ms")
     if per_model and shared:
-        lines += ["", f"The light model's TTFT p99 with per-model queues is {per_model / shared:.3f}× what it is "
-                      "behind one shared queue."]
+        lines += ["", f"The light model's TTFT p99: {fmt(per_model, 0)} ms with per-model queues against "
+                      f"{fmt(shared, 0)} ms behind one shared queue ({shared / per_model:,.0f}× shorter)."]
     return [*lines, ""]
 
 

@@ -76,6 +76,7 @@ class Props:
     build: str | None = None
     is_sleeping: bool | None = None  # 2026 builds started with --sleep-idle-seconds unload the model when idle
     router: bool = False  # a 2026 build in router mode (no model of its own; /models lists those it serves)
+    modalities: tuple[str, ...] = ()  # from 2026 builds' "modalities": text, and vision / audio where true
     models_autoload: bool | None = None  # the router loads a model when a request names it
 
 
@@ -87,6 +88,7 @@ class ListedModel:
     aliases: tuple[str, ...] = ()
     status: str = "loaded"
     path: str | None = None
+    modalities: tuple[str, ...] = ()  # a router's "architecture.input_modalities"
 
 
 class MalformedSlots(ValueError):
@@ -125,7 +127,10 @@ def parse_props(body: Any) -> Props:
     build = body.get("build_info")
     sleeping = body.get("is_sleeping")
     autoload = body.get("models_autoload")
-    return Props(total_slots=total if isinstance(total, int) and not isinstance(total, bool) else None,
+    flags = body.get("modalities")
+    modalities = ("text", *sorted(k for k, v in flags.items() if v is True)) if isinstance(flags, dict) else ()
+    return Props(modalities=modalities,
+                 total_slots=total if isinstance(total, int) and not isinstance(total, bool) else None,
                  model=model if isinstance(model, str) and model != "none" else None,
                  build=build if isinstance(build, str) else None,
                  is_sleeping=sleeping if isinstance(sleeping, bool) else None,
@@ -147,8 +152,14 @@ def parse_models(body: Any) -> list[ListedModel] | None:
         status = item.get("status")
         value = status.get("value") if isinstance(status, dict) else None
         models.append(ListedModel(item["id"], aliases, value if isinstance(value, str) else "loaded",
-                                  _model_argument(status)))
+                                  _model_argument(status), _input_modalities(item)))
     return models
+
+
+def _input_modalities(item: dict[str, Any]) -> tuple[str, ...]:
+    found = (item.get("architecture") or {}).get("input_modalities") if isinstance(item.get("architecture"), dict) \
+        else None
+    return tuple(m for m in found if isinstance(m, str)) if isinstance(found, list) else ()
 
 
 def _model_argument(status: Any) -> str | None:

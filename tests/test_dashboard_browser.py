@@ -71,14 +71,17 @@ def test_empty_then_a_row_appears_then_numbers_move(fleet: Fleet, page) -> None:
     row = page.locator("tr.agent")
     assert row.locator(".name").inner_text() == "gpu-1"
     assert row.locator(".idle").inner_text() == "3" and row.locator(".processing").inner_text() == "0"
+    assert row.locator(".models").inner_text() == "models/simulated.gguf 3/3 free"
+    assert page.inner_text("#models tr.model .name") == "models/simulated.gguf"
 
     streams = [requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
                              json={"prompt": "x", "n_predict": 100, "stream": True}) for _ in range(3)]
     with ThreadPoolExecutor(2) as pool:  # two more wait in the balancer's queue
         waiting = [pool.submit(requests.post, balancer.extra["proxy"] + "/completion", timeout=20,
-                               json={"prompt": "x", "n_predict": 4}) for _ in range(2)]
+                               json={"model": "simulated", "prompt": "x", "n_predict": 4}) for _ in range(2)]
         page.wait_for_function("document.querySelector('#buffered').innerText === '2'", timeout=10_000)
         assert row.locator(".in-flight").inner_text() == "3" and page.inner_text("#total-in-flight") == "3"
+        assert page.inner_text("#models tr.model .waiting") == "2"  # they name the model (its file's name)
         # the legend's peak is the peak of waiting requests, not the chart's scale
         page.wait_for_function("document.querySelector('.legend').innerText.includes('requests waiting (peak 2)')",
                                timeout=10_000)

@@ -168,3 +168,16 @@ def test_buffer_unknown_models_lets_a_request_wait_for_servers_still_starting(fl
     serve(fleet, balancer, "later", "--alias", "later", "--decode-tokens-per-second", "0")
     waiting.join(20)
     assert answers and answers[0].status_code == 200
+
+
+def test_context_check_prompt_lets_llamacpp_stop_at_the_end_of_the_context(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--models-discovery-time", "0", "--context-check", "prompt")
+    serve(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "small",
+          "--decode-tokens-per-second", "0")
+    wait_for_models(balancer, 1)
+    proxy = balancer.extra["proxy"]
+    asks_too_much = requests.post(proxy + "/completion", json={"model": "small", "prompt": "hi", "n_predict": 5000},
+                                  timeout=30)
+    assert asks_too_much.status_code == 200  # the prompt fits: llama.cpp generates until the context is full
+    too_long = requests.post(proxy + "/completion", json={"model": "small", "prompt": "x" * 40_000}, timeout=10)
+    assert too_long.status_code == 400 and too_long.json()["error"]["max_tokens"] is None

@@ -54,6 +54,8 @@ def test_statsd_gauges_counters_and_timings(fleet: Fleet, udp: UdpListener) -> N
     assert values(lines, "paddler.slots_idle", "g")[-1] == 3
     assert values(lines, "paddler.slots_processing", "g")[-1] == 0
     assert values(lines, "paddler.requests_buffered", "g")[-1] == 0
+    assert values(lines, "paddler.models.models_simulated_gguf.slots_idle", "g")[-1] == 3  # per model, too
+    assert values(lines, "paddler.models.models_simulated_gguf.slots_total", "g")[-1] == 3
     assert sum(values(lines, "paddler.requests_served", "c")) == 3
     assert sum(values(lines, "paddler.requests_rejected", "c")) == 1
     assert len(values(lines, "paddler.queue_wait", "ms")) == 4

@@ -44,6 +44,9 @@ def test_each_model_goes_only_to_its_servers_and_a_busy_one_delays_no_other(flee
                                 "--alias", "writer", *build.slots_flags())
     registered(fleet, balancer, chat_server, "chat")
     registered(fleet, balancer, writer, "writer")
+    [reported] = agent_named(balancer, "chat")["models"]
+    assert reported["id"] == "chat" and reported["n_ctx"] == 1024 and "tiny" in reported["names"]
+    assert reported["modalities"] == (["text"] if build.modern else [])  # b4748's /props does not say
     for model in ["chat", "writer", "Chat", "tiny", "slow.gguf"]:
         assert chat(balancer, model).status_code == 200, model
     assert upstreams(balancer) == [f"127.0.0.1:{p}" for p in (chat_server.port, writer.port, chat_server.port,

@@ -63,7 +63,9 @@ def test_empty_then_agents_and_keys(fleet: Fleet) -> None:
             totals = str(app.query_one("#totals").render())
             assert "6 idle of 6" in totals and "req/s" in totals and "TTFT p50" in totals and "tick" not in totals
             assert all(len(line) <= 80 for line in totals.splitlines())
-            assert str(app.query_one("#detail").render()).startswith("[b]bold[/b] at 127.0.0.1:")
+            assert totals.splitlines()[-1] == "models: models/simulated.gguf 6/6 free"  # both serve the one model
+            detail = str(app.query_one("#detail").render())
+            assert detail.startswith("[b]bold[/b] at 127.0.0.1:") and "models models/simulated.gguf 4/4 free" in detail
             ARTIFACTS.mkdir(exist_ok=True)
             app.save_screenshot("tui-80-columns.svg", str(ARTIFACTS))
             cursor = app.query_one(DataTable)

@@ -53,6 +53,7 @@ class Serving:
     state: str = LOADED
     n_ctx: int | None = None  # tokens each slot holds (prompt and generation together)
     loadable: bool = False  # unloaded, on a router that loads models on demand (and the balancer lets it)
+    modalities: tuple[str, ...] = ()  # what it takes in, where the server says: text, vision, audio
 
     def serves(self, name: str | None) -> bool:
         """``name`` normalized, or None for a request that names no model."""
@@ -66,7 +67,8 @@ class Serving:
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "names": sorted(self.names), "needs_model": self.needs_model,
-                           "state": self.state, "n_ctx": self.n_ctx, "loadable": self.loadable})
+                           "state": self.state, "n_ctx": self.n_ctx, "loadable": self.loadable,
+                           "modalities": list(self.modalities)})
 
     @classmethod
     def from_json(cls, raw: str | None) -> Serving:
@@ -77,7 +79,8 @@ class Serving:
             body: dict[str, Any] = json.loads(raw)
             return cls(model=body.get("model"), names=frozenset(body.get("names") or ()),
                        needs_model=bool(body.get("needs_model")), state=str(body.get("state") or LOADED),
-                       n_ctx=body.get("n_ctx"), loadable=bool(body.get("loadable")))
+                       n_ctx=body.get("n_ctx"), loadable=bool(body.get("loadable")),
+                       modalities=tuple(body.get("modalities") or ()))
         except (ValueError, TypeError, AttributeError):
             return ANY
 

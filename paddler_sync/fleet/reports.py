@@ -49,6 +49,7 @@ class ModelReport:
     slots_idle: int = 0
     slots_processing: int = 0
     n_ctx: int | None = None  # tokens per slot
+    modalities: tuple[str, ...] = ()  # what it takes in, where the server says (text, vision, audio)
 
     def names(self) -> frozenset[str]:
         return names_for((self.id, *self.aliases, self.path))
@@ -97,7 +98,8 @@ class AgentReport:
         """A report as :meth:`to_json` wrote it (a shared store's copy): trusted, only rebuilt."""
         models = body.get("models")
         fields = {**body, "models": None if models is None else tuple(
-            ModelReport(**{**m, "aliases": tuple(m.get("aliases") or ())}) for m in models)}
+            ModelReport(**{**m, "aliases": tuple(m.get("aliases") or ()),
+                           "modalities": tuple(m.get("modalities") or ())}) for m in models)}
         return cls(**fields)
 
     def pools(self, agent_id: str, autoload: bool) -> list[Pool]:
@@ -107,14 +109,15 @@ class AgentReport:
         total = self.slots_idle + self.slots_processing
         if not self.router:
             model = self.models[0] if self.models else None
-            serving = Serving() if model is None else Serving(model.id, model.names(), n_ctx=model.n_ctx)
+            serving = Serving() if model is None else Serving(model.id, model.names(), n_ctx=model.n_ctx,
+                                                              modalities=model.modalities)
             return [Pool(agent_id, total, self.slots_processing, self.is_ready, serving)]
         return [self._router_pool(agent_id, m, autoload and bool(self.models_autoload)) for m in self.models or ()]
 
     def _router_pool(self, agent_id: str, model: ModelReport, autoload: bool) -> Pool:
         loadable = autoload and model.status == UNLOADED
         serving = Serving(model.id, model.names(), needs_model=True, state=model.status, n_ctx=model.n_ctx,
-                          loadable=loadable)
+                          loadable=loadable, modalities=model.modalities)
         total = 1 if loadable else model.slots_idle + model.slots_processing
         return Pool(pool_key(agent_id, model.id), total, model.slots_processing,
                     self.is_ready and (model.status == LOADED or loadable), serving)
@@ -203,8 +206,13 @@ def _model(item: Any) -> ModelReport:
     n_ctx = item.get("n_ctx")
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= MAX_CONTEXT):
         raise ReportError(400, f"a model's n_ctx must be a whole number from 1 to {MAX_CONTEXT}")
+    modalities = item.get("modalities") or []
+    if not isinstance(modalities, list) or len(modalities) > MAX_ALIASES or not all(
+            isinstance(m, str) and 0 < len(m) <= MAX_NAME for m in modalities):
+        raise ReportError(400, f"a model's modalities must be a list of at most {MAX_ALIASES} names")
     return ModelReport(model_id, tuple(aliases), _text(item, "path", MAX_TEXT), status,
-                       _slot_count(item, "slots_idle"), _slot_count(item, "slots_processing"), n_ctx)
+                       _slot_count(item, "slots_idle"), _slot_count(item, "slots_processing"), n_ctx,
+                       tuple(modalities))
 
 
 def _check_models(r: AgentReport) -> None:

@@ -40,7 +40,7 @@ def model_json(upstream: Upstream, now: float) -> dict[str, Any]:
     total, free = slots_of(upstream, now)
     return {"id": upstream.serving.model, "state": upstream.serving.state, "n_ctx": upstream.serving.n_ctx,
             "total_slots": total, "slots_idle": free, "slots_in_flight": upstream.in_flight,
-            "names": sorted(upstream.serving.names)}
+            "names": sorted(upstream.serving.names), "modalities": list(upstream.serving.modalities)}
 
 
 def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[str, Any]:

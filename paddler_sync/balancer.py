@@ -23,7 +23,7 @@ from gevent.pywsgi import WSGIServer
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy, make_policy
-from paddler_sync.fleet.redis_store import RedisStore, SharedCounts, SharedFleetSync
+from paddler_sync.fleet.redis_store import RedisStore, SharedAffinity, SharedCounts, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.logs import log_greenlet_exception
@@ -58,6 +58,8 @@ class Balancer:
         self.traffic = self.metrics.traffic
         self.management = create_management_app(options, self.status, self.traffic, self.metrics.registry)
         self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.management)
+        if self.shared is not None and self.proxy.awareness is not None:
+            self.shared.affinity = SharedAffinity(self.shared.store, self.proxy.awareness)
         self.management_server: WSGIServer | None = None
 
     def _fleet_state(self, policy: Policy) -> tuple[Ledger, Registry]:

@@ -58,6 +58,7 @@ class Counters:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.quarantines = 0
         self.model_loads: dict[str, int] = {}  # requests that made a router load their model, by model id
+        self.prompts: dict[str, tuple[int, int]] = {}  # by server address: prompt tokens, of which cached
         self.distributions = {name: Distribution() for name in DISTRIBUTIONS}
 
     def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
@@ -73,11 +74,17 @@ class Counters:
     def model_load(self, model: str) -> None:
         self.model_loads[model] = self.model_loads.get(model, 0) + 1
 
+    def prompt_done(self, addr: str, prompt: int, cached: int) -> None:
+        before, hit = self.prompts.get(addr, (0, 0))
+        self.prompts[addr] = (before + prompt, hit + cached)
+
     def fields(self) -> dict[str, float]:
         """Every count as one flat map (what a shared store adds up)."""
         out: dict[str, float] = {f"outcome:{name}": count for name, count in self.outcomes.items()}
         out["quarantines"] = self.quarantines
         out.update({f"model_load:{model}": count for model, count in self.model_loads.items()})
+        for addr, (prompt, cached) in self.prompts.items():
+            out[f"prompt:{addr}"], out[f"cached:{addr}"] = prompt, cached
         for name, dist in self.distributions.items():
             out.update({f"{name}:bucket:{i}": count for i, count in enumerate(dist.buckets)})
             out[f"{name}:count"] = dist.count
@@ -92,6 +99,8 @@ class Counters:
         counters.quarantines = int(fields.get("quarantines", 0))
         counters.model_loads = {key[len("model_load:"):]: int(value) for key, value in fields.items()
                                 if key.startswith("model_load:")}
+        counters.prompts = {key[len("prompt:"):]: (int(value), int(fields.get("cached:" + key[len("prompt:"):], 0)))
+                            for key, value in fields.items() if key.startswith("prompt:")}
         for name, dist in counters.distributions.items():
             dist.buckets = [int(fields.get(f"{name}:bucket:{i}", 0)) for i in range(len(dist.buckets))]
             dist.count = int(fields.get(f"{name}:count", 0))

@@ -55,9 +55,13 @@ class Metrics:
         self.dropped_timings = 0
 
     def request_done(self, status: int, ending: Ending, addr: str | None, wait: float, ttfb: float | None,
-                     duration: float, first_token: float | None = None, tokens: int | None = None) -> None:
+                     duration: float, first_token: float | None = None, tokens: int | None = None,
+                     prompt: tuple[int, int] | None = None) -> None:
+        """``prompt``: the answer's prompt tokens and those llama.cpp's cache held, when its timings said."""
         self.counters.request_done(outcome_of(status, ending), wait, ttfb, duration)
-        self.traffic.request_done(addr, status, ending, wait, first_token, tokens, time.time())
+        if prompt is not None and addr is not None:
+            self.counters.prompt_done(addr, *prompt)
+        self.traffic.request_done(addr, status, ending, wait, first_token, tokens, time.time(), prompt)
         if len(self.pending_timings) < MAX_PENDING_TIMINGS:
             self.pending_timings.append(("queue_wait", wait))
             self.pending_timings.append(("request_duration", duration))
@@ -97,6 +101,15 @@ class CountersCollector(Collector):
         yield requests
         yield CounterMetricFamily("paddler_quarantines", "Servers quarantined after a refused connection.",
                                   value=totals.quarantines)
+        prompts = CounterMetricFamily("paddler_agent_prompt_tokens", "Prompt tokens of the answers each server "
+                                      "relayed (llama.cpp's timings).", labels=["addr"])
+        cached = CounterMetricFamily("paddler_agent_prompt_tokens_cached", "Of those, the tokens its prompt cache "
+                                     "held: prefill saved.", labels=["addr"])
+        for addr, (prompt, hit) in sorted(totals.prompts.items()):
+            prompts.add_metric([addr], prompt)
+            cached.add_metric([addr], hit)
+        yield prompts
+        yield cached
         loads = CounterMetricFamily("paddler_model_loads", "Requests sent to a router that had to load their model "
                                     "first.", labels=["model"])
         for model, count in sorted(totals.model_loads.items()):

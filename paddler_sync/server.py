@@ -185,6 +185,10 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         # gunicornc could add workers at run time, splitting the ledger; several balancers would also
         # fight over one default socket path.
         "control_socket_disable": True,
+        # gunicorn trusts SCRIPT_NAME / PATH_INFO headers from loopback clients by default: a client's
+        # "SCRIPT_NAME: x" header then made it answer 500 with an HTML page. Nothing here mounts the app
+        # under a path a proxy in front must announce, so no header may move it.
+        "forwarder_headers": "",
         "on_starting": lambda arbiter: refuse_taken_addresses(arbiter, options),
         "post_fork": lambda _arbiter, worker: post_fork(worker, options),
     }

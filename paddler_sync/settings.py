@@ -124,6 +124,9 @@ SETTINGS: tuple[Setting, ...] = (
             "prompt-and-limit (its prompt plus max_tokens / n_predict, as OpenAI does), prompt (the prompt alone, "
             "as llama.cpp does: generation stops when the context is full) or off.", B,
             choice("prompt-and-limit", "prompt", "off"), "prompt-and-limit"),
+    Setting("queue-updates", "Let a streaming request that must wait ask (header X-Paddler-Queue-Updates: 1) "
+            "for its place in the queue and expected start, as SSE comment lines each second.", B, default=False,
+            switch=True),
     Setting("agent-missed-reports", "Drop an agent after this many of its reporting intervals pass without "
             "a report.", B, positive_count, 3),
     Setting("statsd-addr", "Send StatsD metrics to this UDP address (off when unset).", B, address, None,
@@ -160,9 +163,14 @@ SETTINGS: tuple[Setting, ...] = (
             "after a round trip through the balancer. At most one request per server waits inside llama.cpp "
             "this way. 0: never (no request ever waits inside llama.cpp). In-process ledger only.", B,
             duration, 0.0, metavar="DURATION"),
-    Setting("policy", "How to pick a server: slots (most free slots; requests wait in the balancer when none is "
-            "free), or the slot-blind round-robin and least-connections, kept for comparison benchmarks.", B,
-            choice("slots", "round-robin", "least-connections"), "slots"),
+    Setting("policy", "How to pick a server: first-token (among servers with a free slot, the one where the "
+            "request's first token is expected soonest: the prompt's part its cache does not hold over its measured "
+            "prefill speed), slots (the most free slots); both keep requests waiting in the balancer when no slot "
+            "is free. The slot-blind round-robin and least-connections are kept for comparison benchmarks.", B,
+            choice("first-token", "slots", "round-robin", "least-connections"), "first-token"),
+    Setting("prefix-cache-entries", "First-token routing: how many prompt blocks (256 bytes each) the balancer "
+            "remembers, in all, to know which server's cache holds a prompt's prefix (least recently used first "
+            "out; about 150 bytes each).", B, positive_count, 200_000),
     Setting("max-client-connections", "Most client connections the balancer holds at once, waiting ones "
             "included (gunicorn's --worker-connections).", B, positive_count, 4096),
     Setting("graceful-timeout", "On SIGTERM: how long responses in flight may run on before they are cut "

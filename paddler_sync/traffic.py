@@ -66,6 +66,8 @@ class Bucket:
     index: int
     requests: int = 0
     tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens of the answers that said (llama.cpp's timings)
+    cached_tokens: int = 0  # of which its prompt cache held these: prefill saved
     errors: Counter[str] = field(default_factory=Counter)
     ttft: Counter[int] = field(default_factory=Counter)
     wait: Counter[int] = field(default_factory=Counter)
@@ -113,12 +115,13 @@ class Traffic:
         self._last_read: tuple[tuple[str, float], tuple[list[Bucket], dict[str, list[Bucket]]]] | None = None
 
     def request_done(self, addr: str | None, status: int, ending: Ending, waited: float, ttft: float | None,
-                     tokens: int | None, now: float) -> None:
+                     tokens: int | None, now: float, prompt: tuple[int, int] | None = None) -> None:
         """Into this worker's rings; or, when a shared store sums the workers' counts, only into the increments
-        it will push (the dashboards read the sums, so the rings would count for nothing)."""
+        it will push (the dashboards read the sums, so the rings would count for nothing). ``prompt``: the
+        answer's prompt tokens and how many of them llama.cpp's cache held, when it said."""
         kind = error_kind(status, ending)
         if self.sharing:
-            self._keep_increments(addr, kind, waited, ttft, tokens, now)
+            self._keep_increments(addr, kind, waited, ttft, tokens, now, prompt)
             return
         rings = [self.fleet]
         if addr is not None:
@@ -130,13 +133,16 @@ class Traffic:
                 bucket.wait[bin_of(waited)] += 1
                 if tokens:
                     bucket.tokens += tokens
+                if prompt is not None:
+                    bucket.prompt_tokens += prompt[0]
+                    bucket.cached_tokens += prompt[1]
                 if ttft is not None:
                     bucket.ttft[bin_of(ttft)] += 1
                 if kind is not None:
                     bucket.errors[kind] += 1
 
     def _keep_increments(self, addr: str | None, kind: str | None, waited: float, ttft: float | None,
-                         tokens: int | None, now: float) -> None:
+                         tokens: int | None, now: float, prompt: tuple[int, int] | None) -> None:
         """The same counts as flat fields ``SCOPE|what`` (SCOPE: ``fleet`` or ``srv|ADDR``) per bucket."""
         scopes = ["fleet"] if addr is None else ["fleet", f"srv|{addr}"]
         for name, (_, width) in RANGES.items():
@@ -146,6 +152,9 @@ class Traffic:
                 fields[f"{scope}|wait|{bin_of(waited)}"] += 1
                 if tokens:
                     fields[f"{scope}|tokens"] += tokens
+                if prompt is not None:
+                    fields[f"{scope}|prompt"] += prompt[0]
+                    fields[f"{scope}|cached"] += prompt[1]
                 if ttft is not None:
                     fields[f"{scope}|ttft|{bin_of(ttft)}"] += 1
                 if kind is not None:
@@ -249,6 +258,10 @@ def buckets_from_fields(index: int, fields: dict[str, float]) -> dict[str, Bucke
             bucket.requests += count
         elif what == "tokens":
             bucket.tokens += count
+        elif what == "prompt":
+            bucket.prompt_tokens += count
+        elif what == "cached":
+            bucket.cached_tokens += count
         elif what == "wait":
             bucket.wait[int(detail[0])] += count
         elif what == "ttft":
@@ -267,6 +280,7 @@ def summarize(buckets: list[Bucket], span: float) -> dict[str, Any]:
         wait.update(bucket.wait)
         errors.update(bucket.errors)
     requests = sum(b.requests for b in buckets)
+    prompt, cached = sum(b.prompt_tokens for b in buckets), sum(b.cached_tokens for b in buckets)
     return {
         "requests": requests,
         "requests_per_second": requests / span,
@@ -275,5 +289,8 @@ def summarize(buckets: list[Bucket], span: float) -> dict[str, Any]:
         "ttft_p50_seconds": percentile(ttft, 0.50),
         "ttft_p95_seconds": percentile(ttft, 0.95),
         "queue_wait_p95_seconds": percentile(wait, 0.95),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,  # prefill saved by llama.cpp's prompt cache
+        "cache_hit_ratio": cached / prompt if prompt else None,
         "errors": dict(errors.most_common()),
     }

@@ -62,7 +62,7 @@ def make_models(out: Path) -> dict[str, Path]:
 
 def metric(url: str, name: str, query: str = "") -> float:
     """One llamacpp:NAME value from a real server's /metrics (``query``: a router's ``?model=``)."""
-    text = requests.get(url + "/metrics" + query, timeout=5).text
+    text = requests.get(url + "/metrics" + query, timeout=15).text  # a busy 2-core machine: generous
     found = re.search(rf"^llamacpp:{name} (\S+)$", text, re.M)
     if found is None:
         raise AssertionError(f"llamacpp:{name} not in /metrics:\n{text}")

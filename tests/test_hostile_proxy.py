@@ -147,3 +147,14 @@ def test_fuzzed_proxy_requests_get_answers_never_our_500(fleet: Fleet) -> None:
     fuzz()
     settled(balancer, baseline)
     assert "Traceback" not in balancer.log(), balancer.log()[-3000:]
+
+
+@pytest.mark.ledger_agnostic
+def test_a_script_name_header_moves_nothing(fleet: Fleet) -> None:
+    """gunicorn trusts SCRIPT_NAME / PATH_INFO headers from loopback by default; found by the fuzzer above: a
+    client's ``SCRIPT_NAME: 0`` got a 500 HTML page. The balancer mounts nothing under a path, so they are ignored."""
+    balancer, _ = start_fleet(fleet, [1])
+    for header in (b"SCRIPT_NAME: 0", b"SCRIPT_NAME: /health", b"PATH_INFO: /slots"):
+        raw = b"GET /health HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nConnection: close\r\n\r\n"
+        status, _, body = head_and_body(exchange(balancer.extra["proxy_port"], raw))
+        assert status == 200 and json.loads(body) == {"status": "ok"}, (header, body)

@@ -239,7 +239,7 @@ def test_requests_that_run_no_task_never_wait_and_tasks_never_queue(fleet: Fleet
             for path, body in tasks.items():
                 assert uses_slot("POST", path), path
                 waiting = pool.submit(requests.post, server.url + path, json=body, timeout=60)
-                wait_until(lambda: metric(server.url, "requests_deferred") == 1, timeout=5,
+                wait_until(lambda: metric(server.url, "requests_deferred") == 1, timeout=20,
                            message=f"{path} queued behind the busy slot")
                 assert not waiting.done()
                 hog.close()  # the slot frees; the queued task runs

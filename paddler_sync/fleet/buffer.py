@@ -22,7 +22,11 @@ from gevent.event import AsyncResult
 
 from paddler_sync.endings import Ending
 from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.policy import Score
 from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost
+
+DRAIN_WINDOW = 60.0  # seconds of served waiters the drain rate is measured over
+DRAIN_SAMPLES = 4096
 
 
 class Watch(Protocol):
@@ -74,6 +78,7 @@ class Waiter:
     model: str | None = None  # the (normalized) model it asks for
     need: int | None = None  # the context it needs, in tokens, when known
     queue: str | None = None  # the queue it stands in: its model's, or the one for all
+    score: Score | None = None  # its first-token estimate per server (--policy first-token)
     since: float = field(default_factory=time.monotonic)
     result: AsyncResult = field(default_factory=AsyncResult)
     ticket: Ticket | None = None  # its place in a shared ledger's queue (None with the in-process ledger)
@@ -87,6 +92,7 @@ class RequestBuffer:
         self.per_model = per_model
         self._queues: dict[str | None, deque[Waiter]] = {}
         self._count = 0
+        self._served_at: deque[float] = deque(maxlen=DRAIN_SAMPLES)  # when waiters got their slots, newest last
         self._closed_reason: str | None = None
         self._dispatching = False
         self._dispatch_again = False
@@ -105,21 +111,38 @@ class RequestBuffer:
                 counts[waiter.model] = counts.get(waiter.model, 0) + 1
         return counts
 
+    def drain_rate(self, now: float | None = None) -> float | None:
+        """Waiters served per second over the last minute (None: too few to say)."""
+        now = time.monotonic() if now is None else now
+        recent = [at for at in self._served_at if at > now - DRAIN_WINDOW]
+        if len(recent) < 2:
+            return None
+        return len(recent) / max(now - recent[0], 1.0)
+
+    def expected_wait(self, position: int, now: float | None = None) -> float | None:
+        """How long the ``position``-th waiter should wait, at the measured drain rate (None: unknown)."""
+        rate = self.drain_rate(now)
+        return position / rate if rate else None
+
+    def position(self, queue: str | None, arrived: float) -> int:
+        """A waiter's place in its queue (1: next), by its arrival (``time.monotonic()`` before it asked)."""
+        return 1 + sum(1 for waiter in self._queues.get(queue, ()) if waiter.since < arrived)
+
     def oldest_wait(self) -> float:
         heads = [queue[0].since for queue in self._queues.values() if queue]
         return time.monotonic() - min(heads) if heads else 0.0
 
     def acquire(self, client: Watch | None = None, model: str | None = None, need: int | None = None,
-                timeout: float | None = None) -> tuple[Reservation, float]:
+                timeout: float | None = None, score: Score | None = None) -> tuple[Reservation, float]:
         """A reservation and how long it waited; raises a BufferRefusal when there is none to give.
         ``model``: the normalized model the request names (None: none); ``need``: its context in tokens;
-        ``timeout``: a shorter wait than the buffer's."""
+        ``timeout``: a shorter wait than the buffer's; ``score``: its first-token estimate per server."""
         if self._closed_reason:
             raise BufferClosed(self._closed_reason)
         self.ledger.check_available()
-        waiter = Waiter(model, need, model if self.per_model else None)
+        waiter = Waiter(model, need, model if self.per_model else None, score)
         if not self._queues.get(waiter.queue):
-            reservation = self.ledger.reserve(model=model, need=need, one_queue=not self.per_model)
+            reservation = self.ledger.reserve(None, model, need, not self.per_model, score)
             if reservation is not None:
                 return reservation, 0.0
         if self._count >= self.max_waiting:
@@ -167,7 +190,7 @@ class RequestBuffer:
             self.ledger.return_ticket(head.ticket)
             return True
         try:
-            reservation = self.ledger.reserve(head.ticket, head.model, head.need, one_queue=not self.per_model)
+            reservation = self.ledger.reserve(head.ticket, head.model, head.need, not self.per_model, head.score)
         except StateUnavailable:
             return None
         except TicketLost:
@@ -178,6 +201,7 @@ class RequestBuffer:
             self.ledger.release(reservation)
             return True
         head.result.set(reservation)
+        self._served_at.append(time.monotonic())
         return True
 
     def _wake_for_early_hand_over(self) -> None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from paddler_sync.fleet.models import ANY, UNLOADED, Serving
-from paddler_sync.fleet.policy import MostFreeSlots, Policy, preference
+from paddler_sync.fleet.policy import MostFreeSlots, Policy, Score, preference
 from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
 from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost, Upstream, as_of_now
 
@@ -162,38 +162,67 @@ class Ledger:
     # --- taking and giving back ----------------------------------------------------------------------
 
     def reserve(self, ticket: Ticket | None = None, model: str | None = None, need: int | None = None,
-                one_queue: bool = False) -> Reservation | None:
+                one_queue: bool = False, score: Score | None = None) -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request.
         ``ticket``: the waiter's place in a shared store's queue. ``model``: the (normalized) model the request
         names, None when it names none; ``need``: the context it needs, in tokens, when known; ``one_queue``: the
-        buffer keeps one queue for all models (a new arrival keeps that queue's order, not its model's). A server
-        the store finds full (another worker took its last slot) or gone is skipped, and the next choice tried."""
+        buffer keeps one queue for all models (a new arrival keeps that queue's order, not its model's);
+        ``score``: the request's expected seconds to its first token on a server (paddler_sync/fleet/first_token.py).
+        A server the store finds full (another worker took its last slot) or gone is skipped, and the next
+        choice tried."""
         self.check_available()
         now = self.clock()
+        queue = None if one_queue else model
         for _ in range(len(self._upstreams) + 1):
             candidates = self.candidates(model, need)
-            upstream = self.policy.choose(candidates, now)
+            upstream = self.policy.choose(candidates, now, score)
+            worth_waiting = self._worth_waiting_for(candidates, upstream, now, score)
+            if worth_waiting is not None:
+                taken = self._take(worth_waiting, now, ticket, queue, beyond_slots=True)
+                if isinstance(taken, Reservation):
+                    return taken
             early = upstream is None and self.early_lead > 0
             if early:
                 upstream = self._soonest_to_free(candidates, now)
             if upstream is None:
                 return None
-            take = self.store.take(upstream, now, ticket, early or self.policy.slot_blind,
-                                   None if one_queue else model)
-            if take.outcome is TakeOutcome.TAKEN:
-                upstream.moves.append((now, 1))
-                return self._taken(upstream, take.lease, early)
-            if take.outcome is TakeOutcome.NOT_YOUR_TURN:
-                return None  # an older request waits, here or on another worker
-            if take.outcome is TakeOutcome.TICKET_LOST:
-                raise TicketLost(ticket)
-            if take.outcome is TakeOutcome.GONE:
-                self._upstreams.pop(upstream.key, None)
-            elif take.outcome is TakeOutcome.UNUSABLE:
-                upstream.routable = False
-            elif early:
-                return None  # the store takes no early hand-over (a shared one never does)
+            taken = self._take(upstream, now, ticket, queue, early or self.policy.slot_blind)
+            if isinstance(taken, Reservation):
+                return taken
+            if taken is TakeOutcome.NOT_YOUR_TURN or (taken is TakeOutcome.FULL and early):
+                return None  # an older request waits first; or the store takes no early hand-over (Redis)
         return None
+
+    def _take(self, upstream: Upstream, now: float, ticket: Ticket | None, queue: str | None,
+              beyond_slots: bool) -> Reservation | TakeOutcome:
+        """One slot through the store; what did not work is noted in the view (gone, unusable)."""
+        take = self.store.take(upstream, now, ticket, beyond_slots, queue)
+        if take.outcome is TakeOutcome.TAKEN:
+            upstream.moves.append((now, 1))
+            return self._taken(upstream, take.lease, beyond_slots and upstream.overbooked > 0)
+        if take.outcome is TakeOutcome.TICKET_LOST:
+            raise TicketLost(ticket)
+        if take.outcome is TakeOutcome.GONE:
+            self._upstreams.pop(upstream.key, None)
+        elif take.outcome is TakeOutcome.UNUSABLE:
+            upstream.routable = False
+        return take.outcome
+
+    def _worth_waiting_for(self, candidates: list[Upstream], chosen: Upstream | None, now: float,
+                           score: Score | None) -> Upstream | None:
+        """A full server worth a request although another has a free slot: one of its running requests is due
+        to end so soon that the request's first token still comes sooner there (its cache holds more of the
+        prompt than the wait costs). It then waits inside llama.cpp, one at most per server; with the
+        in-process store only (Redis never takes beyond the free slots)."""
+        if score is None or chosen is None or not self.records_ends:
+            return None
+        best, best_seconds = None, score(chosen)
+        for upstream in candidates:
+            if upstream is not chosen and upstream.may_overbook(now):
+                seconds = max(0.0, min(upstream.ends.values()) - now) + score(upstream)
+                if seconds < best_seconds:
+                    best, best_seconds = upstream, seconds
+        return best
 
     def candidates(self, model: str | None, need: int | None = None) -> list[Upstream]:
         """The entries that may serve a request for ``model`` needing ``need`` tokens of context: those that
@@ -222,11 +251,18 @@ class Ledger:
         ready = [u for u in candidates if u.early_room(now, self.early_lead)]
         return min(ready, key=lambda u: min(u.ends.values()), default=None)
 
+    @property
+    def records_ends(self) -> bool:
+        """Running requests' foreseen ends are kept: for --early-dispatch, and for a policy that weighs a full
+        server's wait against another's prefill."""
+        return self.early_lead > 0 or self.policy.weighs_waits
+
     def expect_end(self, reservation: Reservation, at: float) -> None:
         """The request should end at ``at`` (this ledger's clock): a waiting one may go there shortly before."""
-        if self.early_lead > 0 and not reservation.released and reservation.uses_slot:
+        if self.records_ends and not reservation.released and reservation.uses_slot:
             reservation.upstream.ends[reservation] = at
-            self._capacity_may_have_grown()
+            if self.early_lead > 0:
+                self._capacity_may_have_grown()
 
     def next_early_chance(self) -> float | None:
         """When a waiting request could next be handed over early, if ever (None)."""

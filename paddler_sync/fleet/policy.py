@@ -1,25 +1,32 @@
-"""Which server gets the next request: a small, swappable choice.
+"""Which server gets the next request: a small, swappable choice, among the servers of its model.
 
-The default sends each request to the awake server with the most free slots (a sleeping server, whose
-model must be loaded again, only when no awake one has a free slot); ties go to the one with
-fewer requests in flight from this balancer, then to the lowest address, so the order is stable
-and equal servers fill in turn. Benchmarks swap in round robin and least-connections through the
-same ``choose`` seam; routing by model, prompt-cache affinity and context fit will plug in here.
+The default, ``first-token`` (:class:`FirstToken`), sends each request to the awake server with a free slot
+where its first token is expected soonest: the prompt's uncached part over the server's prefill speed
+(and, for long generations, its decode time), as ``score`` estimates it (paddler_sync/fleet/first_token.py).
+``slots`` (:class:`MostFreeSlots`) is the plain rule it refines: the awake server with the most free
+slots (a sleeping server, whose model must be loaded again, only when no awake one has a free slot);
+ties go to the one with fewer requests in flight from this balancer, then to the lowest address, so the
+order is stable and equal servers fill in turn. Benchmarks swap in round robin and least-connections
+through the same ``choose`` seam.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from paddler_sync.fleet.upstream import Upstream
 
+Score = Callable[[Upstream], float]  # a request's expected seconds to its first token on a server
+SCORE_GRAIN = 0.005  # seconds: estimates closer than this are a tie (then the plain rule decides)
+
 
 class Policy(Protocol):
     slot_blind: bool  # True: it may choose a full server (llama.cpp queues the request), as baselines do
+    weighs_waits: bool  # True: it may send a request to a full server whose slot frees soon (see the ledger)
 
-    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None: ...
+    def choose(self, upstreams: Sequence[Upstream], now: float, score: Score | None = None) -> Upstream | None: ...
 
 
 def preference(upstream: Upstream, now: float) -> tuple[bool, int, int, str]:
@@ -32,20 +39,43 @@ class MostFreeSlots:
     """Only servers with a free slot qualify: a request never waits inside a busy llama.cpp."""
 
     slot_blind = False
+    weighs_waits = False
 
-    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
+    def choose(self, upstreams: Sequence[Upstream], now: float, score: Score | None = None) -> Upstream | None:
         return min((u for u in upstreams if u.free(now) > 0), key=lambda u: preference(u, now), default=None)
+
+
+class FirstToken:
+    """Among the servers with a free slot, the one where the request's first token is expected soonest (awake
+    ones first). Estimates within a few milliseconds of the soonest tie: the server whose cache holds the fewest
+    prompts per slot wins (a new conversation goes where it evicts least), then the plain rule. Without a score
+    (a request the balancer cannot read), the plain rule."""
+
+    slot_blind = False
+    weighs_waits = True
+
+    def choose(self, upstreams: Sequence[Upstream], now: float, score: Score | None = None) -> Upstream | None:
+        free = [u for u in upstreams if u.free(now) > 0]
+        if score is None or not free:
+            return min(free, key=lambda u: preference(u, now), default=None)
+        awake = [u for u in free if not u.sleeping] or free
+        seconds = {u.key: score(u) for u in awake}
+        soonest = min(seconds.values())
+        crowding = getattr(score, "crowding", None)  # prompts a server's cache holds per slot: spread new ones
+        return min((u for u in awake if seconds[u.key] <= soonest + SCORE_GRAIN),
+                   key=lambda u: (crowding(u) if crowding else 0.0, preference(u, now)))
 
 
 class RoundRobin:
     """Slot-blind baseline: every usable server in turn, full or not (llama.cpp queues the excess)."""
 
     slot_blind = True
+    weighs_waits = False
 
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
+    def choose(self, upstreams: Sequence[Upstream], now: float, score: Score | None = None) -> Upstream | None:
         usable = sorted((u for u in upstreams if u.is_usable(now)), key=lambda u: u.addr)
         return usable[next(self._turn) % len(usable)] if usable else None
 
@@ -54,14 +84,16 @@ class LeastConnections:
     """Slot-blind baseline: the usable server with the fewest requests in flight from this balancer."""
 
     slot_blind = True
+    weighs_waits = False
 
-    def choose(self, upstreams: Sequence[Upstream], now: float) -> Upstream | None:
+    def choose(self, upstreams: Sequence[Upstream], now: float, score: Score | None = None) -> Upstream | None:
         usable = [u for u in upstreams if u.is_usable(now)]
         return min(usable, key=lambda u: (u.in_flight, u.addr), default=None)
 
 
-POLICIES: dict[str, type[MostFreeSlots | RoundRobin | LeastConnections]] = {
-    "slots": MostFreeSlots, "round-robin": RoundRobin, "least-connections": LeastConnections}
+POLICIES: dict[str, type[FirstToken | MostFreeSlots | RoundRobin | LeastConnections]] = {
+    "first-token": FirstToken, "slots": MostFreeSlots, "round-robin": RoundRobin,
+    "least-connections": LeastConnections}
 
 
 def make_policy(name: str) -> Policy:

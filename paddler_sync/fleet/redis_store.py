@@ -54,6 +54,7 @@ from gevent.event import Event
 
 from paddler_sync.counters import Counters, increments
 from paddler_sync.fleet.buffer import StateUnavailable
+from paddler_sync.fleet.first_token import CacheAwareness
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.models import Serving
 from paddler_sync.fleet.registry import Registry
@@ -73,6 +74,8 @@ MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve tho
 RETRY_PAUSE = 0.5
 COUNTS_TTL = 86_400  # seconds: a stopped balancer's counts go a day after its last increment
 COUNTS_FLUSH_SECONDS = 1.0
+AFFINITY_KEPT = 20_000  # prompts routed, fleet-wide, that a new worker can still learn from
+AFFINITY_READ = 5_000
 SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
 
 
@@ -276,6 +279,37 @@ class RedisStore:
         self.reachable = reachable
 
 
+class SharedAffinity:
+    """What each worker's first-token routing learns (which prompt prefix went to which server), shared with every
+    worker and balancer of the prefix through one Redis stream, ``PREFIX:affinity`` (trimmed to about
+    AFFINITY_KEPT entries): each worker adds what it learned and applies what the others did, every refresh (a
+    fifth of a second), in one round trip each way."""
+
+    def __init__(self, store: RedisStore, awareness: CacheAwareness) -> None:
+        self.store = store
+        self.awareness = awareness
+        awareness.outbox = []
+        self.key = f"{store.prefix}:affinity"
+        self.last_id = "0-0"
+
+    def sync(self) -> None:
+        outbox, self.awareness.outbox = self.awareness.outbox or [], []
+        if outbox:
+            def push() -> None:
+                with self.store.client.pipeline(transaction=False) as pipe:
+                    for key, hashes, slots in outbox:
+                        pipe.xadd(self.key, {"w": self.store.worker_id, "k": key, "s": slots, "h": ",".join(hashes)},
+                                  maxlen=AFFINITY_KEPT, approximate=True)
+                    pipe.execute()
+            self.store._guarded(push)
+        answer = self.store._guarded(self.store.client.xread, {self.key: self.last_id}, count=AFFINITY_READ)
+        for _, entries in answer or ():
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                if fields.get("w") != self.store.worker_id:
+                    self.awareness.index.learn(fields["k"], tuple(fields["h"].split(",")), int(fields["s"]))
+
+
 class SharedFleetSync:
     """The worker's greenlets for the Redis store: wake-ups, mirror refreshes and lease renewals."""
 
@@ -287,6 +321,7 @@ class SharedFleetSync:
         self.counts = counts
         self.refresh_interval = refresh_interval
         self.wake = Event()
+        self.affinity: SharedAffinity | None = None  # set when the balancer routes by first token
 
     def refresh_forever(self) -> None:
         """Refresh on every capacity message (coalesced) and at least every refresh interval."""
@@ -297,6 +332,8 @@ class SharedFleetSync:
                 self.store.keep_waiting_mark()
                 records = self.ledger.refresh()
                 self.registry.adopt(records or {})
+                if self.affinity is not None:
+                    self.affinity.sync()
             except StateUnavailable:
                 gevent.sleep(RETRY_PAUSE)
 

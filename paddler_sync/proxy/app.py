@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
+import math
 import socket
 import sys
 import time
@@ -23,14 +25,18 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import urllib3.exceptions
+from gevent.pool import Group
 from urllib3 import HTTPResponse
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
-from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens
+from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate, PromptSeen
+from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
 from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.proxy import queue_updates
 from paddler_sync.proxy import upstream as up
+from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.routing import ModelRouting, Route
@@ -67,10 +73,15 @@ class ProxyApp:
         self.management_has_token = bool(options.management_token or options.management_read_token)
         self.metrics = metrics
         self.speeds = DecodeSpeeds()
-        self.foresee_ends = self.ledger.early_lead > 0  # --early-dispatch: learn speeds, foresee each end
+        self.foresee_ends = self.ledger.records_ends  # learn speeds, foresee each end (--early-dispatch, first-token)
+        # --policy first-token: where each prompt prefix went, and each server's speeds
+        self.awareness = CacheAwareness(options.prefix_cache_entries) if ledger.policy.weighs_waits else None
+        self.queue_updates = options.queue_updates  # SSE comments for streaming requests that wait (opt-in)
+        self.greenlets = Group()  # the waits of those requests (paddler_sync/proxy/queue_updates.py)
         self.routing = ModelRouting(options, ledger, ContextCheck(ledger, self.transport, options.context_check))
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Relay | list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) \
+            -> Relay | queue_updates.QueuedStream | list[bytes]:
         started = time.monotonic()
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
         if self.management_prefix and (path == self.management_prefix
@@ -84,15 +95,43 @@ class ProxyApp:
             takes_slot = up.uses_slot(method, path)
             route = self.routing.route(method, environ, body, takes_slot)
             tokens = route.ask.limit if takes_slot and self.foresee_ends else None
-            reservation, response, waited = self._connect(environ, body, takes_slot, tokens, route)
+            estimate, hashes = self._estimate(route) if takes_slot else (None, ())
+            connect = functools.partial(self._connect, environ, body, takes_slot, tokens, route, estimate)
+            if takes_slot and self.queue_updates and queue_updates.wanted(environ, route.ask.body):
+                job = self.greenlets.spawn(connect)
+                job.join(timeout=queue_updates.QUIET_WAIT)
+                if not job.ready():
+                    opening = functools.partial(self._open_relay, environ, _headers_sent, started, tokens, hashes,
+                                                estimate)
+                    return queue_updates.QueuedStream(self, environ, start_response, job,
+                                                      route.model if self.buffer.per_model else None, started,
+                                                      opening)
+                connected = job.get()
+            else:
+                connected = connect()
         except ProxyError as exc:
             body = exc.body()
             self.record(environ, exc.status, exc.reservation, exc.waited, started, sent=len(body), ending=exc.ending)
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
                                                       ("Content-Length", str(len(body))), *exc.headers])
             return [body]
+        return self._open_relay(environ, start_response, started, tokens, hashes, estimate, connected)
+
+    def _open_relay(self, environ: dict[str, Any], start_response: StartResponse, started: float,
+                    tokens: int | None, hashes: tuple[str, ...], estimate: FirstTokenEstimate | None,
+                    connected: tuple[Reservation, HTTPResponse, float]) -> Relay:
+        reservation, response, waited = connected
         start_response(f"{response.status} {response.reason}", up.response_headers(response))
-        return Relay(self, environ, start_response, response, reservation, waited, started, tokens)
+        relay = Relay(self, environ, start_response, response, reservation, waited, started, tokens)
+        if self.awareness is not None and reservation.uses_slot:
+            relay.seen = self.awareness.sent(reservation.upstream, hashes, estimate)
+        return relay
+
+    def _estimate(self, route: Route) -> tuple[FirstTokenEstimate | None, tuple[str, ...]]:
+        """The request's first-token estimate on each server (--policy first-token), and its prompt's block hashes."""
+        if self.awareness is None or route.ask.body is None:
+            return None, ()
+        return self.awareness.estimate(route.ask.body, prompt_tokens(route.ask), route.ask.limit)
 
     def _own_answer(self, environ: dict[str, Any], start_response: StartResponse, started: float,
                     body: bytes) -> list[bytes]:
@@ -137,14 +176,14 @@ class ProxyApp:
         return body
 
     def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool, tokens: int | None,
-                 route: Route) -> tuple[Reservation, HTTPResponse, float]:
+                 route: Route, estimate: FirstTokenEstimate | None = None) -> tuple[Reservation, HTTPResponse, float]:
         """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
         to which nothing was sent yet, goes to another one, or waits for one. A quarantined server that its
         agent reports healthy again may serve the retry."""
         waited = 0.0
         for _ in range(MAX_CONNECT_ATTEMPTS):
             try:
-                reservation, wait = self._reserve(environ, takes_slot, route)
+                reservation, wait = self._reserve(environ, takes_slot, route, estimate)
             except ProxyError as exc:
                 exc.waited += waited  # a retry after a refused connection waited twice
                 raise
@@ -167,7 +206,8 @@ class ProxyApp:
         raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts",
                          ending=Ending.UPSTREAM_REFUSED, waited=waited)
 
-    def _reserve(self, environ: dict[str, Any], takes_slot: bool, route: Route) -> tuple[Reservation, float]:
+    def _reserve(self, environ: dict[str, Any], takes_slot: bool, route: Route,
+                 estimate: FirstTokenEstimate | None) -> tuple[Reservation, float]:
         if not takes_slot:
             reservation = self.ledger.pick_without_slot(route.model)
             if reservation is None:
@@ -178,16 +218,17 @@ class ProxyApp:
                                  ending=Ending.NO_SERVER)
             return reservation, 0.0
         try:
-            return self._acquire(environ, route)
+            return self._acquire(environ, route, estimate)
         except BufferRefusal as exc:
             raise ProxyError(exc.status, str(exc), self._retry_after(exc), ending=exc.ending,
                              waited=exc.waited) from None
 
-    def _acquire(self, environ: dict[str, Any], route: Route) -> tuple[Reservation, float]:
+    def _acquire(self, environ: dict[str, Any], route: Route,
+                 estimate: FirstTokenEstimate | None) -> tuple[Reservation, float]:
         """A slot from the buffer; a model not seen yet while agents are still reporting waits for it only until
         then, and gets 404 if it is still unknown."""
         if route.wait_for_discovery is None:
-            return self.buffer.acquire(client_watch(environ), route.model, route.need)
+            return self.buffer.acquire(client_watch(environ), route.model, route.need, score=estimate)
         try:
             return self.buffer.acquire(client_watch(environ), route.model, timeout=route.wait_for_discovery)
         except BufferTimeout as exc:
@@ -199,10 +240,15 @@ class ProxyApp:
             return reservation, waited + exc.waited
 
     def _retry_after(self, refusal: BufferRefusal) -> list[tuple[str, str]]:
-        if isinstance(refusal, StateUnavailable):  # Redis is checked again within a second
+        """When to come back: a second for Redis (it is checked again within one); for a full queue, when the
+        requests ahead should have been served at the rate the queue drains now (the wait limit while no request
+        has waited lately)."""
+        if isinstance(refusal, StateUnavailable):
             return [("Retry-After", "1")]
         if refusal.status in (429, 503):
-            return [("Retry-After", str(max(1, round(self.buffer.timeout))))]
+            drained = self.buffer.expected_wait(max(1, self.buffer.waiting))
+            seconds = self.buffer.timeout if drained is None else min(drained, self.buffer.timeout)
+            return [("Retry-After", str(max(1, math.ceil(seconds))))]
         return []
 
     def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation, route: Route) -> HTTPResponse:
@@ -240,19 +286,21 @@ class ProxyApp:
 
     def record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
                 started: float, first_byte: float | None = None, sent: int = 0, ending: Ending = Ending.REFUSED,
-                first_token: float | None = None, tokens: int | None = None) -> None:
-        """One finished request: into the metrics and the dashboards' traffic figures, and one access line."""
+                first_token: float | None = None, tokens: int | None = None,
+                prompt: tuple[int, int] | None = None) -> None:
+        """One finished request: into the metrics and the dashboards' traffic figures, and one access line.
+        ``prompt``: its prompt tokens and those llama.cpp's cache held (``cached=HIT/ALL`` in the line)."""
         now = time.monotonic()
         ttfb_seconds = first_byte - started if first_byte else None
         self.metrics.request_done(status, ending, reservation.addr if reservation else None, waited, ttfb_seconds,
-                                  now - started, first_token - started if first_token else None, tokens)
+                                  now - started, first_token - started if first_token else None, tokens, prompt)
         if not access_log.isEnabledFor(logging.INFO):
             return
         ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"
-        access_log.info('%s "%s %s" %d upstream=%s wait=%.1fms ttfb=%s duration=%.1fms bytes=%d end=%s',
+        access_log.info('%s "%s %s" %d upstream=%s wait=%.1fms ttfb=%s duration=%.1fms bytes=%d end=%s cached=%s',
                         environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"),
                         status, reservation.addr if reservation else "-", waited * 1000, ttfb,
-                        (now - started) * 1000, sent, ending)
+                        (now - started) * 1000, sent, ending, f"{prompt[1]}/{prompt[0]}" if prompt else "-")
 
 
 class Relay:
@@ -280,6 +328,7 @@ class Relay:
         self.tokens = tokens  # the generation limit asked for, when --early-dispatch foresees ends
         self.last_chunk = self.chunk_before = b""  # the final event (with its token count) may precede [DONE]
         self.streamed = "event-stream" in (response.headers.get("Content-Type") or "")
+        self.seen: PromptSeen | None = None  # the prompt's prefix as the balancer knew it (first-token routing)
 
     def __iter__(self) -> Iterator[bytes]:
         connection = self.response.connection
@@ -316,6 +365,17 @@ class Relay:
             return None
         return generated_tokens(self.chunk_before[-4096:] + self.last_chunk[-4096:])
 
+    def prompt(self) -> tuple[int, int] | None:
+        """The prompt's tokens and those llama.cpp's cache held, from its timings; what they teach is learned."""
+        if self.ending is not Ending.DONE or self.response_status != 200 or not self.reservation.uses_slot:
+            return None
+        timings = read_timings(self.chunk_before[-8192:] + self.last_chunk[-8192:])
+        if timings is None:
+            return None
+        if self.proxy.awareness is not None:
+            self.proxy.awareness.answered(self.reservation.upstream.key, self.seen, timings)
+        return timings.prompt_processed + timings.prompt_cached, timings.prompt_cached
+
     def _replace_with_error(self) -> bytes:
         """PEP 3333 lets an app change its status until the headers are sent: answer 502 instead."""
         body = error_bytes(502, "the llama.cpp server broke off its answer before sending any of it")
@@ -337,7 +397,11 @@ class Relay:
             self._learn_speed()
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
                           self.first_byte, self.sent, self.ending, self.first_byte if self.streamed else None,
-                          self.generated())
+                          self.generated(), self.prompt())
+
+
+def _headers_sent(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    """A queued stream's headers went out before llama.cpp answered: its own are not sent."""
 
 
 def _path_and_query(environ: dict[str, Any]) -> str:

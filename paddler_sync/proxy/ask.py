@@ -112,6 +112,11 @@ class _Size:
             self.add(value.get("text") or value.get("content"), depth + 1)
 
 
+def prompt_tokens(ask: Ask) -> int:
+    """A cheap estimate of the prompt's tokens (4 bytes a token, the template's tokens per message)."""
+    return ask.prompt_bytes // ESTIMATE_BYTES_PER_TOKEN + ask.prompt_ids + TOKENS_PER_MESSAGE * ask.messages
+
+
 class Fit(enum.Enum):
     FITS = "fits"
     TOO_BIG = "too_big"

@@ -1,5 +1,6 @@
 """Multi-turn conversations, as chat UIs send them: every turn re-sends the whole history, llama.cpp's own answers
-in it, streamed; conversations run side by side, turns of one conversation one after another.
+in it, streamed; conversations run side by side, turns of one conversation one after another, with 0.3 to 2 s
+of the user's reading and typing between them (seeded).
 
 usage: python bench/conversation_client.py HOST:PORT CONVERSATIONS TURNS SYSTEM_WORDS MAX_TOKENS SEED
   →  prints one JSON list: per turn, its conversation, turn, TTFT, prompt tokens, prompt tokens computed
@@ -18,6 +19,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
+THINK_SECONDS = (0.3, 2.0)
 WORDS = ["river", "light", "model", "token", "slot", "server", "quick", "brown", "fox", "jumps", "over", "lazy",
          "dog", "cloud", "stone", "paper", "glass", "north", "south", "east", "west", "garden", "window", "market"]
 
@@ -62,6 +64,7 @@ def conversation(host: str, port: int, number: int, turns: int, system_words: in
         answer = stream_chat(host, port, messages, max_tokens)
         messages.append({"role": "assistant", "content": answer.pop("content")})
         out.append({"conversation": number, "turn": turn, **answer})
+        gevent.sleep(rng.uniform(*THINK_SECONDS))  # the user reads the answer and types the next question
     return out
 
 

@@ -1,9 +1,9 @@
 """Fleet efficiency: a heterogeneous simulated fleet under an open-loop Poisson workload.
 
-The fleet: six simulated llama.cpp servers with 1 to 8 slots and 25 to 60 tokens/s per slot (prompt
-cache on, 0.5 ms per uncached prompt token): 24 slots, about 800 tokens/s in all. The trace (seeded,
-so every contender gets the same one): Poisson arrivals; prompts of log-normal length (median ~100
-words), half of them opening with one of four shared 80-word system prompts; outputs of log-normal
+The fleet: six simulated llama.cpp servers with 1 to 8 slots and 25 to 60 tokens/s per slot, 4,096 tokens
+of context per slot (prompt cache on, 0.5 ms per uncached prompt token): 24 slots, about 800 tokens/s in
+all. The trace (seeded, so every contender gets the same one): Poisson arrivals; prompts of log-normal
+length (median ~100 words), half of them opening with one of four shared 80-word system prompts; outputs of log-normal
 length (median ~50 tokens, 8 to 200). A load of 100 % offers the fleet's token capacity.
 
 Misroutes are requests that waited inside a busy llama.cpp: the simulators count them
@@ -51,8 +51,9 @@ def make_trace(load: float, seconds: float, seed: int = SEED) -> list[dict[str, 
 
 
 def start_fleet() -> list[harness.Service]:
-    return [harness.simulator("--parallel", str(slots), "--decode-tokens-per-second", str(speed),
-                              "--prefill-ms-per-token", "0.5", "--seed", str(i), name=f"fleet{i}")
+    return [harness.simulator("--parallel", str(slots), "--ctx-size", str(4096 * slots),
+                              "--decode-tokens-per-second", str(speed), "--prefill-ms-per-token", "0.5",
+                              "--seed", str(i), name=f"fleet{i}")
             for i, (slots, speed) in enumerate(FLEET)]
 
 

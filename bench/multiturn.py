@@ -24,8 +24,8 @@ from typing import Any
 from bench import harness
 
 POLICIES = ("first-token", "slots", "least-connections", "round-robin")
-SIMULATED = {"servers": 3, "slots": 2, "conversations": 6, "turns": 5, "system_words": 400, "max_tokens": 24}
-REAL = {"servers": 2, "slots": 4, "conversations": 6, "turns": 4, "system_words": 300, "max_tokens": 16}
+SIMULATED = {"servers": 3, "slots": 2, "conversations": 6, "turns": 6, "system_words": 400, "max_tokens": 24}
+REAL = {"servers": 2, "slots": 4, "conversations": 8, "turns": 4, "system_words": 300, "max_tokens": 16}
 
 
 def simulated_fleet() -> list[harness.Service]:

@@ -220,6 +220,43 @@ def models_section(m: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def multiturn_table(table: dict[str, Any]) -> list[str]:
+    lines = ["| rule | prompt recomputed (turns ≥ 2) | TTFT p50 ms | TTFT p99 ms | tokens/s | failed |",
+             "|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | {row['recomputed']:.0%} | {fmt(row['ttft_p50_ms'], 0)} | "
+                     f"{fmt(row['ttft_p99_ms'], 0)} | {fmt(row['tokens_per_s'], 1)} | {fmt(row['failed'], 0)} |")
+    first, rr, slots = table.get("first-token"), table.get("round-robin"), table.get("slots")
+    if first and rr and slots:
+        lines += ["", f"first-token against round-robin: TTFT p50 {first['ttft_p50_ms'] / rr['ttft_p50_ms']:.2f}×, "
+                      f"against slots {first['ttft_p50_ms'] / slots['ttft_p50_ms']:.2f}×; tokens/s "
+                      f"{first['tokens_per_s'] / rr['tokens_per_s']:.2f}× round-robin's. Targets: recomputed ≤ 25 % "
+                      f"({verdict(first['recomputed'] <= 0.25)}), TTFT p50 ≤ 0.5× round-robin's "
+                      f"({verdict(first['ttft_p50_ms'] <= 0.5 * rr['ttft_p50_ms'])}) and below slots' "
+                      f"({verdict(first['ttft_p50_ms'] < slots['ttft_p50_ms'])}), no loss of tokens/s "
+                      f"({verdict(first['tokens_per_s'] >= 0.95 * rr['tokens_per_s'])})."]
+    return lines
+
+
+def multiturn_section(m: dict[str, Any]) -> list[str]:
+    sim, real = m["shape"], m["real_shape"]
+    out = ["## 3c. Multi-turn conversations: prompt-cache affinity", "",
+           f"{sim['conversations']} conversations side by side, {sim['turns']} turns each; each has its own "
+           f"{sim['system_words']}-word system prompt and re-sends its whole history every turn, llama.cpp's answers "
+           f"in it, streamed, {sim['max_tokens']} tokens per answer (bench/multiturn.py, bench/conversation_client.py)."
+           " Recomputed: the prompt tokens llama.cpp really computed on turns after the first (`timings.prompt_n` "
+           "over `usage.prompt_tokens`); TTFT over those turns; tokens/s over the run. The same balancer with each "
+           "`--policy`, on freshly started servers.", "",
+           f"Simulated: {sim['servers']} servers × {sim['slots']} slots, 2 ms of prefill per uncached prompt token, "
+           "60 tokens/s, prompt cache on.", "", *multiturn_table(m["simulated"]), ""]
+    if "real" in m:
+        out += [f"Real llama-servers: {real['servers']} b4748 servers × {real['slots']} slots, the slow model, "
+                f"{real['conversations']} conversations × {real['turns']} turns.", "", *multiturn_table(m["real"]), ""]
+    elif "real_skipped" in m:
+        out += [f"Real llama-servers: skipped ({m['real_skipped']}).", ""]
+    return out
+
+
 def real_table(real: dict[str, Any]) -> list[str]:
     rows = ["| scenario | contender | tokens/s | vs least-conn. | p50 ms | p99 ms | slots used per decode (of 4) | "
             "samples with a request deferred in llama.cpp | most deferred at once | balancer CPU s/s | errors |",
@@ -279,7 +316,8 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                 f"Six simulated servers, (slots, tokens/s per slot) = {f['fleet']}, about "
                 f"{f['capacity_tokens_per_s']:.0f} tokens/s in all; prompt cache on; 0.5 ms per uncached prompt token. "
                 f"Open-loop Poisson trace of {f['seconds']:g} s per load, seed {f['seed']} (bench/fleet.py documents the "
-                "mix). Contenders: paddler_sync (slot-aware, requests wait in the balancer); round_robin and "
+                "mix). Contenders: paddler_sync (its default `first-token` rule: slot-aware, prefill, speed and "
+                "prompt-cache aware, requests wait in the balancer); round_robin and "
                 "least_connections (the same balancer with the slot-blind policies: excess waits inside llama.cpp); "
                 "haproxy (`leastconn`, `maxconn` = slots, its own queue); paddler_1x (Paddler 1.x's rule: reports "
                 "every 10 s, preemptive counting in between, no buffer, so a request with no idle slot fails). "
@@ -287,6 +325,8 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
         out += [*fleet_table(f), "", "![fleet](plot-fleet.png)", ""]
     if "models" in results:
         out += models_section(results["models"])
+    if "multiturn" in results:
+        out += multiturn_section(results["multiturn"])
     if "shared" in results:
         out += ["## 4. The ledger shared in Redis: -w 2 against -w 1", "",
                 "The same wrk load as 1a against the in-process ledger with one worker, the Redis ledger with one "

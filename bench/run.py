@@ -3,7 +3,8 @@
 Sections: (1) proxy overhead, non-streaming and streaming, against direct, a naive requests proxy,
 HAProxy and nginx; (2) the buffer at scale; (3) fleet efficiency against round robin,
 least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (3b) two models, per-model queues
-against one shared queue; (4) the Redis ledger; (5) closed-loop throughput on real llama-servers against
+against one shared queue; (3c) multi-turn conversations, prompt-cache affinity against the plain rules; (4) the
+Redis ledger; (5) closed-loop throughput on real llama-servers against
 least-connections and round robin. Contenders alternate within
 each repetition and the tables show medians, because this 2-core machine is shared and noisy.
 Benchmarks report; tests never assert these timings.
@@ -28,6 +29,7 @@ from bench import harness
 from bench.buffer_scale import buffer_at_scale
 from bench.fleet import fleet_efficiency
 from bench.models import model_isolation
+from bench.multiturn import multi_turn
 from bench.real_llamacpp import real_llamacpp
 from bench.report import write_report
 from bench.shared import shared_ledger
@@ -165,7 +167,7 @@ def machine() -> dict[str, str]:
                                if line.startswith("model name")), "unknown")}
 
 
-SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "shared", "real")
+SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real")
 
 
 def main() -> None:
@@ -207,6 +209,10 @@ def main() -> None:
     if "models" in sections:
         print("two models: head-of-line isolation", flush=True)
         results["models"] = model_isolation(seconds=10 if args.quick else 20, reps=1 if args.quick else 2)
+        save()
+    if "multiturn" in sections:
+        print("multi-turn conversations: prompt-cache affinity", flush=True)
+        results["multiturn"] = multi_turn(reps=1 if args.quick else 2, real=True)
         save()
     if "shared" in sections:
         print("shared ledger in Redis", flush=True)

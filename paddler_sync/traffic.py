@@ -240,6 +240,16 @@ def rate_text(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
+def cache_text(figures: dict[str, Any]) -> str:
+    """llama.cpp's prompt cache over the range as both dashboards show it: the share of prompt tokens it held, and
+    those tokens (prefill saved), e.g. ``82% (41.2k)``."""
+    ratio = figures.get("cache_hit_ratio")
+    if ratio is None:
+        return "-"
+    saved = figures["cached_tokens"]
+    return f"{ratio:.0%} ({saved / 1000:.1f}k)" if saved >= 1000 else f"{ratio:.0%} ({saved})"
+
+
 def errors_text(errors: dict[str, int]) -> str:
     """Errors by kind as both dashboards show them (``none`` when there were none)."""
     return ", ".join(f"{kind} {count}" for kind, count in errors.items()) or "none"

@@ -20,7 +20,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from paddler_sync.traffic import errors_text, rate_text
+from paddler_sync.traffic import cache_text, errors_text, rate_text
 
 COLUMNS = ("Name", "Issues", "Idle", "Busy", "In flight", "Req/s", "Tok/s", "TTFT95", "Errors",
            "Llama.cpp address", "Last update (UTC)")
@@ -47,7 +47,7 @@ def issues_text(agent: dict[str, Any]) -> str:
     return SHORT_ISSUES.get(agent["state"], agent["state"])
 
 
-def detail_text(agent: dict[str, Any]) -> str:
+def detail_text(agent: dict[str, Any], figures: dict[str, Any] | None = None) -> str:
     """The selected agent in full: its name, address, and what is wrong and what to do, if anything."""
     parts = [f"{agent.get('agent_name') or agent['agent_id']} at {agent['external_llamacpp_addr']}"]
     if agent.get("quarantined_until"):
@@ -61,6 +61,8 @@ def detail_text(agent: dict[str, Any]) -> str:
             parts.append(agent["error"])
     if agent.get("models"):
         parts.append("models " + ", ".join(model_text(m) for m in agent["models"]))
+    if figures and figures.get("cache_hit_ratio") is not None:
+        parts.append(f"prompt cache hit {cache_text(figures)} tokens saved")
     return ": ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:])
 
 
@@ -106,7 +108,7 @@ def totals_text(health: dict[str, Any], traffic: dict[str, Any]) -> str:
             f"{health['slots_idle']} idle of {health['slots_total']} | in flight {health['requests_in_flight']}\n"
             f"waiting {health['requests_buffered']} (oldest {health['oldest_buffered_seconds']:.1f}s) | "
             f"last 5 min: {rate_text(fleet['requests_per_second'])} req/s, {rate_text(fleet['tokens_per_second'])} "
-            f"tok/s\nTTFT p50 {duration_text(fleet['ttft_p50_seconds'])} p95 "
+            f"tok/s | cache {cache_text(fleet)}\nTTFT p50 {duration_text(fleet['ttft_p50_seconds'])} p95 "
             f"{duration_text(fleet['ttft_p95_seconds'])} | queue p95 {duration_text(fleet['queue_wait_p95_seconds'])}"
             f" | errors: {errors_text(fleet['errors'])}")
 
@@ -131,6 +133,7 @@ class FleetDashboard(App):
         self.refresh_interval = refresh_interval
         self.message = LOADING
         self.agents: dict[str, dict[str, Any]] = {}
+        self.figures: dict[str, dict[str, Any]] = {}  # traffic figures by server address
         self.session = requests.Session()
         self.session.trust_env = False
         if token:
@@ -182,6 +185,7 @@ class FleetDashboard(App):
         if agents:
             table.move_cursor(row=min(cursor, len(agents) - 1))
         self.agents = {agent["agent_id"]: agent for agent in agents}
+        self.figures = figures
         self._set_message("" if agents else EMPTY)
         self.show_detail()
         totals = totals_text(health, traffic)
@@ -195,7 +199,8 @@ class FleetDashboard(App):
         if table.row_count:
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
             agent = self.agents.get(key) if key is not None else None
-        self.query_one("#detail", Static).update(Text(detail_text(agent) if agent else ""))
+        figures = self.figures.get(agent["external_llamacpp_addr"]) if agent else None
+        self.query_one("#detail", Static).update(Text(detail_text(agent, figures) if agent else ""))
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self.show_detail()

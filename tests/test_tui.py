@@ -105,3 +105,20 @@ def test_dashboard_command_rejects_bad_addresses(argv: list[str], tmp_path) -> N
 
     result = run_cli(*argv, cwd=tmp_path)
     assert result.returncode == 2 and "--management-addr" in result.stderr
+
+
+def test_the_detail_line_and_totals_say_how_much_the_prompt_cache_saved() -> None:
+    from paddler_sync.tui import detail_text, totals_text
+
+    agent = {"agent_id": "a", "agent_name": "gpu-1", "external_llamacpp_addr": "10.0.0.5:8080", "state": "ready",
+             "models": [{"id": "qwen", "state": "loaded", "slots_idle": 3, "total_slots": 4}]}
+    figures = {"cache_hit_ratio": 0.82, "cached_tokens": 41_200}
+    assert detail_text(agent, figures) == ("gpu-1 at 10.0.0.5:8080: models qwen 3/4 free; prompt cache hit 82% "
+                                           "(41.2k) tokens saved")
+    assert detail_text(agent, {"cache_hit_ratio": None}) == "gpu-1 at 10.0.0.5:8080: models qwen 3/4 free"
+    health = {"agents_ready": 1, "agents": 1, "slots_processing": 0, "slots_idle": 4, "slots_total": 4,
+              "requests_in_flight": 0, "requests_buffered": 0, "oldest_buffered_seconds": 0.0}
+    fleet = {"requests_per_second": 12.5, "tokens_per_second": 900.0, "ttft_p50_seconds": 0.1, "ttft_p95_seconds": 0.4,
+             "queue_wait_p95_seconds": None, "errors": {}, **figures}
+    totals = totals_text(health, {"fleet": fleet})
+    assert "cache 82% (41.2k)" in totals and all(len(line) <= 80 for line in totals.splitlines())

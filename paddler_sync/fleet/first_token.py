@@ -3,12 +3,15 @@
 On a server with a free slot, the first token comes after the prefill of the prompt's *uncached* part:
 
     seconds = (prompt tokens - tokens that server's prompt cache likely holds) / its prefill speed
-              (+ max_tokens / its decode speed, for a generation of 256 tokens or more)
+              + 1 / its decode speed                      (the first token itself)
+              (+ max_tokens / its decode speed, for a generation of 64 tokens or more: a slot that frees
+                 sooner serves the next request sooner)
 
 The cached part comes from where the balancer sent this prompt's prefix before (paddler_sync/fleet/
 affinity.py); the speeds from llama.cpp's timings of the answers that passed through
-(paddler_sync/fleet/speed.py). The ledger weighs a full server too: its expected wait (until the
-soonest of its running requests ends) plus that estimate (paddler_sync/fleet/ledger.py).
+(paddler_sync/fleet/speed.py). The ledger weighs a full server too, on prefill alone: twice its expected
+wait (until the soonest of its running requests ends; foreseen ends are often early) plus its prefill must
+beat the best free server's prefill by 0.1 s (paddler_sync/fleet/ledger.py).
 
 :class:`CacheAwareness` is the one owner of what this learns, per worker: the prefix index and the
 speeds. Pure: no I/O.
@@ -24,7 +27,7 @@ from paddler_sync.fleet.prefixes import request_hashes, tokens_in
 from paddler_sync.fleet.speed import ServerSpeeds, Timings
 from paddler_sync.fleet.upstream import Upstream
 
-LONG_GENERATION = 256
+LONG_GENERATION = 64
 
 
 @dataclass
@@ -44,11 +47,15 @@ class FirstTokenEstimate:
     def cached_tokens(self, key: str) -> int:
         return min(self.prompt_tokens, tokens_in(self.cached_blocks.get(key, 0)))
 
-    def __call__(self, upstream: Upstream) -> float:
+    def prefill_seconds(self, upstream: Upstream) -> float:
         uncached = self.prompt_tokens - self.cached_tokens(upstream.key)
-        seconds = uncached / self.speeds.prefill_rate(upstream.key)
+        return uncached / self.speeds.prefill_rate(upstream.key)
+
+    def __call__(self, upstream: Upstream) -> float:
+        decode = self.speeds.decode_rate(upstream.key)
+        seconds = self.prefill_seconds(upstream) + 1 / decode
         if self.limit and self.limit >= LONG_GENERATION:
-            seconds += self.limit / self.speeds.decode_rate(upstream.key)
+            seconds += self.limit / decode
         return seconds
 
 

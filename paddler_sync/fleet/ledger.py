@@ -34,6 +34,9 @@ from paddler_sync.fleet.policy import MostFreeSlots, Policy, Score, preference
 from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
 from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost, Upstream, as_of_now
 
+WAIT_SAFETY = 2.0  # a full server's foreseen wait counts this many times over: its requests often run late
+WAIT_MARGIN_SECONDS = 0.1  # and waiting there must save at least this much more than it costs
+
 
 class Ledger:
     def __init__(self, policy: Policy | None = None, clock: Callable[[], float] = time.time,
@@ -214,12 +217,13 @@ class Ledger:
         to end so soon that the request's first token still comes sooner there (its cache holds more of the
         prompt than the wait costs). It then waits inside llama.cpp, one at most per server; with the
         in-process store only (Redis never takes beyond the free slots)."""
-        if score is None or chosen is None or not self.records_ends:
+        if score is None or chosen is None or not self.records_ends or not self.store.overbooks:
             return None
-        best, best_seconds = None, score(chosen)
+        best, best_seconds = None, score.prefill_seconds(chosen) - WAIT_MARGIN_SECONDS
         for upstream in candidates:
             if upstream is not chosen and upstream.may_overbook(now):
-                seconds = max(0.0, min(upstream.ends.values()) - now) + score(upstream)
+                wait = max(0.0, min(upstream.ends.values()) - now)
+                seconds = WAIT_SAFETY * wait + score.prefill_seconds(upstream)  # ends foreseen are often early
                 if seconds < best_seconds:
                     best, best_seconds = upstream, seconds
         return best

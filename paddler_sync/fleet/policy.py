@@ -13,12 +13,28 @@ through the same ``choose`` seam.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from paddler_sync.fleet.upstream import Upstream
 
-Score = Callable[[Upstream], float]  # a request's expected seconds to its first token on a server
+
+class Score(Protocol):
+    """A request's estimate per server (paddler_sync/fleet/first_token.py)."""
+
+    def __call__(self, upstream: Upstream) -> float:
+        """Expected seconds to its first token there (with its decode time, for a long generation)."""
+        ...
+
+    def prefill_seconds(self, upstream: Upstream) -> float:
+        """The prefill of what that server's cache does not hold."""
+        ...
+
+    def crowding(self, upstream: Upstream) -> float:
+        """Prompts that server's cache is believed to hold, per slot."""
+        ...
+
+
 SCORE_GRAIN = 0.005  # seconds: estimates closer than this are a tie (then the plain rule decides)
 
 
@@ -61,9 +77,8 @@ class FirstToken:
         awake = [u for u in free if not u.sleeping] or free
         seconds = {u.key: score(u) for u in awake}
         soonest = min(seconds.values())
-        crowding = getattr(score, "crowding", None)  # prompts a server's cache holds per slot: spread new ones
         return min((u for u in awake if seconds[u.key] <= soonest + SCORE_GRAIN),
-                   key=lambda u: (crowding(u) if crowding else 0.0, preference(u, now)))
+                   key=lambda u: (score.crowding(u), preference(u, now)))  # spread new prompts, then the plain rule
 
 
 class RoundRobin:

@@ -88,6 +88,8 @@ class RedisStore:
     """The slot store in Redis: the connection, key names and scripts, and this worker's leases and tickets.
     The one place that talks to Redis."""
 
+    overbooks = False  # never beyond the free slots: N workers could each overbook a server
+
     def __init__(self, url: str, prefix: str, lease_ttl: float) -> None:
         self.url = url
         self.prefix = prefix

@@ -49,6 +49,8 @@ class Snapshot(NamedTuple):
 
 
 class SlotStore(Protocol):
+    overbooks: bool  # it may take a request beyond a server's free slots (early hand-overs); a shared one never does
+
     def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
              model: str | None = None) -> Take:
         """``model``: the request's, whose queue's order the take keeps. ``beyond_slots``: it may take a request
@@ -89,6 +91,8 @@ class SlotStore(Protocol):
 
 class LocalStore:
     """The counts in this process: the ledger's view *is* the truth, so each operation updates it directly."""
+
+    overbooks = True
 
     def __init__(self) -> None:
         self.current: dict[str, Upstream] = {}  # the server each key names now (a new address replaces it)

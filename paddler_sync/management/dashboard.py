@@ -17,7 +17,7 @@ from flask import Blueprint, render_template, request, url_for
 
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.management.views import traffic_json
-from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic, errors_text, rate_text
+from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic, cache_text, errors_text, rate_text
 
 REFRESH_MS = 1000
 PLOT = {"left": 40, "right": 8, "top": 8, "bottom": 20, "width": 420, "height": 150}
@@ -70,12 +70,14 @@ def format_duration(seconds: float | None) -> str:
 def display_figures(figures: dict[str, Any] | None) -> dict[str, str]:
     """A server's or the fleet's traffic figures as the table shows them ("-": nothing relayed yet)."""
     if not figures:
-        return {"rps": "-", "tps": "-", "ttft_p50": "-", "ttft_p95": "-", "wait_p95": "-", "errors": "none"}
+        return {"rps": "-", "tps": "-", "ttft_p50": "-", "ttft_p95": "-", "wait_p95": "-", "errors": "none",
+                "cache": "-"}
     return {"rps": rate_text(figures["requests_per_second"]), "tps": rate_text(figures["tokens_per_second"]),
             "ttft_p50": format_duration(figures["ttft_p50_seconds"]),
             "ttft_p95": format_duration(figures["ttft_p95_seconds"]),
             "wait_p95": format_duration(figures["queue_wait_p95_seconds"]),
-            "errors": errors_text(figures["errors"])}
+            "errors": errors_text(figures["errors"]), "cache": cache_text(figures)}
+
 
 
 def with_display_fields(agent: dict[str, Any], figures: dict[str, Any] | None) -> dict[str, Any]:

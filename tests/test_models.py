@@ -168,3 +168,20 @@ def test_a_request_goes_only_where_its_context_fits() -> None:
         assert taken is not None and taken.upstream.key == "large"
     assert ledger.reserve(model="m", need=1000) is None
     assert ledger.reserve(model="m", need=100) is not None
+
+
+def test_a_server_that_stops_saying_what_it_serves_keeps_its_models_known_but_takes_nothing() -> None:
+    from paddler_sync.fleet.registry import Registry
+
+    ledger = Ledger(clock=lambda: 100.0)
+    registry = Registry(ledger, clock=lambda: 100.0)
+    registry.apply("r1", router_report())
+    registry.apply("s1", parse_report(json.dumps(good_report(external_llamacpp_addr="127.0.0.1:9002", models=[
+        {"id": "chat", "slots_idle": 3, "slots_processing": 1}])).encode()))
+    assert ledger.knows("tiny") and ledger.knows("chat")
+    for agent_id, addr in (("r1", "127.0.0.1:9001"), ("s1", "127.0.0.1:9002")):  # llama.cpp unreachable a moment
+        registry.apply(agent_id, parse_report(json.dumps(good_report(
+            external_llamacpp_addr=addr, state="unreachable", slots_idle=0, slots_processing=0, total_slots=None,
+            is_authorized=None, is_slots_endpoint_enabled=None, router=agent_id == "r1")).encode()))
+    assert ledger.knows("tiny") and ledger.knows("chat") and not ledger.knows("other")  # no 404 meanwhile
+    assert ledger.reserve(model="tiny") is None and ledger.reserve(model="chat") is None  # and nothing goes there

@@ -12,11 +12,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.reports import AgentReport, ReportError, owned_by
+from paddler_sync.fleet.reports import AgentReport, Pool, ReportError, owned_by
 from paddler_sync.llamacpp import HINTS, ServerState
 
 logger = logging.getLogger("paddler_sync.registry")
@@ -80,7 +80,7 @@ class Registry:
         stored = json.dumps({"report": report.to_json(),
                              "first_seen": record.first_seen if record is not None else now,
                              "last_update": now, "reports": record.reports + 1 if record is not None else 1})
-        pools = report.pools(agent_id, self.models_autoload)
+        pools = self._pools(agent_id, report)
         for pool in pools:
             self.ledger.report(pool.key, report.external_llamacpp_addr, total=pool.total, processing=pool.processing,
                                routable=pool.routable, sleeping=bool(report.is_sleeping),
@@ -88,6 +88,17 @@ class Registry:
         kept = {pool.key for pool in pools}
         for key in self.entries_of(agent_id) - kept:
             self.ledger.remove(key)
+
+    def _pools(self, agent_id: str, report: AgentReport) -> list[Pool]:
+        """The report's entries; when it does not say what the server serves (llama.cpp unreachable, loading, or
+        its model list unreadable), what it served stays known, so requests for it wait rather than get 404."""
+        pools = report.pools(agent_id, self.models_autoload)
+        if report.models is not None:
+            return pools
+        known = {u.key: u.serving for u in self.ledger.upstreams() if owned_by(u.key, agent_id)}
+        if report.router:
+            return [Pool(key, 0, 0, False, serving) for key, serving in known.items()]
+        return [replace(pool, serving=known[pool.key]) if pool.key in known else pool for pool in pools]
 
     def entries_of(self, agent_id: str) -> set[str]:
         """The ledger's entries for this agent's server: its own, or one per model of a router."""

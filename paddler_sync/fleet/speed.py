@@ -98,9 +98,6 @@ class ServerSpeeds:
     def decode_rate(self, key: str) -> float:
         return self._decode.get(key) or _median(self._decode, DEFAULT_DECODE_PER_SECOND)
 
-    def known(self) -> dict[str, tuple[float | None, float | None]]:
-        return {key: (self._prefill.get(key), self._decode.get(key)) for key in {*self._prefill, *self._decode}}
-
 
 def _smooth(rates: dict[str, float], key: str, sample: float) -> None:
     known = rates.get(key)

@@ -45,8 +45,6 @@ class Route:
     wait_for_discovery: float | None = None  # an unknown model, while agents report: wait at most this long
 
 
-NO_ROUTE = Route(Ask())
-
 
 class ModelRouting:
     def __init__(self, options: argparse.Namespace, ledger: Ledger, context: ContextCheck,

@@ -25,6 +25,7 @@ from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy, make_policy
 from paddler_sync.fleet.redis_store import RedisStore, SharedAffinity, SharedCounts, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
+from paddler_sync.fleet.rollout import Controls, LocalControls, Rollout
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
@@ -56,7 +57,10 @@ class Balancer:
                                   self.shared.store if self.shared else None, lambda: self.shutting_down)
         self.metrics.registry.register(FleetCollector(self.status))
         self.traffic = self.metrics.traffic
-        self.management = create_management_app(options, self.status, self.traffic, self.metrics.registry)
+        self.rollout = Rollout(self._controls(), self.registry, self.ledger, options.max_unavailable,
+                               options.drain_timeout)
+        self.management = create_management_app(options, self.status, self.traffic, self.metrics.registry,
+                                                self.rollout)
         self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.management)
         if self.shared is not None and self.proxy.awareness is not None:
             self.shared.affinity = SharedAffinity(self.shared.store, self.proxy.awareness)
@@ -77,6 +81,14 @@ class Balancer:
             self.metrics.shared_totals = counts.totals
             self.shared = SharedFleetSync(store, ledger, registry, counts, SWEEP_SECONDS)
         return ledger, registry
+
+    def _controls(self) -> Controls:
+        """The operator's drains and desired states: beside the ledger (this process, or Redis)."""
+        if self.shared is None:
+            return LocalControls()
+        from paddler_sync.fleet.redis_controls import RedisControls
+
+        return RedisControls(self.shared.store)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         return self.proxy(environ, start_response)

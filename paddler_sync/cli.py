@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     command, rest = args[0], args[1:]
     runner = _runner(command)
+    if command == "agent":
+        rest = supervised_command(rest)
     if command in GEVENT_COMMANDS:
         from paddler_sync.patching import patch
 
@@ -49,6 +51,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(runner()(options))
 
 
+def supervised_command(args: list[str]) -> list[str]:
+    """``--supervise -- llama-server -m x.gguf`` (the command last, as typed) becomes one setting value,
+    ``--supervise=llama-server -m x.gguf``, the same as a config file's or the environment's."""
+    import shlex
+
+    if "--" not in args:
+        return args
+    split = args.index("--")
+    head, command = args[:split], args[split + 1:]
+    if "--supervise" not in head or not command:
+        sys.stderr.write("paddler-sync agent: error: a command after -- needs --supervise before it, e.g. "
+                         "paddler-sync agent --supervise -- llama-server -m model.gguf -np 4\n")
+        sys.exit(2)
+    at = head.index("--supervise")
+    return [*head[:at], f"--supervise={shlex.join(command)}", *head[at + 1:]]
+
+
 def _runner(command: str) -> Callable[[], Callable]:
     """Look up a command without importing it (imports must wait for the patch)."""
 
@@ -58,7 +77,7 @@ def _runner(command: str) -> Callable[[], Callable]:
         return run_balancer
 
     def agent() -> Callable:
-        from paddler_sync.agent.monitor import run_agent
+        from paddler_sync.agent.main import run_agent
 
         return run_agent
 

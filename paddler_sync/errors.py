@@ -18,6 +18,14 @@ REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            504: "Gateway Timeout"}
 
 
+class Refused(ValueError):
+    """Input refused with a reason: ``status`` is the HTTP status to answer, the message says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def error_body(status: int, message: str, code: str | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``extra``: fields beside the message (the models that exist, a context's numbers)."""

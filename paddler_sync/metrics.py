@@ -134,7 +134,9 @@ class FleetCollector(Collector):
                                ("slots_processing", "Busy slots in the fleet."),
                                ("requests_buffered", "Requests waiting for a slot now."),
                                ("requests_in_flight", "Requests this balancer is relaying now."),
-                               ("agents", "Registered agents.")):
+                               ("agents", "Registered agents."),
+                               ("agents_draining", "Servers draining: no new requests go there (a model swap, "
+                                                   "or drained by hand).")):
             yield GaugeMetricFamily(f"paddler_{key}", help_text, value=health[key])
         yield GaugeMetricFamily("paddler_greenlets", "Live greenlets in the worker (a leak shows here).",
                                 value=live_greenlets())
@@ -152,7 +154,13 @@ class FleetCollector(Collector):
             "slots_in_flight": GaugeMetricFamily("paddler_agent_slots_in_flight",
                                                  "Requests this balancer has in flight per server.", labels=labels),
             "ready": GaugeMetricFamily("paddler_agent_ready", "1 when the server takes traffic.", labels=labels),
+            "draining": GaugeMetricFamily("paddler_agent_draining", "1 while the server drains.", labels=labels),
         }
+        supervised = GaugeMetricFamily("paddler_agent_supervisor_state", "1 for the state of the llama-server its "
+                                       "agent runs (--supervise): starting, loading, ready, crashed, restarting, "
+                                       "backing_off, stopping.", labels=[*labels, "state"])
+        restarts = GaugeMetricFamily("paddler_agent_supervisor_restarts", "Times its agent started llama-server "
+                                     "again (crashes, failed starts, rollbacks).", labels=labels)
         per_model = GaugeMetricFamily("paddler_agent_model_slots_idle", "Free slots per server and model (a "
                                       "router has one set of slots per loaded model).", labels=[*labels, "model",
                                                                                                 "state"])
@@ -163,8 +171,13 @@ class FleetCollector(Collector):
                 family.add_metric(values, float(value))
             for model in agent["models"]:
                 per_model.add_metric([*values, model["id"], model["state"]], float(model["slots_idle"]))
+            if agent["supervisor"] is not None:
+                supervised.add_metric([*values, agent["supervisor"]["state"]], 1.0)
+                restarts.add_metric(values, float(agent["supervisor"]["restarts"]))
         yield from families.values()
         yield per_model
+        yield supervised
+        yield restarts
         yield from model_families(self.status.models())
 
 
@@ -216,7 +229,7 @@ class StatsdReporter:
         health = self.status.health()
         metrics = self.metrics
         with client.pipeline() as pipe:
-            for gauge in ("slots_idle", "slots_processing", "requests_buffered"):
+            for gauge in ("slots_idle", "slots_processing", "requests_buffered", "agents_draining"):
                 pipe.gauge(gauge, health[gauge])
             for model in self.status.models():
                 for key in ("slots_idle", "slots_total", "requests_buffered"):

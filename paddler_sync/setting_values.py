@@ -160,6 +160,40 @@ def networks(text: str) -> tuple:
                                          "10.0.0.0/8,192.168.1.0/24") from None
 
 
+def command_line(text: str) -> tuple[str, ...]:
+    """A command line as a shell would split it (``llama-server -m "my model.gguf" -np 4``)."""
+    import shlex
+
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a command line: {exc}") from None
+    if not argv:
+        raise argparse.ArgumentTypeError("expected a command such as: llama-server -m model.gguf -np 4")
+    return argv
+
+
+LABEL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+
+
+def labels(text: str) -> dict[str, str]:
+    """``gpu=a100,zone=eu``: a server's labels, which fleet-wide desired states select by."""
+    import re
+
+    found: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        key, equals, value = part.partition("=")
+        if not part or not equals or not re.fullmatch(LABEL, key) or not re.fullmatch(LABEL, value):
+            raise argparse.ArgumentTypeError(f"'{part}' is not a label: expected KEY=VALUE (letters, digits, "
+                                             f"'.', '_', '-'), several separated by commas, e.g. gpu=a100,zone=eu")
+        found[key] = value
+    return found
+
+
+def port(text: str) -> int:
+    return _integer(text, 1, "a port", 65535)
+
+
 def path_prefix(text: str) -> str:
     if not text.startswith("/") or text == "/" or text.endswith("/") or any(c in text for c in "?# "):
         raise argparse.ArgumentTypeError(f"'{text}' is not a path prefix: expected something like /_paddler")

@@ -22,15 +22,18 @@ from paddler_sync.setting_values import (
     bounded_count,
     byte_size,
     choice,
+    command_line,
     count,
     duration,
     fraction,
+    labels,
     log_level,
     model_specs,
     name,
     networks,
     non_negative_number,
     path_prefix,
+    port,
     positive_count,
     positive_duration,
     state_backend,
@@ -185,6 +188,12 @@ SETTINGS: tuple[Setting, ...] = (
             "fleet.", B, name, "paddler"),
     Setting("lease-ttl", "With Redis: a slot taken by a balancer that stops renewing it (it died) returns "
             "after this long.", B, positive_duration, 15.0, metavar="SECONDS"),
+    Setting("max-unavailable", "A desired state for the whole fleet (PUT /api/v1/desired_state) swaps at most "
+            "this many servers at once: each drains, restarts and loads before the next begins.", B,
+            positive_count, 1),
+    Setting("drain-timeout", "Balancer: how long a server's requests in flight may run on when it drains for a "
+            "swap of its model; then llama-server restarts anyway and they end with an error event. Agent: the same "
+            "limit when the agent stops (SIGTERM).", B + A, duration, 60.0, metavar="SECONDS"),
     Setting("workers", "gunicorn worker processes of paddler-sync balancer (and conf/gunicorn.conf.py); more "
             "than 1 needs a Redis --state-backend.", B, positive_count, 1),
     # agent
@@ -207,15 +216,41 @@ SETTINGS: tuple[Setting, ...] = (
             "aws:metadata:local-ipv4.", A, text_value, "http://169.254.169.254", metavar="URL"),
     Setting("llamacpp-timeout", "Timeout of each poll of llama.cpp; a slower answer counts as unreachable.",
             A, positive_duration, 3.0, metavar="SECONDS"),
+    Setting("supervise", "Run llama-server as the agent's child and keep it running: restart it when it exits or "
+            "stops answering, swap its model when the balancer asks. On the command line put it last: --supervise "
+            "-- llama-server -m model.gguf -np 4 (without --port the agent picks a free one; it adds --slots and "
+            "--metrics where the build takes them). In a config file: supervise = llama-server -m model.gguf.",
+            A, command_line, None, metavar="COMMAND"),
+    Setting("supervise-log-level", "The level at which llama-server's output goes to the agent's log, each line "
+            "prefixed with [llama-server PID].", A, log_level, "info"),
+    Setting("supervise-max-restarts", "Give up restarting after this many failed starts in a row (state crashed, "
+            "until a new desired state or an agent restart); 0: never give up.", A, count, 10),
+    Setting("supervise-backoff", "Wait this long before restarting llama-server after it failed, doubling with "
+            "each failure in a row.", A, positive_duration, 1.0, metavar="SECONDS"),
+    Setting("supervise-backoff-max", "The longest wait between restarts.", A, positive_duration, 60.0,
+            metavar="SECONDS"),
+    Setting("supervise-start-timeout", "A started llama-server that is not ready (model loaded, slots seen) within "
+            "this long is stopped and counts as a failed start.", A, positive_duration, 300.0, metavar="SECONDS"),
+    Setting("supervise-unresponsive-timeout", "A ready llama-server that stops answering for this long is killed "
+            "and restarted.", A, positive_duration, 30.0, metavar="SECONDS"),
+    Setting("supervise-stop-timeout", "How long llama-server may take to exit after SIGTERM before it gets "
+            "SIGKILL.", A, positive_duration, 10.0, metavar="SECONDS"),
+    Setting("label", "This server's labels, KEY=VALUE separated by commas (e.g. gpu=a100,zone=eu): a fleet-wide "
+            "desired state may select servers by them.", A, labels, None, metavar="LABELS"),
     # dashboard
     Setting("refresh-interval", "How often the terminal dashboard refreshes.", D, positive_duration, 0.5,
             metavar="SECONDS"),
     # simulator (flag names follow llama-server's where one exists)
     Setting("addr", "Where the simulated llama.cpp server listens.", S, address, parse_address("127.0.0.1:8081"),
             metavar="HOST:PORT"),
-    Setting("parallel", "Number of slots (llama-server -np).", S, positive_count, 4),
+    Setting("host", "Listen on this address instead of --addr's (llama-server --host).", S, text_value, None),
+    Setting("port", "Listen on this port instead of --addr's (llama-server --port).", S, port, None),
+    Setting("model", "The model file (llama-server -m). As with llama-server, a file that does not exist makes "
+            "the simulator exit with status 1 ('failed to load model'); its path names the model unless --alias "
+            "does.", S, text_value, None, aliases=("-m",), metavar="PATH"),
+    Setting("parallel", "Number of slots (llama-server -np).", S, positive_count, 4, aliases=("-np",)),
     Setting("ctx-size", "Total context in tokens, shared evenly by the slots (llama-server -c).", S,
-            positive_count, 4096),
+            positive_count, 4096, aliases=("-c",)),
     Setting("slots", "Serve /slots (llama-server --slots / --no-slots). The simulator enables it by "
             "default, as the recorded server was started.", S, default=True, switch=True),
     Setting("metrics", "Serve /metrics (llama-server --metrics).", S, default=True, switch=True),
@@ -224,8 +259,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api-key", "Require 'Authorization: Bearer KEY' on protected paths, as llama-server --api-key.",
             S, text_value, None, secret=True, metavar="KEY"),
     Setting("alias", "Model id shown in /v1/models and /props (llama-server --alias); with --dialect modern a "
-            "comma-separated list, as the 2026 build takes it (the first in sorted order is the id).", S, name,
-            "models/simulated.gguf"),
+            "comma-separated list, as the 2026 build takes it (the first in sorted order is the id). Unset: --model's "
+            "path, or models/simulated.gguf.", S, name, None),
     Setting("router-models", "Serve as a llama.cpp router (2026 build started without -m): these models, "
             "separated by spaces, each ID or ID=ALIAS,ALIAS, each with its own --parallel slots, loaded on "
             "demand. Implies --dialect modern.", S, model_specs, None, metavar="MODELS"),

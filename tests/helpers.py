@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 PYTHON = sys.executable
+PADDLER_SYNC = str(Path(PYTHON).parent / "paddler-sync")  # the console script pip installs beside python
 
 
 PORT_RANGES = 4  # xdist workers each draw ports from their own slice of 20000-31999 (below the ephemeral ports)
@@ -108,6 +109,12 @@ class Proc:
             self.popen.kill()
             self.popen.wait(5)
 
+    def kill_group(self) -> None:
+        """SIGKILL to the process and every child of its group (a balancer's gunicorn workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(5)
+
     def stop(self, timeout: float = 10) -> int:
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
@@ -160,6 +167,15 @@ class Fleet:
                                     "--local-llamacpp-addr", f"127.0.0.1:{llamacpp_port}",
                                     "--management-addr", f"127.0.0.1:{management_port}",
                                     "--monitoring-interval", str(interval), *args], None, **kwargs)
+
+    def supervised(self, management_port: int, *command: str, name: str = "s0", interval: float = 0.2,
+                   agent_args: tuple[str, ...] = (), **kwargs: Any) -> Proc:
+        """An agent that runs its llama.cpp server itself (``--supervise -- COMMAND``); by default a simulator."""
+        command = command or (PADDLER_SYNC, "simulate")
+        return self.spawn("agent", [PYTHON, "-m", "paddler_sync", "agent",
+                                    "--management-addr", f"127.0.0.1:{management_port}",
+                                    "--monitoring-interval", str(interval), "--name", name, *agent_args,
+                                    "--supervise", "--", *command], None, **kwargs)
 
     def balancer(self, *args: str, proxy_port: int | None = None, management_port: int | None = None,
                  prefix: str | None = None, **kwargs: Any) -> Proc:

@@ -116,8 +116,9 @@ def test_health_counts_the_fleet(client: FlaskClient) -> None:
         external_llamacpp_addr="127.0.0.1:9002", state="unauthorized", slots_idle=0, slots_processing=0,
         total_slots=None, is_authorized=False, is_slots_endpoint_enabled=None, error="Unauthorized"))
     health = client.get("/health").get_json()
-    assert health == {"status": "ok", "agents": 2, "agents_ready": 1, "agents_sleeping": 0, "slots_total": 4,
-                      "slots_idle": 3, "slots_processing": 1, "requests_in_flight": 0, "requests_buffered": 0,
+    assert health == {"status": "ok", "agents": 2, "agents_ready": 1, "agents_sleeping": 0, "agents_draining": 0,
+                      "slots_total": 4, "slots_idle": 3, "slots_processing": 1, "requests_in_flight": 0,
+                      "requests_buffered": 0,
                       "oldest_buffered_seconds": 0.0, "state_backend": "local", "state_backend_reachable": True}
 
 

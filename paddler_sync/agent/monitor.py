@@ -1,30 +1,24 @@
 """The agent's loop: poll llama.cpp, report to the balancer, say what changed, once.
 
 Reports are stateless and periodic, so a balancer restart needs nothing from the agent: the next
-report registers it again. On SIGTERM or SIGINT the agent deregisters before it exits, so the
-balancer stops routing to it at once instead of after the staleness limit.
+report registers it again. The balancer answers each report with what the operator wants of the
+server (drain, a desired state): a supervising agent (paddler_sync/agent/supervisor.py) acts on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
-import sys
 import time
-import uuid
 
-import gevent
 import requests
 from gevent.event import Event
-from gevent.pool import Group
 
 from paddler_sync.addresses import Address
-from paddler_sync.agent.aws import MetadataError, fetch_local_ipv4
+from paddler_sync.agent.supervisor import Supervisor
 from paddler_sync.fleet.models import FAILED, LOAD_STATES, LOADED
 from paddler_sync.fleet.reports import AgentReport, ModelReport
+from paddler_sync.fleet.supervision import Control, DrainMark
 from paddler_sync.llamacpp import HINTS, ListedModel, LlamaCppClient, Props, ServerState, SlotsReading
-from paddler_sync.logs import log_greenlet_exception
 
 logger = logging.getLogger("paddler_sync.agent")
 PROPS_REFRESH_SECONDS = 60.0
@@ -43,6 +37,7 @@ class BalancerClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self._last_problem: str | None = "never reported"
+        self.control: Control | None = None  # the balancer's answer to the last report that got through
 
     def report(self, report: AgentReport) -> bool:
         try:
@@ -56,7 +51,22 @@ class BalancerClient:
         if self._last_problem is not None:
             logger.info("reporting to the balancer at %s", self.url.rsplit("/api/v1/agents/", 1)[0])
             self._last_problem = None
+        self.control = Control.from_json(_answer(response).get("control"))
         return True
+
+    def drain(self) -> int | None:
+        """Ask the balancer to send nothing new; the requests it still has running there (None: it did not say)."""
+        try:
+            response = self.session.post(f"{self.url}/drain", timeout=self.timeout)
+        except requests.RequestException as exc:
+            logger.warning("could not ask the balancer to drain this server: %s", type(exc).__name__)
+            return None
+        if response.status_code >= 400:
+            logger.warning("the balancer refused to drain this server (HTTP %d): %s", response.status_code,
+                           _reason(response))
+            return None
+        in_flight = _answer(response).get("requests_in_flight")
+        return in_flight if isinstance(in_flight, int) else None
 
     def deregister(self) -> None:
         try:
@@ -73,7 +83,12 @@ class BalancerClient:
 
 class Agent:
     def __init__(self, llamacpp: LlamaCppClient, balancer: BalancerClient, external_addr: Address,
-                 interval: float, name: str | None = None, sleep_idle: float = 0.0) -> None:
+                 interval: float, name: str | None = None, sleep_idle: float = 0.0,
+                 supervisor: Supervisor | None = None, labels: dict[str, str] | None = None) -> None:
+        self.supervisor = supervisor
+        self.labels = labels
+        self.drain = DrainMark()  # the balancer's mark, carried back in every report
+        self.last_reading: SlotsReading | None = None
         self.llamacpp = llamacpp
         self.balancer = balancer
         self.external_addr = external_addr
@@ -115,9 +130,24 @@ class Agent:
                 reading, self._read_at = self.llamacpp.read_slots(), time.monotonic()
             models = self._single_model(reading)
         self._note_state(reading)
+        if self._last_state_changed and reading.state is ServerState.READY and not self.props.router:
+            self._read_props()  # what it serves now: a (re)started server may have loaded another model
+            models = self._single_model(reading)
+        self.last_reading = reading
+        if self.supervisor is not None:
+            self.supervisor.step(reading)
         report = self.build_report(reading, models)
-        self.balancer.report(report)
+        if self.balancer.report(report):
+            self._follow(self.balancer.control)
         return report
+
+    def _follow(self, control: Control | None) -> None:
+        if control is None:
+            return
+        if control.drain.seq > self.drain.seq:
+            self.drain = control.drain
+        if self.supervisor is not None:
+            self.supervisor.follow(control)
 
     def _read_props(self) -> None:
         self.props = self.llamacpp.read_props()
@@ -189,6 +219,8 @@ class Agent:
             slots_sample_age=round(time.monotonic() - self._read_at, 6) if ready else None,
             models=models if ready else None, router=self.props.router or None,
             models_autoload=self.props.models_autoload if self.props.router else None,
+            supervisor=self.supervisor.report() if self.supervisor else None, labels=self.labels,
+            drain=self.drain if self.drain.seq else None,
         )
 
     def _props_stale(self) -> bool:
@@ -210,53 +242,12 @@ class Agent:
                            reading.error, HINTS[reading.state])
 
 
-def resolve_aws_addresses(options: argparse.Namespace) -> None:
-    """Replace ``aws:metadata:local-ipv4`` placeholders at start-up, asking the metadata service once."""
-    placeholders = ("local_llamacpp_addr", "external_llamacpp_addr", "management_addr")
-    if not any(getattr(options, key) is not None and getattr(options, key).is_aws_placeholder
-               for key in placeholders):
-        return
-    ipv4 = fetch_local_ipv4(options.aws_metadata_endpoint)
-    for key in placeholders:
-        addr = getattr(options, key)
-        if addr is not None and addr.is_aws_placeholder:
-            setattr(options, key, addr.with_host(ipv4))
-            logger.info("--%s resolved from EC2 instance metadata: %s", key.replace("_", "-"), getattr(options, key))
-
-
-def external_address(options: argparse.Namespace) -> Address:
-    external = options.external_llamacpp_addr or options.local_llamacpp_addr
-    return external if external.port else Address(external.host, options.local_llamacpp_addr.port)
-
-
-def run_agent(options: argparse.Namespace) -> int:
-    if options.local_llamacpp_addr.port == 0:
-        sys.stderr.write("paddler-sync agent: error: --local-llamacpp-addr needs a port, "
-                         "e.g. aws:metadata:local-ipv4:8080\n")
-        return 2
+def _answer(response: requests.Response) -> dict:
     try:
-        resolve_aws_addresses(options)
-    except MetadataError as exc:
-        sys.stderr.write(f"paddler-sync agent: error: {exc}\n")
-        return 2
-    agent_id = str(uuid.uuid4())
-    agent = Agent(
-        LlamaCppClient(options.local_llamacpp_addr, options.llamacpp_api_key, options.llamacpp_timeout),
-        BalancerClient(options.management_addr, agent_id, options.management_path_prefix, options.management_token),
-        external_address(options), options.monitoring_interval, options.name, options.llamacpp_sleep_idle_seconds,
-    )
-    logger.info("agent %s watches llama.cpp at %s and reports it as %s to %s every %gs", agent_id,
-                options.local_llamacpp_addr, agent.external_addr, options.management_addr,
-                options.monitoring_interval)
-    stop = Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop.set)
-    group = Group()
-    group.spawn(agent.run, stop).link_exception(log_greenlet_exception(logger))
-    stop.wait()
-    group.kill(block=True, timeout=5)
-    agent.balancer.deregister()
-    return 0
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _reason(response: requests.Response) -> str:

@@ -30,6 +30,7 @@ class AgentRecord:
     first_seen: float
     last_update: float = field(default=0.0)
     reports: int = 0
+    draining: bool = False  # no new requests: drained by hand, or applying a desired state
 
 
 class Registry:
@@ -51,8 +52,9 @@ class Registry:
     def get(self, agent_id: str) -> AgentRecord | None:
         return self._agents.get(agent_id)
 
-    def apply(self, agent_id: str, report: AgentReport) -> bool:
-        """Take one report; True when it registered a new agent. Conflicts raise ReportError(409)."""
+    def apply(self, agent_id: str, report: AgentReport, draining: bool = False) -> bool:
+        """Take one report; True when it registered a new agent. Conflicts raise ReportError(409).
+        ``draining``: its server takes no new requests (paddler_sync/fleet/rollout.py decides)."""
         now = self.clock()
         record = self._agents.get(agent_id)
         if record is not None and record.report.external_llamacpp_addr != report.external_llamacpp_addr:
@@ -62,28 +64,41 @@ class Registry:
             self._claim_address(agent_id, report, now)
             if len(self._agents) >= self.max_agents:
                 raise ReportError(429, f"the balancer already has {self.max_agents} agents, its limit")
-        self._report_to_ledger(agent_id, report, record, now)  # first: a shared ledger may refuse it
+        updated = AgentRecord(agent_id, report, record.first_seen if record else now, now,
+                              record.reports + 1 if record else 1, draining)
+        self._report_to_ledger(updated)  # first: a shared ledger may refuse it
         if record is None:
-            record = self._agents[agent_id] = AgentRecord(agent_id, report, first_seen=now)
             logger.info("registered agent %s%s for llama.cpp at %s (%s)", agent_id, _named(report),
                         report.external_llamacpp_addr, report.state)
-        elif record.report.state != report.state:
-            _log_state_change(agent_id, record.report, report)
-        record.report = report
-        record.last_update = now
-        record.reports += 1
-        return record.reports == 1
+        else:
+            if record.report.state != report.state:
+                _log_state_change(agent_id, record.report, report)
+            _log_drain_change(record, draining)
+        self._agents[agent_id] = updated
+        return updated.reports == 1
 
-    def _report_to_ledger(self, agent_id: str, report: AgentReport, record: AgentRecord | None, now: float) -> None:
+    def set_draining(self, agent_id: str, draining: bool) -> bool:
+        """Drain (or undrain) at once, without waiting for the agent's next report; False: no such agent."""
+        record = self._agents.get(agent_id)
+        if record is None:
+            return False
+        if record.draining != draining:
+            _log_drain_change(record, draining)
+            record.draining = draining
+            self._report_to_ledger(record)
+        return True
+
+    def _report_to_ledger(self, record: AgentRecord) -> None:
         """The slot numbers to the ledger, an entry per pool of slots (a router has one per model), with the
-        record as JSON (a shared store keeps it for every balancer). Entries the report no longer makes go."""
-        stored = json.dumps({"report": report.to_json(),
-                             "first_seen": record.first_seen if record is not None else now,
-                             "last_update": now, "reports": record.reports + 1 if record is not None else 1})
+        record as JSON (a shared store keeps it for every balancer). Entries the report no longer makes go.
+        A draining server's entries take no new requests."""
+        agent_id, report, now = record.agent_id, record.report, record.last_update
+        stored = json.dumps({"report": report.to_json(), "first_seen": record.first_seen, "last_update": now,
+                             "reports": record.reports, "draining": record.draining})
         pools = self._pools(agent_id, report)
         for pool in pools:
             self.ledger.report(pool.key, report.external_llamacpp_addr, total=pool.total, processing=pool.processing,
-                               routable=pool.routable, sleeping=bool(report.is_sleeping),
+                               routable=pool.routable and not record.draining, sleeping=bool(report.is_sleeping),
                                sampled_at=sampled_at(report, now), record=stored, serving=pool.serving)
         kept = {pool.key for pool in pools}
         for key in self.entries_of(agent_id) - kept:
@@ -171,7 +186,8 @@ def record_from_json(agent_id: str, raw: str) -> AgentRecord | None:
     try:
         body = json.loads(raw)
         return AgentRecord(agent_id, AgentReport.from_json(body["report"]), first_seen=body["first_seen"],
-                           last_update=body["last_update"], reports=body["reports"])
+                           last_update=body["last_update"], reports=body["reports"],
+                           draining=bool(body.get("draining")))
     except (ValueError, TypeError, KeyError):
         logger.warning("ignored an unreadable record of agent %s in the shared store", agent_id)
         return None
@@ -184,6 +200,13 @@ def sampled_at(report: AgentReport, now: float) -> float | None:
 
 def _named(report: AgentReport) -> str:
     return f" ({report.agent_name})" if report.agent_name else ""
+
+
+def _log_drain_change(record: AgentRecord, draining: bool) -> None:
+    if record.draining != draining:
+        logger.info("agent %s%s at %s: %s", record.agent_id, _named(record.report),
+                    record.report.external_llamacpp_addr,
+                    "draining: no new requests go there" if draining else "undrained: requests go there again")
 
 
 def _log_state_change(agent_id: str, before: AgentReport, after: AgentReport) -> None:

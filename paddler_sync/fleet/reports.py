@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from paddler_sync.addresses import AddressError, parse_address
+from paddler_sync.errors import Refused
 from paddler_sync.fleet.models import LOAD_STATES, LOADED, UNLOADED, Serving, names_for
+from paddler_sync.fleet.supervision import (
+    DrainMark,
+    SupervisionError,
+    SupervisorReport,
+    parse_drain,
+    parse_supervisor,
+)
 from paddler_sync.llamacpp import ServerState
 
 MAX_REPORT_BYTES = 64 * 1024
@@ -30,12 +38,8 @@ AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MIN_INTERVAL, MAX_INTERVAL = 0.05, 3600.0
 
 
-class ReportError(ValueError):
-    """A refused report: ``status`` is the HTTP status to answer, the message says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class ReportError(Refused):
+    """A refused report."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class AgentReport:
     models: tuple[ModelReport, ...] | None = None  # None: the agent could not tell (or predates models)
     router: bool | None = None  # llama.cpp's router mode: several models, loaded on demand
     models_autoload: bool | None = None  # the router loads a model when a request names it
+    supervisor: SupervisorReport | None = None  # the agent runs llama-server itself (--supervise)
+    labels: dict[str, str] | None = None  # --label, which fleet-wide desired states select by
+    drain: DrainMark | None = None  # the agent's copy of its drain mark (a restarted balancer adopts it)
 
     @property
     def is_ready(self) -> bool:
@@ -99,7 +106,8 @@ class AgentReport:
         models = body.get("models")
         fields = {**body, "models": None if models is None else tuple(
             ModelReport(**{**m, "aliases": tuple(m.get("aliases") or ()),
-                           "modalities": tuple(m.get("modalities") or ())}) for m in models)}
+                           "modalities": tuple(m.get("modalities") or ())}) for m in models),
+                  "supervisor": parse_supervisor(body.get("supervisor")), "drain": parse_drain(body.get("drain"))}
         return cls(**fields)
 
     def pools(self, agent_id: str, autoload: bool) -> list[Pool]:
@@ -173,10 +181,29 @@ def parse_report(raw: bytes) -> AgentReport:
         models=_models(body.get("models")),
         router=_tristate(body, "router"),
         models_autoload=_tristate(body, "models_autoload"),
+        labels=_labels(body.get("labels")),
+        **_supervision(body),
     )
     _check_consistent(report)
     _check_models(report)
     return report
+
+
+def _supervision(body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"supervisor": parse_supervisor(body.get("supervisor")), "drain": parse_drain(body.get("drain"))}
+    except SupervisionError as exc:
+        raise ReportError(exc.status, str(exc)) from None
+
+
+def _labels(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_ALIASES or not all(
+            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= MAX_NAME and len(v) <= MAX_NAME
+            for k, v in value.items()):
+        raise ReportError(400, f"labels must be an object of at most {MAX_ALIASES} names to short strings")
+    return dict(value)
 
 
 def _models(value: Any) -> tuple[ModelReport, ...] | None:

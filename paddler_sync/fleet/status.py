@@ -17,6 +17,9 @@ from paddler_sync.fleet.reports import owned_by
 from paddler_sync.fleet.upstream import Upstream
 from paddler_sync.llamacpp import HINTS, ServerState
 
+DRAINING_HINT = ("draining: no new requests go to this server while the ones it runs finish (a model swap, or "
+                 "POST /api/v1/agents/ID/drain; /undrain ends it)")
+
 if TYPE_CHECKING:
     from paddler_sync.fleet.redis_store import RedisStore
 
@@ -62,8 +65,9 @@ def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[s
         "quarantined_until": system_time(quarantined),
         "slots_idle": idle,
         "slots_processing": total - idle if report.is_ready else 0,
-        "state": "quarantined" if quarantined else state.value,
-        "hint": HINTS.get(state),
+        "state": shown_state(record, quarantined is not None),
+        "hint": DRAINING_HINT if record.draining else HINTS.get(state),
+        "draining": record.draining,
         "total_slots": total,
         "slots_in_flight": sum(u.in_flight for u in pools),
         "slots_external": sum(u.external + u.draining for u in pools),
@@ -76,7 +80,18 @@ def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[s
         "is_sleeping": bool(report.is_sleeping),
         "monitoring_interval": report.monitoring_interval,
         "first_seen": system_time(record.first_seen),
+        "labels": report.labels or {},
+        "supervisor": report.supervisor.to_json() if report.supervisor else None,
     }
+
+
+def shown_state(record: AgentRecord, quarantined: bool) -> str:
+    """llama.cpp's state, unless the balancer keeps requests away: quarantined, or draining while ready."""
+    if quarantined:
+        return "quarantined"
+    if record.draining and record.report.is_ready:
+        return "draining"
+    return record.report.state
 
 
 def fleet_models(pools: list[Upstream], now: float) -> list[dict[str, Any]]:
@@ -132,6 +147,7 @@ class FleetStatus:
             "agents": len(agents),
             "agents_ready": sum(1 for a in agents if a["state"] == ServerState.READY.value),
             "agents_sleeping": sum(1 for a in agents if a["is_sleeping"]),
+            "agents_draining": sum(1 for a in agents if a["draining"]),
             "slots_total": sum(a["total_slots"] for a in agents),
             "slots_idle": sum(a["slots_idle"] for a in agents),
             "slots_processing": sum(a["slots_processing"] for a in agents),

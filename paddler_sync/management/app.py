@@ -3,6 +3,7 @@
 Routes:
     POST   /api/v1/agents/<agent_id>/report   an agent report (paddler_sync.fleet.reports)
     DELETE /api/v1/agents/<agent_id>          deregister
+    drains and desired states                 paddler_sync/management/supervision.py
     GET    /api/v1/agents                     {"agents": [...]} with Paddler's field names and ours
     GET    /health                            the fleet in one object; 200 while the balancer serves
     GET    /metrics                           Prometheus text format
@@ -21,22 +22,25 @@ from werkzeug.exceptions import HTTPException
 from paddler_sync.errors import error_body
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
+from paddler_sync.fleet.rollout import Rollout
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
 from paddler_sync.management.guard import READ, WRITE, Guard, presented_token
+from paddler_sync.management.supervision import add_supervision_routes
 from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic
 
 
 def create_management_app(options: argparse.Namespace, status: FleetStatus, traffic: Traffic,
-                          metrics: CollectorRegistry) -> Flask:
+                          metrics: CollectorRegistry, rollout: Rollout) -> Flask:
     """The Flask app; each part gets only what it reads (the hub hands them over)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     guard = Guard(options.management_token, options.management_read_token, options.agent_allowed_networks)
     add_token_check(app, guard)
-    add_agent_routes(app, status, guard)
+    add_agent_routes(app, rollout, guard)
+    add_supervision_routes(app, rollout, options)
     add_fleet_routes(app, status, traffic, metrics)
     if options.management_dashboard_enable:
         app.register_blueprint(create_dashboard(status, traffic))
@@ -61,9 +65,9 @@ def add_token_check(app: Flask, guard: Guard) -> None:
                            "--management-token; HTTP clients send 'Authorization: Bearer <token>'")
 
 
-def add_agent_routes(app: Flask, status: FleetStatus, guard: Guard) -> None:
-    """What agents send: reports and deregistrations."""
-    registry = status.registry
+def add_agent_routes(app: Flask, rollout: Rollout, guard: Guard) -> None:
+    """What agents send: reports (answered with what the operator wants of their server) and deregistrations."""
+    registry = rollout.registry
 
     @app.post("/api/v1/agents/<agent_id>/report")
     def agent_report(agent_id: str) -> tuple[Response, int]:
@@ -72,10 +76,16 @@ def add_agent_routes(app: Flask, status: FleetStatus, guard: Guard) -> None:
             report = parse_report(request.get_data(cache=False))
             if not guard.address_allowed(report.external_llamacpp_addr):
                 raise ReportError(403, f"{report.external_llamacpp_addr} is outside --agent-allowed-networks")
-            registered = registry.apply(agent_id, report)
+            control = rollout.control(agent_id, report)
         except ReportError as exc:
             return _error(exc.status, str(exc))
-        return jsonify({"status": "registered" if registered else "accepted", "agent_id": agent_id}), 200
+        try:
+            registered = registry.apply(agent_id, report, draining=control.draining)
+        except ReportError as exc:
+            rollout.refused(agent_id)
+            return _error(exc.status, str(exc))
+        return jsonify({"status": "registered" if registered else "accepted", "agent_id": agent_id,
+                        "control": control.to_json()}), 200
 
     @app.delete("/api/v1/agents/<agent_id>")
     def agent_deregister(agent_id: str) -> tuple[Response, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import math
 import socket
@@ -29,7 +30,7 @@ from gevent.pool import Group
 from urllib3 import HTTPResponse
 
 from paddler_sync.endings import Ending
-from paddler_sync.errors import error_bytes, status_line
+from paddler_sync.errors import error_body, error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate, PromptSeen
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
@@ -349,6 +350,8 @@ class Relay:
             if self.sent == 0:  # nothing reached the client yet (gunicorn sends headers with the first chunk)
                 yield self._replace_with_error()
             else:
+                if self.streamed:
+                    yield self._stream_error()
                 abort_client_connection(self.environ)
         finally:
             self.close()
@@ -375,6 +378,18 @@ class Relay:
         if self.proxy.awareness is not None:
             self.proxy.awareness.answered(self.reservation.upstream.key, self.seen, timings)
         return timings.prompt_processed + timings.prompt_cached, timings.prompt_cached
+
+    def _stream_error(self) -> bytes:
+        """The reason, as llama.cpp's own mid-stream error line, before the connection is cut: a server that
+        drained (a model swap, maintenance) was stopped before this answer ended."""
+        if not self.reservation.upstream.routable:
+            message = (f"the llama.cpp server at {self.reservation.addr} was stopped while draining (a model swap or "
+                       "maintenance: --drain-timeout passed) before this answer ended; send the request again")
+        else:
+            message = f"the llama.cpp server at {self.reservation.addr} broke off its answer"
+        payload = error_body(502, message, "upstream_stopped")
+        payload["error"]["status"] = 502
+        return b"error: " + json.dumps(payload).encode() + b"\n\n"
 
     def _replace_with_error(self) -> bytes:
         """PEP 3333 lets an app change its status until the headers are sent: answer 502 instead."""

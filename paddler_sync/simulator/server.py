@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -13,11 +14,13 @@ from typing import Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from paddler_sync.addresses import Address
 from paddler_sync.simulator.app import SimulatorApp, SimulatorConfig
 from paddler_sync.simulator.engine import Engine, Timing
 from paddler_sync.simulator.router import RoutedModel, RouterApp
 
 logger = logging.getLogger("paddler_sync.simulator")
+DEFAULT_MODEL = "models/simulated.gguf"
 
 
 class SocketAwareHandler(WSGIHandler):
@@ -42,9 +45,10 @@ class SocketAwareHandler(WSGIHandler):
 def build_simulator(options: argparse.Namespace) -> SimulatorApp | RouterApp:
     if options.router_models:
         return build_router(options)
-    names: tuple[str, ...] = (options.alias,)
+    alias = options.alias or options.model or DEFAULT_MODEL
+    names: tuple[str, ...] = (alias,)
     if options.dialect == "modern":  # the 2026 build's --alias takes a list; its id is the first in order
-        names = tuple(sorted(a for a in options.alias.split(",") if a)) or (options.alias,)
+        names = tuple(sorted(a for a in alias.split(",") if a)) or (alias,)
     return single_model(options, names[0], names if options.dialect == "modern" else (), options.dialect)
 
 
@@ -74,9 +78,18 @@ def build_router(options: argparse.Namespace) -> RouterApp:
     return RouterApp(models, options.load_time, options.models_max, options.router_autoload)
 
 
+def listen_address(options: argparse.Namespace) -> Address:
+    """--addr, with llama-server's --host and --port over it (the shape a supervising agent runs)."""
+    addr: Address = options.addr
+    return Address(options.host or addr.host, options.port or addr.port)
+
+
 def run_simulator(options: argparse.Namespace) -> int:
+    if options.model is not None and not os.path.isfile(options.model):
+        logger.error("failed to load model '%s': no such file (llama-server exits the same way)", options.model)
+        return 1
     app = build_simulator(options)
-    addr = options.addr
+    addr = listen_address(options)
     server = WSGIServer((addr.host, addr.port), app, handler_class=SocketAwareHandler, log=None,
                         error_log=logger)
     try:

@@ -300,37 +300,48 @@ class TrafficOutcomes(list):
 
 
 @contextmanager
+def repeated(threads: int, once: Callable[[], None], join: float = 30) -> Iterator[None]:
+    """``once`` in a loop on each of ``threads`` threads, until the block ends."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            once()
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(join)
+
+
+@contextmanager
 def background_traffic(balancer: Proc, threads: int, n_predict: int) -> Iterator[list[str]]:
     """Clients completing in a loop until the block ends; each outcome is a status, 'refused' or 'error ...'.
     Retry-After of every 503 lands in ``outcomes.retry_after``."""
     outcomes = TrafficOutcomes()
-    stop = threading.Event()
 
     def traffic() -> None:
-        while not stop.is_set():
-            try:
-                response = complete(balancer, n_predict, timeout=20)
-            except requests.ConnectionError:
-                outcomes.append("refused")
-                time.sleep(0.1)
-                continue
-            except requests.RequestException as exc:
-                outcomes.append(f"error {type(exc).__name__}")
-                continue
-            outcomes.append(str(response.status_code))
-            if response.status_code == 503:
-                outcomes.retry_after.append(response.headers.get("Retry-After"))
-                time.sleep(0.05)
+        try:
+            response = complete(balancer, n_predict, timeout=20)
+        except requests.ConnectionError:
+            outcomes.append("refused")
+            time.sleep(0.1)
+            return
+        except requests.RequestException as exc:
+            outcomes.append(f"error {type(exc).__name__}")
+            return
+        outcomes.append(str(response.status_code))
+        if response.status_code == 503:
+            outcomes.retry_after.append(response.headers.get("Retry-After"))
+            time.sleep(0.05)
 
-    workers = [threading.Thread(target=traffic) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    try:
+    with repeated(threads, traffic):
         yield outcomes
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
 
 
 def internals(balancer: Proc) -> dict[str, float]:
@@ -394,3 +405,59 @@ def fake_http(routes: dict[tuple[str, str], tuple[int, str]]) -> Iterator[tuple[
         yield server.server_address[1], seen
     finally:
         server.shutdown()
+
+
+# --- supervised servers (tests/test_supervisor.py, tests/test_real_supervisor.py) ----------------------------
+
+
+def ready(balancer: Proc, name: str) -> dict[str, Any] | None:
+    agent = agent_named(balancer, name)
+    if agent and agent["state"] == "ready" and agent["supervisor"]["state"] == "ready":
+        return agent
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+def stream(balancer: Proc, model: str | None = None, n_predict: int = 30) -> str:
+    """One streamed completion; 'ok' only when every event and the final one arrived."""
+    body: dict[str, Any] = {"prompt": "hello", "n_predict": n_predict, "stream": True}
+    if model:
+        body["model"] = model
+    received = b""
+    try:
+        response = requests.post(balancer.extra["proxy"] + "/completion", json=body, stream=True, timeout=30)
+        for chunk in response.iter_content(None):
+            received += chunk
+    except requests.RequestException as exc:
+        return f"error {type(exc).__name__}" if not received else f"cut: {received.decode()[-400:]}"
+    text = received.decode()
+    if response.status_code != 200:
+        return f"{response.status_code} {text[:200]}"
+    if '"stop":true' not in text.replace(" ", ""):
+        return f"cut: {text[-200:]}"
+    return "ok"
+
+
+@contextmanager
+def streaming_load(balancer: Proc, clients: int, model: str | None = None) -> Iterator[list[str]]:
+    """Clients streaming in a loop until the block ends; each outcome 'ok' or what went wrong."""
+    outcomes: list[str] = []
+    with repeated(clients, lambda: outcomes.append(stream(balancer, model)), join=40):
+        yield outcomes
+
+
+def put_desired(balancer: Proc, body: dict[str, Any], agent_id: str | None = None) -> requests.Response:
+    path = f"/api/v1/agents/{agent_id}/desired_state" if agent_id else "/api/v1/desired_state"
+    return requests.put(balancer.extra["management"] + path, json=body, timeout=5)
+
+
+def fleet_progress(balancer: Proc) -> dict[str, Any]:
+    return requests.get(balancer.extra["management"] + "/api/v1/desired_state", timeout=5).json()

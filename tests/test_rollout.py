@@ -46,14 +46,15 @@ def test_every_command_listens_where_the_first_did_and_a_desired_state_changes_t
 def test_without_a_port_the_agent_picks_a_free_one() -> None:
     command = CommandLine.prepare([PADDLER_SYNC, "simulate", "-np", "2"])
     assert command.listen.host == "127.0.0.1" and 0 < command.listen.port < 65536
-    assert command.added == ("--slots", "--metrics")  # read from the simulator's --help
+    assert command.added == ()  # the simulator's --help: /slots and /metrics are on by default
     assert CommandLine.prepare(["llama-server-that-does-not-exist", "--port", "8123"]).added == ()
 
 
 @pytest.mark.parametrize("build", find_builds(), ids=lambda b: b.name)
 def test_the_monitoring_flags_each_real_build_takes(build: Any) -> None:
     help_text = subprocess.run([str(build.path), "--help"], capture_output=True, text=True, timeout=20).stdout
-    assert monitoring_flags(["x", "-m", "m.gguf"], help_text) == ["--slots", "--metrics"]
+    needed = ["--metrics"] if build.modern else ["--slots", "--metrics"]  # 2026 serves /slots by default
+    assert monitoring_flags(["x", "-m", "m.gguf"], help_text) == needed
     assert monitoring_flags(["x", "--no-slots", "--metrics"], help_text) == []  # what the operator said stands
 
 

@@ -11,8 +11,6 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,15 @@ from tests.helpers import (
     Proc,
     agent_named,
     agents,
+    alive,
+    fleet_progress,
     health,
     port_open,
+    put_desired,
+    ready,
     sim_stats,
+    stream,
+    streaming_load,
     wait_until,
 )
 
@@ -51,71 +55,6 @@ def supervisor_of(balancer: Proc, name: str) -> dict[str, Any]:
     return {**agent["supervisor"], "agent": agent}
 
 
-def ready(balancer: Proc, name: str) -> dict[str, Any] | None:
-    agent = agent_named(balancer, name)
-    if agent and agent["state"] == "ready" and agent["supervisor"]["state"] == "ready":
-        return agent
-    return None
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z"
-
-
-def stream(balancer: Proc, model: str | None = None, n_predict: int = 30) -> str:
-    """One streamed completion; 'ok' only when every event and the final one arrived."""
-    body: dict[str, Any] = {"prompt": "hello", "n_predict": n_predict, "stream": True}
-    if model:
-        body["model"] = model
-    received = b""
-    try:
-        response = requests.post(balancer.extra["proxy"] + "/completion", json=body, stream=True, timeout=30)
-        for chunk in response.iter_content(None):
-            received += chunk
-    except requests.RequestException as exc:
-        return f"error {type(exc).__name__}" if not received else f"cut: {received.decode()[-400:]}"
-    text = received.decode()
-    if response.status_code != 200:
-        return f"{response.status_code} {text[:200]}"
-    if '"stop":true' not in text.replace(" ", ""):
-        return f"cut: {text[-200:]}"
-    return "ok"
-
-
-@contextmanager
-def streaming_load(balancer: Proc, clients: int, model: str | None = None) -> Iterator[list[str]]:
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            outcomes.append(stream(balancer, model))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(40)
-
-
-def put_desired(balancer: Proc, body: dict[str, Any], agent_id: str | None = None) -> requests.Response:
-    path = f"/api/v1/agents/{agent_id}/desired_state" if agent_id else "/api/v1/desired_state"
-    return requests.put(balancer.extra["management"] + path, json=body, timeout=5)
-
-
-def fleet_progress(balancer: Proc) -> dict[str, Any]:
-    return requests.get(balancer.extra["management"] + "/api/v1/desired_state", timeout=5).json()
-
-
 def unavailable(balancer: Proc) -> int:
     """Servers that take no new requests now: draining, or not ready."""
     return sum(1 for a in agents(balancer) if a["state"] != "ready")
@@ -131,7 +70,6 @@ def test_agent_runs_llama_server_restarts_it_and_never_leaves_it_orphaned(fleet:
     command = supervisor["command"]
     port = command[command.index("--port") + 1]
     assert first["external_llamacpp_addr"] == f"127.0.0.1:{port}"  # a port it picked, watched and reported
-    assert "--slots" in command and "--metrics" in command  # the simulator takes them, as llama-server does
     assert requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 3},
                          timeout=10).status_code == 200
 

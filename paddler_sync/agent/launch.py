@@ -82,18 +82,20 @@ def supported_flags(argv: Sequence[str]) -> str:
 
 
 def monitoring_flags(argv: Sequence[str], help_text: str) -> list[str]:
-    """--slots (b4748 serves /slots only with it) and --metrics, where the build has them and the command
-    says neither way: the agent reads /slots, the balancer's real-server checks read /metrics."""
+    """--slots (b4748 serves /slots only with it) and --metrics where the build's --help says they are off by
+    default and the command says neither way: the agent reads /slots, the real-server checks read /metrics."""
     added = []
     for flag, negation in MONITORING_FLAGS:
         said = any(arg in (flag, negation) for arg in argv)
-        if not said and _lists_flag(help_text, flag):
+        if not said and _off_by_default(help_text, flag):
             added.append(flag)
     return added
 
 
-def _lists_flag(help_text: str, flag: str) -> bool:
-    return any(word.strip(",") == flag for line in help_text.splitlines() for word in line.split()[:3])
+def _off_by_default(help_text: str, flag: str) -> bool:
+    """llama-server's help line for the flag: ``--slots   enable slots monitoring endpoint (default: disabled)``."""
+    return any(flag in (word.strip(",") for word in line.split()[:3]) and "default: disabled" in line
+               for line in help_text.splitlines())
 
 
 def free_port(host: str) -> int:

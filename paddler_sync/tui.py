@@ -35,13 +35,21 @@ SHORT_ISSUES = {  # a cell has room for a word or two; the detail line below the
     "loading": "Loading model",
     "malformed": "Bad /slots",
     "unexpected_status": "Bad /slots",
+    "draining": "Draining",
 }
+SUPERVISOR_WORDS = {"starting": "Starting", "loading": "Loading model", "crashed": "Crashed",
+                    "restarting": "Restarting", "backing_off": "Backing off", "stopping": "Stopping"}
 
 
 def issues_text(agent: dict[str, Any]) -> str:
     if agent.get("quarantined_until"):
         until = time.strftime("%H:%M:%S", time.gmtime(agent["quarantined_until"]["secs_since_epoch"]))
         return f"Quarantined {until}"
+    supervisor = agent.get("supervisor") or {}
+    if supervisor.get("phase"):
+        return f"Swap: {supervisor['phase'].replace('_', ' ')}"
+    if supervisor.get("state") in SUPERVISOR_WORDS:
+        return SUPERVISOR_WORDS[supervisor["state"]]
     if agent["state"] == "ready":
         return "Sleeping" if agent.get("is_sleeping") else "None"
     return SHORT_ISSUES.get(agent["state"], agent["state"])
@@ -59,6 +67,14 @@ def detail_text(agent: dict[str, Any], figures: dict[str, Any] | None = None) ->
         parts.append(agent.get("hint") or agent["state"])
         if agent.get("error"):
             parts.append(agent["error"])
+    supervisor = agent.get("supervisor")
+    if supervisor:
+        parts.append(f"llama-server {supervisor['state'].replace('_', ' ')} (pid {supervisor['pid'] or '-'}, "
+                     f"{supervisor['restarts']} restarts)")
+        if supervisor["state"] != "ready" or supervisor["phase"]:
+            parts.append(supervisor["hint"])
+        if supervisor["failed_id"]:
+            parts.append(f"desired state {supervisor['failed_id']} failed: {supervisor['failed_error']}")
     if agent.get("models"):
         parts.append("models " + ", ".join(model_text(m) for m in agent["models"]))
     if figures and figures.get("cache_hit_ratio") is not None:
@@ -104,11 +120,13 @@ def row_for(agent: dict[str, Any], figures: dict[str, Any] | None) -> tuple[Text
 def totals_text(health: dict[str, Any], traffic: dict[str, Any]) -> str:
     """The fleet in three lines of at most 80 columns: slots, traffic, errors."""
     fleet = traffic["fleet"]
-    return (f"agents {health['agents_ready']}/{health['agents']} ready | slots {health['slots_processing']} busy, "
-            f"{health['slots_idle']} idle of {health['slots_total']} | in flight {health['requests_in_flight']}\n"
+    draining = f", {health['agents_draining']} draining" if health.get("agents_draining") else ""
+    return (f"agents {health['agents_ready']}/{health['agents']} ready{draining} | slots "
+            f"{health['slots_processing']} busy, {health['slots_idle']} idle of {health['slots_total']}\n"
             f"waiting {health['requests_buffered']} (oldest {health['oldest_buffered_seconds']:.1f}s) | "
             f"last 5 min: {rate_text(fleet['requests_per_second'])} req/s, {rate_text(fleet['tokens_per_second'])} "
-            f"tok/s | cache {cache_text(fleet)}\nTTFT p50 {duration_text(fleet['ttft_p50_seconds'])} p95 "
+            f"tok/s | cache {cache_text(fleet)}\nin flight {health['requests_in_flight']} | "
+            f"TTFT p50 {duration_text(fleet['ttft_p50_seconds'])} p95 "
             f"{duration_text(fleet['ttft_p95_seconds'])} | queue p95 {duration_text(fleet['queue_wait_p95_seconds'])}"
             f" | errors: {errors_text(fleet['errors'])}")
 

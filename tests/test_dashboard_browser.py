@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import ROOT, Fleet, agents, wait_until
+from tests.helpers import PADDLER_SYNC, ROOT, Fleet, agents, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -160,3 +160,36 @@ def test_fits_a_phone_screen(fleet: Fleet, browser) -> None:
         shot(page, "phone")
     finally:
         context.close()
+
+
+def test_change_a_servers_model_with_confirmation_and_watch_it_swap(fleet: Fleet, page) -> None:
+    for name in ("tiny.gguf", "slow.gguf"):
+        (fleet.workdir / name).touch()
+    balancer = fleet.balancer("--management-dashboard-enable", "--management-token", "secret")
+    fleet.supervised(balancer.extra["management_port"], PADDLER_SYNC, "simulate", "-m",
+                     str(fleet.workdir / "tiny.gguf"), "--startup-time", "1.5", name="gpu-1",
+                     agent_args=("--management-token", "secret"))
+    page.goto(balancer.extra["management"] + "/dashboard?token=secret")
+    page.wait_for_selector("tr.agent .supervisor", timeout=20_000)
+    page.wait_for_function("document.querySelector('tr.agent .supervisor').textContent.includes('ready')",
+                           timeout=20_000)
+    page.click("button.change-model")
+    assert page.input_value("#swap-model").endswith("tiny.gguf")  # the model it runs now
+    page.fill("#swap-model", str(fleet.workdir / "slow.gguf"))
+    page.click("#swap-go")
+    assert page.is_visible("#swap-confirm") and "slow.gguf" in page.inner_text("#swap-what")
+    shot(page, "swap-confirm")
+    page.click("#swap-go")  # confirmed
+    page.wait_for_selector("#swap", state="hidden", timeout=5_000)
+    page.wait_for_function("/starting|loading|restarting/.test(document.querySelector('tr.agent .supervisor')"
+                           ".textContent)", timeout=10_000)  # progress shows while it swaps
+    shot(page, "swap-progress")
+    page.wait_for_function("document.querySelector('tr.agent .models').textContent.includes('slow.gguf')",
+                           timeout=20_000)
+
+    page.click("button.drain-toggle")
+    page.wait_for_function("document.querySelector('button.drain-toggle').textContent === 'Undrain'", timeout=5_000)
+    assert "draining" in page.inner_text("tr.agent .issues")
+    page.click("button.drain-toggle")
+    page.wait_for_function("document.querySelector('button.drain-toggle').textContent === 'Drain'", timeout=5_000)
+    assert page.dialogs == []  # no error was alerted

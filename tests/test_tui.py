@@ -122,3 +122,25 @@ def test_the_detail_line_and_totals_say_how_much_the_prompt_cache_saved() -> Non
              "queue_wait_p95_seconds": None, "errors": {}, **figures}
     totals = totals_text(health, {"fleet": fleet})
     assert "cache 82% (41.2k)" in totals and all(len(line) <= 80 for line in totals.splitlines())
+
+
+def test_a_supervised_server_shows_its_swap_and_the_totals_count_draining_servers() -> None:
+    from paddler_sync.tui import detail_text, issues_text, totals_text
+
+    supervisor = {"state": "loading", "pid": 4242, "restarts": 1, "phase": "starting", "failed_id": None,
+                  "hint": "llama-server answers 503 while it loads the model; applying desired state d1: starting"}
+    agent = {"agent_id": "a", "agent_name": "gpu-1", "external_llamacpp_addr": "10.0.0.5:8080", "state": "loading",
+             "hint": "llama.cpp is still loading its model", "supervisor": supervisor}
+    assert issues_text(agent) == "Swap: starting"
+    assert "llama-server loading (pid 4242, 1 restarts)" in detail_text(agent)
+    assert "applying desired state d1: starting" in detail_text(agent)
+    assert issues_text({**agent, "supervisor": {**supervisor, "phase": None, "state": "backing_off"}}) == "Backing off"
+    assert issues_text({**agent, "state": "draining", "supervisor": None}) == "Draining"
+    health = {"agents_ready": 1000, "agents": 2000, "agents_draining": 999, "slots_processing": 99999,
+              "slots_idle": 99999, "slots_total": 199998, "requests_in_flight": 9999, "requests_buffered": 0,
+              "oldest_buffered_seconds": 0.0}
+    fleet = {"requests_per_second": 12.5, "tokens_per_second": 900.0, "ttft_p50_seconds": 0.1,
+             "ttft_p95_seconds": 0.4, "queue_wait_p95_seconds": None, "errors": {}, "cache_hit_ratio": None}
+    totals = totals_text(health, {"fleet": fleet})
+    assert "999 draining" in totals, totals
+    assert all(len(line) <= 80 for line in totals.splitlines()), totals

@@ -54,6 +54,7 @@ def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[s
     quarantine = [u.quarantined_until for u in pools if u.quarantined_until is not None and u.is_quarantined(now)]
     quarantined = max(quarantine) if quarantine else None
     state = ServerState(report.state)
+    shown_as = shown_state(record, quarantined is not None)
     return {
         "agent_id": record.agent_id,
         "agent_name": report.agent_name,
@@ -65,8 +66,8 @@ def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[s
         "quarantined_until": system_time(quarantined),
         "slots_idle": idle,
         "slots_processing": total - idle if report.is_ready else 0,
-        "state": shown_state(record, quarantined is not None),
-        "hint": DRAINING_HINT if record.draining else HINTS.get(state),
+        "state": shown_as,
+        "hint": DRAINING_HINT if shown_as == "draining" else HINTS.get(state),
         "draining": record.draining,
         "total_slots": total,
         "slots_in_flight": sum(u.in_flight for u in pools),

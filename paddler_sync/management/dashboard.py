@@ -31,8 +31,9 @@ def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint
     def page() -> str:
         token = request.args.get("token")  # a browser cannot send a header: the page passes the token on
         fleet_url = url_for("dashboard.fleet", token=token) if token else url_for("dashboard.fleet")
-        return render_template("dashboard.html", refresh_ms=REFRESH_MS, fleet_url=fleet_url,
-                               ranges=list(RANGES), default_range=DEFAULT_RANGE)
+        api_base = url_for("dashboard.page").removesuffix("/dashboard")  # a --management-path-prefix, or ""
+        return render_template("dashboard.html", refresh_ms=REFRESH_MS, fleet_url=fleet_url, api_base=api_base,
+                               token=token, ranges=list(RANGES), default_range=DEFAULT_RANGE)
 
     @dashboard.get("/dashboard/fleet")
     def fleet() -> str:
@@ -92,10 +93,25 @@ def with_display_fields(agent: dict[str, Any], figures: dict[str, Any] | None) -
         issues.append(agent["hint"] or agent["state"])
         if agent["error"]:
             issues.append(agent["error"])
+    issues.extend(supervisor_issues(agent["supervisor"]))
     return {**agent, "issues": [{"text": i, "short": shorten(i)} for i in issues],
             "last_update_text": format_time(agent["last_update"]["secs_since_epoch"]),
             "usage_percent": round(100 * agent["slots_processing"] / total) if total else 0,
             "figures": display_figures(figures)}
+
+
+def supervisor_issues(supervisor: dict[str, Any] | None) -> list[str]:
+    """What the llama-server its agent runs is doing, when that is not simply serving: a swap under way, a
+    desired state that failed, a crash."""
+    if supervisor is None:
+        return []
+    issues = []
+    if supervisor["state"] != "ready" or supervisor["phase"]:
+        issues.append(f"llama-server {supervisor['state'].replace('_', ' ')}: {supervisor['hint']}")
+    if supervisor["failed_id"]:
+        issues.append(f"Desired state {supervisor['failed_id']} failed ({supervisor['failed_error']}); it runs the "
+                      "last command that worked")
+    return issues
 
 
 def shorten(text: str) -> str | None:

@@ -1,4 +1,5 @@
-"""``make demo``: a balancer, two simulated llama.cpp servers (2 and 4 slots) and one agent each.
+"""``make demo``: a balancer, two simulated llama.cpp servers (2 and 4 slots) and one agent each, and a third
+server that its agent runs itself (``--supervise``), whose model the banner shows how to swap.
 
 Every process is a real ``paddler-sync`` command, as an operator would run it; Ctrl-C stops them all.
 Ports come from the environment (``make demo PROXY_PORT=9080`` works too); ``auto`` picks a free one:
@@ -15,15 +16,19 @@ and the demo stops the others and exits 1.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 READY_TIMEOUT = 20.0
 SERVERS = (("llama-small", 2), ("llama-large", 4))
+SUPERVISED = "llama-swap"  # its agent picks its port, runs it, and swaps its model when asked
+MODELS = ("chat-small.gguf", "chat-large.gguf")  # empty files: the simulator only checks that its model exists
 
 
 class DemoFailed(Exception):
@@ -100,6 +105,9 @@ class Demo:
     def __init__(self, ports: Ports) -> None:
         self.ports = ports
         self.children: list[Child] = []
+        self.models = tempfile.mkdtemp(prefix="paddler-demo-models-")
+        for model in MODELS:
+            open(os.path.join(self.models, model), "w").close()
 
     def start(self, name: str, *args: str, port: int | None = None) -> None:
         self.children.append(Child(name, subprocess.Popen(command(*args)), port))
@@ -135,8 +143,12 @@ class Demo:
         for (name, _), port in zip(SERVERS, ports.simulators, strict=True):
             self.start(f"the agent of '{name}'", "agent", "--local-llamacpp-addr", f"127.0.0.1:{port}",
                        "--management-addr", f"127.0.0.1:{ports.management}", "--name", name)
+        self.start(f"the agent of '{SUPERVISED}'", "agent", "--management-addr", f"127.0.0.1:{ports.management}",
+                   "--name", SUPERVISED, "--supervise", "--", *command("simulate"), "-m",
+                   os.path.join(self.models, MODELS[0]), "-np", "2", "--decode-tokens-per-second", "25",
+                   "--startup-time", "2")
         self.wait_until_listening(Child("the balancer's proxy", self.children[0].process, ports.proxy))
-        print(banner(ports), flush=True)
+        print(banner(ports, os.path.join(self.models, MODELS[1])), flush=True)
         while True:
             self.check_children()
             time.sleep(0.5)
@@ -150,9 +162,10 @@ class Demo:
                 child.process.wait(10)
             except subprocess.TimeoutExpired:
                 child.process.kill()
+        shutil.rmtree(self.models, ignore_errors=True)
 
 
-def banner(ports: Ports) -> str:
+def banner(ports: Ports, other_model: str) -> str:
     servers = ", ".join(f"{name} :{port} ({slots} slots)" for (name, slots), port in zip(SERVERS, ports.simulators,
                                                                                        strict=True))
     return f"""
@@ -161,11 +174,15 @@ paddler_sync demo is running (Ctrl-C stops it):
   management API     http://127.0.0.1:{ports.management}/api/v1/agents   and /health
   web dashboard      http://127.0.0.1:{ports.management}/dashboard
   terminal dashboard .venv/bin/paddler-sync dashboard --management-addr 127.0.0.1:{ports.management}
-  llama.cpp (simulated) {servers}
+  llama.cpp (simulated) {servers}, and {SUPERVISED} (run by its agent)
 
 Try:
   curl -N http://127.0.0.1:{ports.proxy}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"messages":[{{"role":"user","content":"Hello"}}],"max_tokens":50,"stream":true}}'
+Swap {SUPERVISED}'s model (it drains, restarts, loads for 2 s, and serves again; nothing fails):
+  curl -X PUT http://127.0.0.1:{ports.management}/api/v1/desired_state -H 'Content-Type: application/json' \\
+    -d '{{"model":"{other_model}"}}'
+  or press "Change model" on its row in the web dashboard.
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -34,6 +35,15 @@ def children_of(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def is_simulator(pid: int) -> bool:
+    """``paddler_sync simulate``, run by the demo or by an agent (not the agent whose --supervise names it)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"simulate" in words and b"agent" not in words
 
 
 def gone(pid: int) -> bool:
@@ -72,7 +82,7 @@ def test_runs_serves_and_stops_with_an_error_when_a_process_dies(tmp_path: Path)
                                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
         children = children_of(process.pid)
-        simulators = [pid for pid in children if b"simulate" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        simulators = [pid for pid in children if is_simulator(pid)]
         assert len(simulators) == 2
         os.kill(simulators[0], signal.SIGKILL)
         assert process.wait(20) == 1
@@ -85,12 +95,34 @@ def test_runs_serves_and_stops_with_an_error_when_a_process_dies(tmp_path: Path)
     assert all(gone(pid) for pid in children)
 
 
+def test_the_banners_swap_command_swaps_the_supervised_servers_model(tmp_path: Path) -> None:
+    process, log = start_demo(tmp_path)
+    try:
+        running = wait_until(lambda: re.search(r"curl -X PUT (http://\S+/api/v1/desired_state) .*\n\s+-d '(.+)'",
+                                               log.read_text()), timeout=30)
+        url, body = running.group(1), json.loads(running.group(2))
+        management = url.removesuffix("/api/v1/desired_state")
+        wait_until(lambda: any(a["agent_name"] == "llama-swap" and a["state"] == "ready"
+                               for a in requests.get(management + "/api/v1/agents", timeout=5).json()["agents"]),
+                   timeout=30, message="the supervised server ready")
+        assert requests.put(url, json=body, timeout=5).status_code == 202
+        wait_until(lambda: requests.get(url, timeout=5).json()["counts"] == {"applied": 1}, timeout=30,
+                   message="the swap applied")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(20)
+
+
 def test_ctrl_c_stops_everything_and_exits_0(tmp_path: Path) -> None:
     process, log = start_demo(tmp_path)
     try:
         wait_until(lambda: "demo is running" in log.read_text(), timeout=30)
         children = children_of(process.pid)
-        assert len(children) == 5
+        assert len(children) == 6  # a balancer, two simulators, three agents
+        supervised = wait_until(lambda: [pid for agent in children for pid in children_of(agent)
+                                         if is_simulator(pid)], message="the server an agent runs")
+        assert len(supervised) == 1
+        children += supervised
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
     finally:

@@ -29,6 +29,8 @@ def test_option_values_are_read_and_removed_in_both_spellings() -> None:
     assert option_value(argv, ("--port",)) == "8081" and option_value(argv, ("-m", "--model")) == "a.gguf"
     assert without_options(argv, ("--host", "--port")) == ["llama-server", "-m", "a.gguf", "-np", "4"]
     assert program(["paddler-sync", "simulate", "-m", "x"]) == ["paddler-sync", "simulate"]
+    assert program(["/v/bin/python3", "-m", "paddler_sync", "simulate", "-m", "x"]) == [
+        "/v/bin/python3", "-m", "paddler_sync", "simulate"]
 
 
 def test_every_command_listens_where_the_first_did_and_a_desired_state_changes_the_rest() -> None:

@@ -11,6 +11,7 @@ model and options, not a program to run.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 from collections.abc import Sequence
@@ -55,10 +56,11 @@ def with_model(args: Sequence[str], model: str) -> list[str]:
 
 
 def program(argv: Sequence[str]) -> list[str]:
-    """The command's words before its first option (``llama-server``, ``paddler-sync simulate``): what a
-    desired state never changes."""
-    words: list[str] = []
-    for arg in argv:
+    """The command's words before its first option (``llama-server``, ``paddler-sync simulate``, ``python -m
+    paddler_sync simulate``): what a desired state never changes."""
+    start = 3 if len(argv) > 2 and os.path.basename(argv[0]).startswith("python") and argv[1] == "-m" else 0
+    words = list(argv[:start])
+    for arg in argv[start:]:
         if arg.startswith("-"):
             break
         words.append(arg)

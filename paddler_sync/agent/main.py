@@ -105,9 +105,11 @@ def drain_before_leaving(agent: Agent, timeout: float, hurry: Event) -> None:
                 in_flight, timeout)
     agent.balancer.control = None
     with gevent.Timeout(timeout, False):
-        while not hurry.is_set() and not _drained(agent):
+        while not hurry.is_set() and not _drained(agent) and agent.balancer.reachable:
             hurry.wait(DRAIN_POLL_SECONDS)
-    if not _drained(agent):
+    if not agent.balancer.reachable:
+        logger.warning("the balancer stopped answering while the server drained: stopping without waiting")
+    elif not _drained(agent):
         logger.warning("stopping with requests still running on the server (drain timeout or second signal)")
 
 

@@ -38,13 +38,16 @@ class BalancerClient:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self._last_problem: str | None = "never reported"
         self.control: Control | None = None  # the balancer's answer to the last report that got through
+        self.reachable = False  # the last report got through
 
     def report(self, report: AgentReport) -> bool:
         try:
             response = self.session.post(f"{self.url}/report", json=report.to_json(), timeout=self.timeout)
         except requests.RequestException as exc:
             self._problem(f"cannot reach the balancer at {self.url}: {type(exc).__name__}; retrying every interval")
+            self.reachable = False
             return False
+        self.reachable = response.status_code < 400
         if response.status_code >= 400:
             self._problem(f"the balancer refused the report (HTTP {response.status_code}): {_reason(response)}")
             return False

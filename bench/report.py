@@ -277,6 +277,34 @@ def real_table(real: dict[str, Any]) -> list[str]:
     return rows
 
 
+def swaps_section(w: dict[str, Any]) -> list[str]:
+    lines = ["## 6. Model swaps under streaming load (the supervisor)", "",
+             f"Two servers, each run by its agent (`paddler-sync agent --supervise -- ...`), {w['slots']} slots each; "
+             f"{w['clients']} closed-loop streaming clients (50 tokens per answer: never more than one server's slots, "
+             "so one server carries the load while the other swaps). After a "
+             f"{w['baseline_s']:g} s baseline, a fleet-wide desired state swaps the model tiny → slow, then back, with "
+             "`--max-unavailable 1`; the baseline and the swaps are in the same run. Deferred: llama.cpp's "
+             "`requests_deferred`, sampled every 0.1 s on both servers. Longest extra wait: the slowest first token "
+             "during the swaps less the baseline's median. Recovery: after the load, one server is killed with "
+             "SIGKILL; the seconds until its agent has it serving again (the supervisor's `recovered_in`). "
+             "bench/swap.py.", "",
+             "| servers | requests | failed | deferred (max) | TTFT p50 / p99 before, ms | TTFT p50 / p99 during "
+             "swaps, ms | longest extra wait, ms | swaps took, s | each server's swap, s | recovery after kill -9, s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = {"simulated (2 s load time)": w["simulated"],
+            **{f"real llama-server {k}": v for k, v in w["real"].items() if isinstance(v, dict)}}
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['requests']} | {r['failed']} | {r['deferred_max']:.0f} | "
+                     f"{fmt(r['base_p50_ms'], 0)} / {fmt(r['base_p99_ms'], 0)} | {fmt(r['swap_p50_ms'], 0)} / "
+                     f"{fmt(r['swap_p99_ms'], 0)} | {fmt(r['longest_extra_wait_ms'], 0)} | "
+                     f"{', '.join(f'{s:.1f}' for s in r['swap_seconds'])} | "
+                     f"{', '.join(f'{s:.1f}' for s in r['server_apply_seconds'])} | "
+                     f"{r['recovery_after_kill_s']:.1f} |")
+    if "skipped" in w["real"]:
+        lines += ["", f"Real llama-servers: skipped ({w['real']['skipped']})."]
+    return [*lines, ""]
+
+
 def write_report(results: dict[str, Any], folder: Path) -> None:
     m = results["machine"]
     out = ["# Benchmark results", "",
@@ -348,6 +376,8 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                 "`requests_deferred` (requests queued inside llama.cpp) and, from `n_decode_total` and "
                 "`n_busy_slots_per_decode`, how many of the 4 slots each decode step used. Everything, the llama "
                 "servers included, shares 2 cores, so runs vary by ±20 %.", "", *real_table(r), ""]
+    if "swaps" in results:
+        out += swaps_section(results["swaps"])
     out += LIMITS
     for name in plots(results, folder):
         if f"({name})" not in "\n".join(out):

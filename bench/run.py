@@ -5,8 +5,9 @@ HAProxy and nginx; (2) the buffer at scale; (3) fleet efficiency against round r
 least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (3b) two models, per-model queues
 against one shared queue; (3c) multi-turn conversations, prompt-cache affinity against the plain rules; (4) the
 Redis ledger; (5) closed-loop throughput on real llama-servers against
-least-connections and round robin. Contenders alternate within
-each repetition and the tables show medians, because this 2-core machine is shared and noisy.
+least-connections and round robin; (6) rolling model swaps under streaming load (the supervisor).
+Contenders alternate within each repetition and the tables show medians, because this 2-core machine is
+shared and noisy.
 Benchmarks report; tests never assert these timings.
 """
 
@@ -33,6 +34,7 @@ from bench.multiturn import multi_turn
 from bench.real_llamacpp import real_llamacpp
 from bench.report import write_report
 from bench.shared import shared_ledger
+from bench.swap import model_swaps
 
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = '{"prompt":"hi","n_predict":1}'
@@ -167,7 +169,7 @@ def machine() -> dict[str, str]:
                                if line.startswith("model name")), "unknown")}
 
 
-SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real")
+SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real", "swaps")
 
 
 def main() -> None:
@@ -221,6 +223,10 @@ def main() -> None:
     if "real" in sections:
         print("real llama-servers: throughput against least-connections and round robin", flush=True)
         results["real"] = real_llamacpp(reps=2 if args.quick else 3, seconds=8 if args.quick else 15)
+        save()
+    if "swaps" in sections:
+        print("model swaps under streaming load", flush=True)
+        results["swaps"] = model_swaps()
         save()
     print(f"wrote bench/RESULTS.md in {results['elapsed_s']:.0f}s", flush=True)
 

@@ -146,39 +146,43 @@ class FleetCollector(Collector):
                                     "grows with concurrent requests, up to its bound).", value=state.connections())
             yield GaugeMetricFamily("paddler_shared_ledger_reachable", "1 while Redis answers.",
                                     value=float(state.reachable))
-        labels = ["agent_id", "agent_name", "addr"]
-        families = {
-            "slots_idle": GaugeMetricFamily("paddler_agent_slots_idle", "Free slots per server.", labels=labels),
-            "slots_processing": GaugeMetricFamily("paddler_agent_slots_processing", "Busy slots per server.",
-                                                  labels=labels),
-            "slots_in_flight": GaugeMetricFamily("paddler_agent_slots_in_flight",
-                                                 "Requests this balancer has in flight per server.", labels=labels),
-            "ready": GaugeMetricFamily("paddler_agent_ready", "1 when the server takes traffic.", labels=labels),
-            "draining": GaugeMetricFamily("paddler_agent_draining", "1 while the server drains.", labels=labels),
-        }
-        supervised = GaugeMetricFamily("paddler_agent_supervisor_state", "1 for the state of the llama-server its "
-                                       "agent runs (--supervise): starting, loading, ready, crashed, restarting, "
-                                       "backing_off, stopping.", labels=[*labels, "state"])
-        restarts = GaugeMetricFamily("paddler_agent_supervisor_restarts", "Times its agent started llama-server "
-                                     "again (crashes, failed starts, rollbacks).", labels=labels)
-        per_model = GaugeMetricFamily("paddler_agent_model_slots_idle", "Free slots per server and model (a "
-                                      "router has one set of slots per loaded model).", labels=[*labels, "model",
-                                                                                                "state"])
-        for agent in self.status.agents():
-            values = [agent["agent_id"], agent["agent_name"] or "", agent["external_llamacpp_addr"]]
-            for key, family in families.items():
-                value = agent["state"] == "ready" if key == "ready" else agent[key]
-                family.add_metric(values, float(value))
-            for model in agent["models"]:
-                per_model.add_metric([*values, model["id"], model["state"]], float(model["slots_idle"]))
-            if agent["supervisor"] is not None:
-                supervised.add_metric([*values, agent["supervisor"]["state"]], 1.0)
-                restarts.add_metric(values, float(agent["supervisor"]["restarts"]))
-        yield from families.values()
-        yield per_model
-        yield supervised
-        yield restarts
+        yield from agent_families(self.status.agents())
         yield from model_families(self.status.models())
+
+
+def agent_families(agents: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    """Per server: its slots, whether it takes traffic or drains, its models, and the llama-server its agent runs."""
+    labels = ["agent_id", "agent_name", "addr"]
+    families = {
+        "slots_idle": GaugeMetricFamily("paddler_agent_slots_idle", "Free slots per server.", labels=labels),
+        "slots_processing": GaugeMetricFamily("paddler_agent_slots_processing", "Busy slots per server.",
+                                              labels=labels),
+        "slots_in_flight": GaugeMetricFamily("paddler_agent_slots_in_flight",
+                                             "Requests this balancer has in flight per server.", labels=labels),
+        "ready": GaugeMetricFamily("paddler_agent_ready", "1 when the server takes traffic.", labels=labels),
+        "draining": GaugeMetricFamily("paddler_agent_draining", "1 while the server drains.", labels=labels),
+    }
+    supervised = GaugeMetricFamily("paddler_agent_supervisor_state", "1 for the state of the llama-server its "
+                                   "agent runs (--supervise): starting, loading, ready, crashed, restarting, "
+                                   "backing_off, stopping.", labels=[*labels, "state"])
+    restarts = GaugeMetricFamily("paddler_agent_supervisor_restarts", "Times its agent started llama-server "
+                                 "again (crashes, failed starts, rollbacks).", labels=labels)
+    per_model = GaugeMetricFamily("paddler_agent_model_slots_idle", "Free slots per server and model (a "
+                                  "router has one set of slots per loaded model).", labels=[*labels, "model", "state"])
+    for agent in agents:
+        values = [agent["agent_id"], agent["agent_name"] or "", agent["external_llamacpp_addr"]]
+        for key, family in families.items():
+            value = agent["state"] == "ready" if key == "ready" else agent[key]
+            family.add_metric(values, float(value))
+        for model in agent["models"]:
+            per_model.add_metric([*values, model["id"], model["state"]], float(model["slots_idle"]))
+        if agent["supervisor"] is not None:
+            supervised.add_metric([*values, agent["supervisor"]["state"]], 1.0)
+            restarts.add_metric(values, float(agent["supervisor"]["restarts"]))
+    yield from families.values()
+    yield per_model
+    yield supervised
+    yield restarts
 
 
 MODEL_GAUGES = {"slots_idle": "Free slots of the model across the fleet.",

@@ -188,9 +188,8 @@ SETTINGS: tuple[Setting, ...] = (
             "fleet.", B, name, "paddler"),
     Setting("lease-ttl", "With Redis: a slot taken by a balancer that stops renewing it (it died) returns "
             "after this long.", B, positive_duration, 15.0, metavar="SECONDS"),
-    Setting("max-unavailable", "A desired state for the whole fleet (PUT /api/v1/desired_state) swaps at most "
-            "this many servers at once: each drains, restarts and loads before the next begins.", B,
-            positive_count, 1),
+    Setting("max-unavailable", "A fleet-wide desired state (PUT /api/v1/desired_state) swaps at most this many "
+            "servers at once: each drains, restarts and loads before the next begins.", B, positive_count, 1),
     Setting("drain-timeout", "Balancer: how long a server's requests in flight may run on when it drains for a "
             "swap of its model; then llama-server restarts anyway and they end with an error event. Agent: the same "
             "limit when the agent stops (SIGTERM).", B + A, duration, 60.0, metavar="SECONDS"),
@@ -221,8 +220,8 @@ SETTINGS: tuple[Setting, ...] = (
             "-- llama-server -m model.gguf -np 4 (without --port the agent picks a free one; it adds --slots and "
             "--metrics where the build takes them). In a config file: supervise = llama-server -m model.gguf.",
             A, command_line, None, metavar="COMMAND"),
-    Setting("supervise-log-level", "The level at which llama-server's output goes to the agent's log, each line "
-            "prefixed with [llama-server PID].", A, log_level, "info"),
+    Setting("supervise-log-level", "The level of llama-server's output lines in the agent's log ([llama-server PID] "
+            "…).", A, log_level, "info"),
     Setting("supervise-max-restarts", "Give up restarting after this many failed starts in a row (state crashed, "
             "until a new desired state or an agent restart); 0: never give up.", A, count, 10),
     Setting("supervise-backoff", "Wait this long before restarting llama-server after it failed, doubling with "
@@ -231,12 +230,11 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="SECONDS"),
     Setting("supervise-start-timeout", "A started llama-server that is not ready (model loaded, slots seen) within "
             "this long is stopped and counts as a failed start.", A, positive_duration, 300.0, metavar="SECONDS"),
-    Setting("supervise-unresponsive-timeout", "A ready llama-server that stops answering for this long is killed "
-            "and restarted.", A, positive_duration, 30.0, metavar="SECONDS"),
-    Setting("supervise-stop-timeout", "How long llama-server may take to exit after SIGTERM before it gets "
-            "SIGKILL.", A, positive_duration, 10.0, metavar="SECONDS"),
-    Setting("label", "This server's labels, KEY=VALUE separated by commas (e.g. gpu=a100,zone=eu): a fleet-wide "
-            "desired state may select servers by them.", A, labels, None, metavar="LABELS"),
+    Setting("supervise-unresponsive-timeout", "Kill and restart a ready llama-server silent this long.", A,
+            positive_duration, 30.0, metavar="SECONDS"),
+    Setting("supervise-stop-timeout", "SIGKILL llama-server this long after SIGTERM.", A, positive_duration, 10.0),
+    Setting("label", "This server's labels, e.g. gpu=a100,zone=eu: fleet-wide desired states select by them.", A,
+            labels, None, metavar="LABELS"),
     # dashboard
     Setting("refresh-interval", "How often the terminal dashboard refreshes.", D, positive_duration, 0.5,
             metavar="SECONDS"),
@@ -245,9 +243,8 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="HOST:PORT"),
     Setting("host", "Listen on this address instead of --addr's (llama-server --host).", S, text_value, None),
     Setting("port", "Listen on this port instead of --addr's (llama-server --port).", S, port, None),
-    Setting("model", "The model file (llama-server -m). As with llama-server, a file that does not exist makes "
-            "the simulator exit with status 1 ('failed to load model'); its path names the model unless --alias "
-            "does.", S, text_value, None, aliases=("-m",), metavar="PATH"),
+    Setting("model", "The model file (llama-server -m): a missing one makes it exit 1 ('failed to load model') as "
+            "llama-server does. Names the model unless --alias does.", S, text_value, None, aliases=("-m",)),
     Setting("parallel", "Number of slots (llama-server -np).", S, positive_count, 4, aliases=("-np",)),
     Setting("ctx-size", "Total context in tokens, shared evenly by the slots (llama-server -c).", S,
             positive_count, 4096, aliases=("-c",)),

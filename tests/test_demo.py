@@ -81,6 +81,7 @@ def test_runs_serves_and_stops_with_an_error_when_a_process_dies(tmp_path: Path)
         answer = requests.post(proxy + "/v1/chat/completions", timeout=20,
                                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+        swap_the_supervised_servers_model(log.read_text())
         children = children_of(process.pid)
         simulators = [pid for pid in children if is_simulator(pid)]
         assert len(simulators) == 2
@@ -95,22 +96,18 @@ def test_runs_serves_and_stops_with_an_error_when_a_process_dies(tmp_path: Path)
     assert all(gone(pid) for pid in children)
 
 
-def test_the_banners_swap_command_swaps_the_supervised_servers_model(tmp_path: Path) -> None:
-    process, log = start_demo(tmp_path)
-    try:
-        running = wait_until(lambda: re.search(r"curl -X PUT (http://\S+/api/v1/desired_state) .*\n\s+-d '(.+)'",
-                                               log.read_text()), timeout=30)
-        url, body = running.group(1), json.loads(running.group(2))
-        management = url.removesuffix("/api/v1/desired_state")
-        wait_until(lambda: any(a["agent_name"] == "llama-swap" and a["state"] == "ready"
-                               for a in requests.get(management + "/api/v1/agents", timeout=5).json()["agents"]),
-                   timeout=30, message="the supervised server ready")
-        assert requests.put(url, json=body, timeout=5).status_code == 202
-        wait_until(lambda: requests.get(url, timeout=5).json()["counts"] == {"applied": 1}, timeout=30,
-                   message="the swap applied")
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(20)
+def swap_the_supervised_servers_model(banner: str) -> None:
+    """What the banner says to run does what it says: the supervised server's model is swapped."""
+    found = re.search(r"curl -X PUT (http://\S+/api/v1/desired_state) .*\n\s+-d '(.+)'", banner)
+    assert found, banner
+    url, body = found.group(1), json.loads(found.group(2))
+    management = url.removesuffix("/api/v1/desired_state")
+    wait_until(lambda: any(a["agent_name"] == "llama-swap" and a["state"] == "ready"
+                           for a in requests.get(management + "/api/v1/agents", timeout=5).json()["agents"]),
+               timeout=30, message="the supervised server ready")
+    assert requests.put(url, json=body, timeout=5).status_code == 202
+    wait_until(lambda: requests.get(url, timeout=5).json()["counts"] == {"applied": 1}, timeout=30,
+               message="the swap applied")
 
 
 def test_ctrl_c_stops_everything_and_exits_0(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from paddler_sync.fleet.reports import ReportError, parse_report
 from paddler_sync.fleet.rollout import LocalControls, Rollout
 from paddler_sync.fleet.supervision import DesiredState, SupervisionError, desired_from_request
 from paddler_sync.settings import parse_settings
-from tests.helpers import PADDLER_SYNC, good_report
+from tests.helpers import PADDLER_SYNC, good_report, run_cli
 from tests.llamacpp_servers import find_builds
 
 # --- command lines -----------------------------------------------------------------------------------------------
@@ -183,3 +183,10 @@ def test_reports_with_bad_supervision_fields_are_refused() -> None:
         desired_from_request({"model": "x", "selector": ["gpu"]}, "fleet", 60.0)
     with pytest.raises(SupervisionError, match="unknown"):
         desired_from_request({"model": "x", "selector": {}}, "agent", 60.0)
+
+
+def test_a_program_that_cannot_run_and_a_stray_double_dash_are_named() -> None:
+    done = run_cli("agent", "--supervise", "--", "llama-sever", "-m", "x.gguf")
+    assert done.returncode == 2 and "--supervise: cannot run `llama-sever`: no such program" in done.stderr
+    done = run_cli("agent", "--name", "a", "--", "llama-server")
+    assert done.returncode == 2 and "a command after -- needs --supervise before it" in done.stderr

@@ -206,6 +206,7 @@ def test_rolling_swap_under_streaming_load_fails_no_request(fleet: Fleet) -> Non
     assert stream(balancer, "tiny").startswith("404")  # routing follows the swap
 
 
+@pytest.mark.ledger_agnostic
 def test_a_model_that_fails_to_load_is_rolled_back_and_the_rollout_halts(fleet: Fleet) -> None:
     workdir = models_dir(fleet)
     balancer = fleet.balancer()
@@ -254,6 +255,7 @@ def test_a_swap_resumes_after_the_balancer_restarts(fleet: Fleet) -> None:
     assert progress["desired"]["id"] == wanted  # learned from the agents' reports
 
 
+@pytest.mark.ledger_agnostic
 def test_desired_state_requests_are_checked(fleet: Fleet) -> None:
     balancer = fleet.balancer("--management-token", "secret")
     sim = fleet.simulator()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import sys
 import uuid
@@ -22,6 +23,7 @@ from paddler_sync.agent.aws import MetadataError, fetch_local_ipv4
 from paddler_sync.agent.launch import CommandLine
 from paddler_sync.agent.monitor import Agent, BalancerClient
 from paddler_sync.agent.supervisor import RestartPolicy, Supervisor
+from paddler_sync.fleet.supervision import SupervisionError
 from paddler_sync.llamacpp import LlamaCppClient, ServerState
 from paddler_sync.logs import log_greenlet_exception
 
@@ -50,6 +52,10 @@ def external_address(options: argparse.Namespace) -> Address:
 
 def make_supervisor(options: argparse.Namespace) -> Supervisor:
     """The llama-server this agent runs: it listens where the agent then watches (--local-llamacpp-addr)."""
+    program = options.supervise[0]
+    if shutil.which(program) is None:
+        raise SupervisionError(2, f"--supervise: cannot run `{program}`: no such program (give its full path, e.g. "
+                                  "--supervise -- /opt/llama.cpp/build/bin/llama-server -m model.gguf)")
     command = CommandLine.prepare(options.supervise)
     options.local_llamacpp_addr = command.listen
     policy = RestartPolicy(options.supervise_max_restarts, options.supervise_backoff, options.supervise_backoff_max,
@@ -68,7 +74,11 @@ def run_agent(options: argparse.Namespace) -> int:
     except MetadataError as exc:
         sys.stderr.write(f"paddler-sync agent: error: {exc}\n")
         return 2
-    supervisor = make_supervisor(options) if options.supervise else None
+    try:
+        supervisor = make_supervisor(options) if options.supervise else None
+    except SupervisionError as exc:
+        sys.stderr.write(f"paddler-sync agent: error: {exc}\n")
+        return 2
     agent_id = str(uuid.uuid4())
     agent = Agent(
         LlamaCppClient(options.local_llamacpp_addr, options.llamacpp_api_key, options.llamacpp_timeout),

@@ -62,6 +62,10 @@ class RedisControls:
     def release(self, agent_id: str) -> None:
         self.store._guarded(self.store.client.hdel, self.grants_key, agent_id)
 
+    def forget(self, agent_id: str) -> None:
+        self.store._guarded(self.store.client.hdel, self.key, agent_id)
+        self.release(agent_id)
+
     def granted(self, now: float) -> dict[str, str]:
         grants = self.store._guarded(self.store.client.hgetall, self.grants_key)
         found = {}

@@ -52,6 +52,10 @@ class Controls(Protocol):
 
     def release(self, agent_id: str) -> None: ...
 
+    def forget(self, agent_id: str) -> None:
+        """The agent left: its controls and grant go (a new agent process has a new id)."""
+        ...
+
     def granted(self, now: float) -> dict[str, str]:
         """Agent id -> the desired state it may apply now."""
         ...
@@ -90,6 +94,10 @@ class LocalControls:
     def release(self, agent_id: str) -> None:
         self._grants.pop(agent_id, None)
 
+    def forget(self, agent_id: str) -> None:
+        self._grants.pop(agent_id, None)
+        self._agents.pop(agent_id, None)
+
     def granted(self, now: float) -> dict[str, str]:
         return {a: g[0] for a, g in self._grants.items() if g[1] > now}
 
@@ -112,7 +120,9 @@ class Rollout:
         in_flight = self.in_flight(agent_id)
         supervisor = report.supervisor
         target = self.target(mine, report.labels or {})
-        if supervisor is None or target is None or settled(supervisor, target) or self.failed_elsewhere(target):
+        if supervisor is None:
+            return Control(mine.drain, None, in_flight)
+        if target is None or settled(supervisor, target) or self.failed_elsewhere(target):
             self.controls.release(agent_id)
             return Control(mine.drain, None, in_flight)
         limit = self.max_unavailable if target.scope == "fleet" else None  # one server, the operator's own call

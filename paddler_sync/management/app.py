@@ -91,6 +91,7 @@ def add_agent_routes(app: Flask, rollout: Rollout, guard: Guard) -> None:
     def agent_deregister(agent_id: str) -> tuple[Response, int]:
         if not registry.remove(agent_id, "deregistered by the agent"):
             return _error(404, f"no agent {agent_id} is registered")
+        rollout.controls.forget(agent_id)
         return jsonify({"status": "removed", "agent_id": agent_id}), 200
 
 

@@ -101,10 +101,10 @@ class DeferredWatch:
             self.stop.wait(0.1)
 
 
-def supervised_fleet(commands: list[list[str]]) -> tuple[harness.Service, list[Any]]:
+def supervised_fleet(commands: list[list[str]], tag: str) -> tuple[harness.Service, list[Any]]:
     balancer = harness.paddler([], "--log-level", "info", "--buffered-request-timeout", "120",
                                "--max-unavailable", "1", name="swap-paddler")
-    agents = [harness.spawn(f"swap-agent{i}", [harness.PYTHON, "-m", "paddler_sync", "agent", "--management-addr",
+    agents = [harness.spawn(f"swap-{tag}-agent{i}", [harness.PYTHON, "-m", "paddler_sync", "agent", "--management-addr",
                                                balancer.management.removeprefix("http://"), "--monitoring-interval",
                                                "0.2", "--name", f"s{i}", "--supervise", "--", *command])
               for i, command in enumerate(commands)]
@@ -152,8 +152,10 @@ def recovery_after_kill(balancer: harness.Service) -> float:
     return float(now["supervisor"]["recovered_in"])
 
 
-def run(commands: list[list[str]], models: tuple[str, str], n_predict: int) -> dict[str, Any]:
-    balancer, _ = supervised_fleet(commands)
+def run(commands: list[list[str]], models: tuple[str, str], n_predict: int, tag: str) -> dict[str, Any]:
+    for old in harness.OUT.glob(f"swap-{tag}-agent*.log"):
+        old.unlink()  # the logs are appended to: each server's swap times come from this run's
+    balancer, _ = supervised_fleet(commands, tag)
     urls = ["http://" + a["external_llamacpp_addr"] for a in fleet_agents(balancer)]
     try:
         with DeferredWatch(urls) as deferred, Load(balancer.url, CLIENTS, n_predict) as load:
@@ -164,7 +166,7 @@ def run(commands: list[list[str]], models: tuple[str, str], n_predict: int) -> d
             time.sleep(SETTLE_SECONDS)
         recovered = recovery_after_kill(balancer)
         applied = [float(x) for x in re.findall(r"applied in ([0-9.]+)s",
-                                                "".join((harness.OUT / f"swap-agent{i}.log").read_text()
+                                                "".join((harness.OUT / f"swap-{tag}-agent{i}.log").read_text()
                                                         for i in range(len(commands))))]
     finally:
         harness.stop_paddler(balancer)
@@ -184,7 +186,7 @@ def simulated() -> dict[str, Any]:
         (folder / name).touch()
     command = [str(harness.BIN / "paddler-sync"), "simulate", "-m", str(folder / "tiny.gguf"), "-np", str(SLOTS),
                "--decode-tokens-per-second", "100", "--startup-time", "2"]
-    return run([command, command], (str(folder / "slow.gguf"), str(folder / "tiny.gguf")), 50)
+    return run([command, command], (str(folder / "slow.gguf"), str(folder / "tiny.gguf")), 50, "simulated")
 
 
 def builds() -> list[Path]:
@@ -203,8 +205,8 @@ def real() -> dict[str, Any]:
     for build in found:
         command = [str(build), "-m", str(models["tiny"]), "-np", str(SLOTS), "-c", "2048", "-t", "1",
                    "--threads-http", "8"]
-        out[build.name.removeprefix("llama-server-")] = run([command, command],
-                                                            (str(models["slow"]), str(models["tiny"])), 50)
+        name = build.name.removeprefix("llama-server-")
+        out[name] = run([command, command], (str(models["slow"]), str(models["tiny"])), 50, name)
     return out
 
 

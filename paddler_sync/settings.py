@@ -224,8 +224,8 @@ SETTINGS: tuple[Setting, ...] = (
             "…).", A, log_level, "info"),
     Setting("supervise-max-restarts", "Give up restarting after this many failed starts in a row (state crashed, "
             "until a new desired state or an agent restart); 0: never give up.", A, count, 10),
-    Setting("supervise-backoff", "Wait this long before restarting llama-server after it failed, doubling with "
-            "each failure in a row.", A, positive_duration, 1.0, metavar="SECONDS"),
+    Setting("supervise-backoff", "After a failure llama-server restarts at once; after a second in a row, this "
+            "long later, doubling with each failure.", A, positive_duration, 1.0, metavar="SECONDS"),
     Setting("supervise-backoff-max", "The longest wait between restarts.", A, positive_duration, 60.0,
             metavar="SECONDS"),
     Setting("supervise-start-timeout", "A started llama-server that is not ready (model loaded, slots seen) within "

@@ -183,6 +183,8 @@ def test_reports_with_bad_supervision_fields_are_refused() -> None:
         desired_from_request({"model": "x", "selector": ["gpu"]}, "fleet", 60.0)
     with pytest.raises(SupervisionError, match="unknown"):
         desired_from_request({"model": "x", "selector": {}}, "agent", 60.0)
+    with pytest.raises(SupervisionError, match="at most 8192 bytes"):  # it travels in every report
+        desired_from_request({"args": ["--flag"] * 2000}, "agent", 60.0)
 
 
 def test_a_program_that_cannot_run_and_a_stray_double_dash_are_named() -> None:

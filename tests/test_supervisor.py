@@ -104,9 +104,9 @@ def test_a_command_that_keeps_failing_backs_off_gives_up_and_a_desired_state_rev
     assert gave_up["state"] == "crashed" and gave_up["pid"] is None
     assert "gave up after 4 failed starts" in gave_up["hint"] and "failed to load model" in gave_up["hint"]
     starts = [_seconds(line) for line in agent.log().splitlines() if "started llama-server" in line]
-    assert len(starts) == 4  # the first start and three restarts
+    assert len(starts) == 4  # the first start and three restarts: at once, then after 0.1 s, then 0.2 s
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4, gaps  # doubling each time
+    assert gaps[1] >= 0.1 and gaps[2] >= 0.2 and gaps[2] > gaps[0], gaps
     time.sleep(0.5)
     assert len([line for line in agent.log().splitlines() if "started llama-server" in line]) == 4  # given up
 
@@ -222,7 +222,7 @@ def test_a_model_that_fails_to_load_is_rolled_back_and_the_rollout_halts(fleet: 
                             timeout=30, message="the failure reported")
         wait_until(lambda: all(ready(balancer, f"s{i}") for i in range(2)), timeout=20,
                    message="both back in service")
-        time.sleep(1.0)  # the rollout does not go on to the other server
+        time.sleep(0.6)  # the rollout does not go on to the other server
         progress = fleet_progress(balancer)
     assert progress["counts"] == {"failed": 1, "halted": 1}, progress["counts"]
     bad = next(a for a in failed["agents"] if a["status"] == "failed")
@@ -240,7 +240,7 @@ def test_a_swap_resumes_after_the_balancer_restarts(fleet: Fleet) -> None:
     ports = {"proxy_port": balancer.extra["proxy_port"], "management_port": balancer.extra["management_port"]}
     for i in range(2):
         fleet.supervised(balancer.extra["management_port"], *simulate("-m", str(workdir / "tiny.gguf"),
-                                                                      "--startup-time", "1.5"), name=f"s{i}")
+                                                                      "--startup-time", "1"), name=f"s{i}")
     for i in range(2):
         wait_until(lambda i=i: ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
     wanted = put_desired(balancer, {"model": str(workdir / "slow.gguf")}).json()["desired"]["id"]

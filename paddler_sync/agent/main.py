@@ -23,7 +23,7 @@ from paddler_sync.agent.aws import MetadataError, fetch_local_ipv4
 from paddler_sync.agent.launch import CommandLine
 from paddler_sync.agent.monitor import Agent, BalancerClient
 from paddler_sync.agent.supervisor import RestartPolicy, Supervisor
-from paddler_sync.fleet.supervision import SupervisionError
+from paddler_sync.fleet.supervision import Control, DrainMark, SupervisionError
 from paddler_sync.llamacpp import LlamaCppClient, ServerState
 from paddler_sync.logs import log_greenlet_exception
 
@@ -113,7 +113,7 @@ def drain_before_leaving(agent: Agent, timeout: float, hurry: Event) -> None:
         return
     logger.info("stopping: draining first (%d requests in flight, up to %gs; a second signal skips the wait)",
                 in_flight, timeout)
-    agent.balancer.control = None
+    agent.balancer.control = Control(DrainMark(True), in_flight=in_flight)  # the drain's answer is the latest word
     with gevent.Timeout(timeout, False):
         while not hurry.is_set() and not _drained(agent) and agent.balancer.reachable:
             hurry.wait(DRAIN_POLL_SECONDS)
@@ -124,7 +124,7 @@ def drain_before_leaving(agent: Agent, timeout: float, hurry: Event) -> None:
 
 
 def _drained(agent: Agent) -> bool:
-    control = agent.balancer.control  # reset when the drain began: only answers since count
+    control = agent.balancer.control  # the drain's answer, then each report's
     if control is None or control.in_flight:
         return False
     reading = agent.last_reading

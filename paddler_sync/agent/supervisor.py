@@ -135,7 +135,8 @@ class RestartPolicy:
     stop_timeout: float = 10.0
 
     def delay(self, failures: int) -> float:
-        return min(self.backoff_max, self.backoff * 2 ** max(0, failures - 1))
+        """The first restart at once (a crash after a good run is usually a one-off), then growing pauses."""
+        return 0.0 if failures <= 1 else min(self.backoff_max, self.backoff * 2 ** (failures - 2))
 
     def gives_up(self, failures: int) -> bool:
         return self.max_restarts > 0 and failures > self.max_restarts

@@ -9,6 +9,7 @@ Newer always wins, by the time it was set on the balancer.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -25,13 +26,14 @@ STATE_HINTS = {
     READY: "llama-server answers and its slots are seen",
     CRASHED: "llama-server exited or stopped answering; see the agent's log for its last lines",
     RESTARTING: "llama-server is being stopped and started again (a crash, or a new desired state)",
-    BACKING_OFF: "llama-server failed to start; the agent waits before the next attempt (doubling each time)",
+    BACKING_OFF: "llama-server failed again; the agent waits before the next attempt (doubling each time)",
     STOPPING: "the agent is stopping: it drains, then stops llama-server",
 }
 PHASES = ("draining", "stopping", "starting", "rolling_back")
 MAX_ARGS = 256
 MAX_ARG = 4096
 MAX_ERROR = 2000
+MAX_DESIRED_BYTES = 8192  # agents carry it in every report (three times at most), which may have 64 KiB
 
 
 class SupervisionError(Refused):
@@ -78,6 +80,8 @@ def desired_from_request(body: Any, scope: str, drain_timeout: float, now: float
     if body.get("model") is None and body.get("args") is None:
         raise SupervisionError(400, "a desired state needs 'model' (a model file for -m) or 'args' (llama-server's "
                                     "options, a list of strings), or both")
+    if len(json.dumps(body)) > MAX_DESIRED_BYTES:
+        raise SupervisionError(400, f"a desired state may have at most {MAX_DESIRED_BYTES} bytes of JSON")
     stamp = time.time() if now is None else now
     return parse_desired({**body, "id": f"{int(stamp * 1000):x}-{uuid.uuid4().hex[:6]}", "set_at": stamp,
                           "scope": scope, "drain_timeout": body.get("drain_timeout", drain_timeout)})

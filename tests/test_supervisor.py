@@ -64,7 +64,8 @@ def unavailable(balancer: Proc) -> int:
 def test_agent_runs_llama_server_restarts_it_and_never_leaves_it_orphaned(fleet: Fleet) -> None:
     balancer = fleet.balancer()
     agent = fleet.supervised(balancer.extra["management_port"], *simulate("-np", "2"), name="s0",
-                             agent_args=("--supervise-backoff", "0.2"))
+                             agent_args=("--supervise-backoff", "0.2", "--supervise-unresponsive-timeout", "1",
+                                         "--llamacpp-timeout", "0.3"))
     first = wait_until(lambda: ready(balancer, "s0"), timeout=20, message="the supervised server ready")
     supervisor = first["supervisor"]
     command = supervisor["command"]
@@ -89,8 +90,14 @@ def test_agent_runs_llama_server_restarts_it_and_never_leaves_it_orphaned(fleet:
     assert re.search(r"ready again, [0-9.]+s after it went down", agent.log())
     assert "[llama-server " in agent.log()  # its output, prefixed, in the agent's log
 
+    os.kill(again["pid"], signal.SIGSTOP)  # alive, but answering nothing: killed and started again
+    unstuck = wait_until(lambda: (now := supervisor_of(balancer, "s0"))["state"] == "ready"
+                         and now["pid"] != again["pid"] and now, timeout=20, message="a hung server replaced")
+    assert "killing llama-server" in agent.log() and "it has not answered for" in agent.log()
+    assert not alive(again["pid"])
+
     agent.kill()  # kill -9 of the agent: the kernel kills llama-server too (parent-death signal)
-    wait_until(lambda: not alive(again["pid"]), timeout=5, message="llama-server gone with its agent")
+    wait_until(lambda: not alive(unstuck["pid"]), timeout=5, message="llama-server gone with its agent")
 
 
 @pytest.mark.ledger_agnostic

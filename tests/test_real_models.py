@@ -49,8 +49,9 @@ def test_each_model_goes_only_to_its_servers_and_a_busy_one_delays_no_other(flee
     assert reported["modalities"] == (["text"] if build.modern else [])  # b4748's /props does not say
     for model in ["chat", "writer", "Chat", "tiny", "slow.gguf"]:
         assert chat(balancer, model).status_code == 200, model
-    assert upstreams(balancer) == [f"127.0.0.1:{p}" for p in (chat_server.port, writer.port, chat_server.port,
-                                                               chat_server.port, writer.port)]
+    logged = wait_until(lambda: len(found := upstreams(balancer)) >= 5 and found)  # each written as its answer ends
+    assert logged == [f"127.0.0.1:{p}" for p in (chat_server.port, writer.port, chat_server.port,
+                                                 chat_server.port, writer.port)]
 
     unknown = chat(balancer, "gpt-4o")
     assert unknown.status_code == 404 and unknown.json()["error"]["models"] == ["chat", "writer"]

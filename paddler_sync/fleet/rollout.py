@@ -119,9 +119,9 @@ class Rollout:
         mine = self._adopt(agent_id, report)
         in_flight = self.in_flight(agent_id)
         supervisor = report.supervisor
-        target = self.target(mine, report.labels or {})
-        if supervisor is None:
+        if supervisor is None:  # nothing to apply: only the drain mark
             return Control(mine.drain, None, in_flight)
+        target = self.target(mine, report.labels or {})
         if target is None or settled(supervisor, target) or self.failed_elsewhere(target):
             self.controls.release(agent_id)
             return Control(mine.drain, None, in_flight)

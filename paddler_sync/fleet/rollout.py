@@ -199,22 +199,23 @@ class Rollout:
 
     # --- what the API shows -----------------------------------------------------------------------------
 
-    def agent_status(self, record: AgentRecord) -> dict[str, Any]:
-        """Desired against applied, for one agent."""
+    def agent_status(self, record: AgentRecord, granted: dict[str, str] | None = None) -> dict[str, Any]:
+        """Desired against applied, for one agent (``granted``: the grants, read once for a whole fleet)."""
+        granted = self.controls.granted(self.clock()) if granted is None else granted
         mine = self.controls.agent(record.agent_id)
         supervisor = record.report.supervisor
         target = self.target(mine, record.report.labels or {})
         return {"agent_id": record.agent_id, "agent_name": record.report.agent_name,
                 "desired": target.to_json() if target else None,
                 "applied": supervisor.applied.to_json() if supervisor and supervisor.applied else None,
-                "status": progress(supervisor, target, record.agent_id in self.controls.granted(self.clock()),
+                "status": progress(supervisor, target, record.agent_id in granted,
                                    self.failed_elsewhere(target) if target else False),
-                "draining": self.draining(record.agent_id), "drain": mine.drain.to_json(),
+                "draining": mine.drain.on or record.agent_id in granted, "drain": mine.drain.to_json(),
                 "supervisor": supervisor.to_json() if supervisor else None}
 
     def fleet_status(self) -> dict[str, Any]:
-        fleet = self.controls.fleet()
-        agents = [self.agent_status(r) for r in sorted(self.registry.records(), key=lambda r: r.agent_id)
+        fleet, granted = self.controls.fleet(), self.controls.granted(self.clock())
+        agents = [self.agent_status(r, granted) for r in sorted(self.registry.records(), key=lambda r: r.agent_id)
                   if r.report.supervisor is not None]
         counts: dict[str, int] = {}
         for agent in agents:

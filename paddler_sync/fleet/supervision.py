@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_sync.errors import Refused
@@ -238,7 +238,3 @@ def newer(mine: DesiredState | None, theirs: DesiredState | None) -> DesiredStat
     if mine is None or (theirs is not None and theirs.set_at > mine.set_at):
         return theirs
     return mine
-
-
-def as_fleet(desired: DesiredState) -> DesiredState:
-    return replace(desired, scope="fleet")

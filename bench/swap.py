@@ -25,7 +25,7 @@ from typing import Any
 import requests
 
 from bench import harness
-from bench.real_llamacpp import make_models
+from bench.real_llamacpp import make_models, read_metrics
 
 CLIENTS = 2
 SLOTS = 2
@@ -92,12 +92,11 @@ class DeferredWatch:
         while not self.stop.is_set():
             for url in self.urls:
                 try:
-                    text = requests.get(url + "/metrics", timeout=2).text
+                    found = read_metrics(url).get("requests_deferred")
                 except requests.RequestException:
                     continue  # restarting
-                found = re.search(r"^llamacpp:requests_deferred (\S+)$", text, re.M)
-                if found:
-                    self.samples.append(float(found.group(1)))
+                if found is not None:
+                    self.samples.append(found)
             self.stop.wait(0.1)
 
 

@@ -103,6 +103,7 @@ class Agent:
         self._props_read_at = float("-inf")
         self._last_state: ServerState | None = None
         self._last_state_changed = True
+        self._state_changed_at = float("-inf")
         self._last_slots: SlotsReading | None = None
         self._last_slots_at = float("-inf")
         self._read_at = time.monotonic()  # when the reading being reported came back from /slots
@@ -229,13 +230,14 @@ class Agent:
     def _props_stale(self) -> bool:
         """Read /props (and a single server's /v1/models) on every state change, every tick until one read works,
         then once a minute (a router's /models is read every tick: its models load and unload)."""
-        return (self._last_state_changed or self.props == Props()
+        return ((self._last_state_changed and self._props_read_at < self._state_changed_at) or self.props == Props()
                 or time.monotonic() - self._props_read_at > PROPS_REFRESH_SECONDS)
 
     def _note_state(self, reading: SlotsReading) -> None:
         self._last_state_changed = reading.state is not self._last_state
         if not self._last_state_changed:
             return
+        self._state_changed_at = time.monotonic()
         self._last_state = reading.state
         if reading.state is ServerState.READY:
             logger.info("llama.cpp at %s is ready: %d slots", self.llamacpp.addr,

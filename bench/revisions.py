@@ -4,8 +4,9 @@
 
 Checks BEFORE_REV out into a scratch folder and measures it and this checkout in turns (A B B A ...),
 on the same simulators: the proxy overhead (non-streaming, wrk at 1, 16 and 64 connections) on the
-in-process store, and on the Redis store with one worker, plus one request's Redis round trip. Prints a
-markdown table of medians and the after/before ratios, and writes it to bench/REVISIONS.md.
+in-process store, and on the Redis store with one worker (``--no-redis``: not), plus, with ``--stream``, the
+streaming relay (100 streams x 200 events, as bench/run.py's section 1b). Prints markdown tables of medians and
+the after/before ratios, and writes them to bench/REVISIONS.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.run import wrk
+from bench.run import stream_run, wrk
 from bench.shared import redis_server
 
 CONNECTIONS = (1, 16, 64)
@@ -65,6 +66,38 @@ def measure(services: dict[str, harness.Service], reps: int, seconds: int) -> di
     return rows
 
 
+def measure_streams(before: Path, reps: int) -> dict[str, dict[str, list[float]]]:
+    upstreams = [harness.simulator("--parallel", "1024", "--ctx-size", "1048576", "--decode-tokens-per-second", "200",
+                                   "--stamp-events", "--prefill-ms-per-token", "0", name=f"ssim{i}") for i in range(2)]
+    services = {label: start(source, upstreams, name=f"{label}-stream")
+                for label, source in (("before", before), ("after", harness.ROOT))}
+    rows: dict[str, dict[str, list[float]]] = {}
+    try:
+        for rep in range(reps):
+            for label in (services if rep % 2 == 0 else list(reversed(services))):
+                result = stream_run(services[label], 100, 200)
+                for key in ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete"):
+                    rows.setdefault(label, {}).setdefault(key, []).append(float(result[key]))
+                print(f"  stream {label} rep={rep}: p99 {result['delay_p99_ms']:.2f} ms, "
+                      f"{result['cpu_us_per_event']:.1f} us/event", flush=True)
+    finally:
+        for service in services.values():
+            harness.stop_paddler(service)
+        for upstream in upstreams:
+            upstream.stop()
+    return rows
+
+
+def stream_table(rows: dict[str, dict[str, list[float]]], reps: int) -> str:
+    medians = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in rows.items()}
+    lines = [f"Streaming, 100 streams x 200 events at 5 ms, medians of {reps}:", "",
+             "| revision | events/s | delay p50 ms | delay p99 ms | CPU µs/event | complete |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {c['events_per_s']:.0f} | {c['delay_p50_ms']:.2f} | {c['delay_p99_ms']:.2f} | "
+              f"{c['cpu_us_per_event']:.1f} | {c['complete']:.0f} |" for name, c in medians.items()]
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict[str, list[float]]]) -> str:
     medians = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in rows.items()}
     lines = ["| contender | req/s | p50 ms | p99 ms | CPU µs/req | req/s after/before |", "|---|---|---|---|---|---|"]
@@ -83,6 +116,8 @@ def main() -> None:
     parser.add_argument("before")
     parser.add_argument("--seconds", type=int, default=6)  # wrk takes whole seconds
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-redis", action="store_true", help="the in-process store only")
+    parser.add_argument("--stream", action="store_true", help="the streaming relay too")
     args = parser.parse_args()
     before = checkout(args.before)
     upstreams = [harness.simulator("--parallel", "128", "--decode-tokens-per-second", "0",
@@ -90,7 +125,8 @@ def main() -> None:
     redis_proc, url = redis_server()
     results: dict[str, Any] = {}
     try:
-        for store, extra in (("local", ()), ("redis -w1", ("--state-backend", url))):
+        stores = (("local", ()), ("redis -w1", ("--state-backend", url)))
+        for store, extra in stores[:1] if args.no_redis else stores:
             services = {}
             for label, source in (("before", before), ("after", harness.ROOT)):
                 prefix = ("--state-prefix", f"r{uuid.uuid4().hex[:8]}") if extra else ()
@@ -104,11 +140,12 @@ def main() -> None:
         for upstream in upstreams:
             upstream.stop()
         redis_proc.terminate()
+    streams = stream_table(measure_streams(before, args.reps), args.reps) if args.stream else ""
     report = (f"# paddler_sync at two revisions\n\n`python bench/revisions.py {args.before} --seconds {args.seconds} "
               f"--reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: revision {args.before} "
               f"(before) and this checkout (after, {head()}), in turns on the same simulators; medians of "
               f"{args.reps} runs of {args.seconds} s (wrk, non-streaming, 1 token). CPU is the balancer's "
-              f"processes'.\n\n{table(results)}\n")
+              f"processes'.\n\n{table(results)}\n\n{streams}\n")
     (harness.ROOT / "bench" / "REVISIONS.md").write_text(report)
     print(report)
 

@@ -35,6 +35,17 @@ def peer_has_closed(sock: socket.socket) -> bool:
         return True
 
 
+def send_all(sock: Any, data: bytes) -> None:
+    """One ``send`` when the peer's window has room (nearly always), more only for what did not fit.
+
+    gevent's ``sendall`` also asks the kernel for the send-buffer size and reads the clock on every call."""
+    sent = sock.send(data)
+    if sent < len(data):
+        view = memoryview(data)
+        while sent < len(data):
+            sent += sock.send(view[sent:])
+
+
 class ClientWatch:
     """Calls ``on_gone`` once if the client closes its connection, costing nothing until then.
 

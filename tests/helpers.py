@@ -461,3 +461,13 @@ def put_desired(balancer: Proc, body: dict[str, Any], agent_id: str | None = Non
 
 def fleet_progress(balancer: Proc) -> dict[str, Any]:
     return requests.get(balancer.extra["management"] + "/api/v1/desired_state", timeout=5).json()
+
+
+def fleet_behind(fleet: Fleet, bad_port: int, *balancer_args: str) -> Proc:
+    """A balancer whose only server is reported at bad_port (the agent watches a healthy simulator)."""
+    balancer = fleet.balancer(*balancer_args)
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "bad", "--external-llamacpp-addr",
+                f"127.0.0.1:{bad_port}", interval=INTERVAL)
+    wait_until(lambda: (a := agent_named(balancer, "bad")) and a["state"] == "ready")
+    return balancer

@@ -25,6 +25,7 @@ from tests.helpers import (
     agents,
     background_traffic,
     complete,
+    fleet_behind,
     health,
     internals,
     settled,
@@ -101,16 +102,6 @@ def misbehaving_upstream(mode: str) -> Iterator[int]:
         server.close()
         for conn in held:
             conn.close()
-
-
-def fleet_behind(fleet: Fleet, bad_port: int, *balancer_args: str) -> Proc:
-    """A balancer whose only server is reported at bad_port (the agent watches a healthy simulator)."""
-    balancer = fleet.balancer(*balancer_args)
-    sim = fleet.simulator("--parallel", "2")
-    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "bad", "--external-llamacpp-addr",
-                f"127.0.0.1:{bad_port}", interval=INTERVAL)
-    wait_until(lambda: (a := agent_named(balancer, "bad")) and a["state"] == "ready")
-    return balancer
 
 
 def test_upstream_that_accepts_and_never_answers(fleet: Fleet) -> None:

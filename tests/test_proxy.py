@@ -190,7 +190,10 @@ def test_sse_events_arrive_one_by_one_with_their_spacing(fleet: Fleet) -> None:
         for chunk in response.raw.read_chunked():
             arrivals.append((time.monotonic(), chunk))
     events = [c for _, c in arrivals if c.startswith(b"data: ")]
-    assert len(events) == 11  # one chunk per event: nothing coalesced
+    assert sum(c.count(b"data: ") for c in events) == 11
+    # each event is passed on as soon as it arrives: only events that came in one read (the last token and
+    # [DONE], written back to back) may share a chunk
+    assert len(events) >= 10
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(arrivals[:9])]
     assert all(0.02 < gap < 0.2 for gap in gaps), gaps  # ~50 ms apart, as llama.cpp sent them
 

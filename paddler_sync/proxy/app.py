@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import urllib3.exceptions
 from gevent.pool import Group
-from urllib3 import HTTPResponse
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_body, error_bytes, status_line
@@ -35,8 +34,9 @@ from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffe
 from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate, PromptSeen
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
 from paddler_sync.fleet.upstream import Reservation
-from paddler_sync.proxy import queue_updates
+from paddler_sync.proxy import queue_updates, response_writer
 from paddler_sync.proxy import upstream as up
+from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
 from paddler_sync.proxy.refusal import ProxyError
@@ -88,6 +88,7 @@ class ProxyApp:
         if self.management_prefix and (path == self.management_prefix
                                        or path.startswith(self.management_prefix + "/")):
             return self._management(environ, start_response)
+        response_writer.adopt(start_response)
         try:
             self._refuse_slots_endpoint(path)
             if self.routing.lists_models(method, path, environ.get("QUERY_STRING", "")):
@@ -120,7 +121,7 @@ class ProxyApp:
 
     def _open_relay(self, environ: dict[str, Any], start_response: StartResponse, started: float,
                     tokens: int | None, hashes: tuple[str, ...], estimate: FirstTokenEstimate | None,
-                    connected: tuple[Reservation, HTTPResponse, float]) -> Relay:
+                    connected: tuple[Reservation, UpstreamAnswer, float]) -> Relay:
         reservation, response, waited = connected
         start_response(f"{response.status} {response.reason}", up.response_headers(response))
         relay = Relay(self, environ, start_response, response, reservation, waited, started, tokens)
@@ -177,7 +178,7 @@ class ProxyApp:
         return body
 
     def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool, tokens: int | None,
-                 route: Route, estimate: FirstTokenEstimate | None = None) -> tuple[Reservation, HTTPResponse, float]:
+                 route: Route, estimate: FirstTokenEstimate | None = None) -> tuple[Reservation, UpstreamAnswer, float]:
         """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
         to which nothing was sent yet, goes to another one, or waits for one. A quarantined server that its
         agent reports healthy again may serve the retry."""
@@ -252,7 +253,7 @@ class ProxyApp:
             return [("Retry-After", str(max(1, math.ceil(seconds))))]
         return []
 
-    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation, route: Route) -> HTTPResponse:
+    def _send(self, environ: dict[str, Any], body: bytes, reservation: Reservation, route: Route) -> UpstreamAnswer:
         raw_uri = environ.get("RAW_URI", "")
         target = raw_uri if raw_uri.startswith("/") else _path_and_query(environ)
         target = self.routing.named_target(route, reservation, target, environ["REQUEST_METHOD"])
@@ -312,7 +313,7 @@ class Relay:
     """
 
     def __init__(self, proxy: ProxyApp, environ: dict[str, Any], start_response: StartResponse,
-                 response: HTTPResponse, reservation: Reservation, waited: float, started: float,
+                 response: UpstreamAnswer, reservation: Reservation, waited: float, started: float,
                  tokens: int | None = None) -> None:
         self.proxy = proxy
         self.environ = environ
@@ -332,15 +333,12 @@ class Relay:
         self.seen: PromptSeen | None = None  # the prompt's prefix as the balancer knew it (first-token routing)
 
     def __iter__(self) -> Iterator[bytes]:
-        connection = self.response.connection
-        upstream_sock = connection.sock if connection is not None else None
         try:
-            for chunk in self.response.stream(None, decode_content=False):
+            for chunk in self.response.pieces():
                 if self.first_byte is None:
                     self.first_byte = time.monotonic()
                 self.sent += len(chunk)
                 self.chunk_before, self.last_chunk = self.last_chunk, chunk
-                up.ack_at_once(upstream_sock)  # or llama.cpp b4748 holds its next event up to 40 ms
                 yield chunk
             self.ending = Ending.DONE
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -404,8 +402,7 @@ class Relay:
         if self.closed:
             return
         self.closed = True
-        self.response.close()  # a fully read response went back to the pool already; this cuts a live one
-        self.response.release_conn()
+        self.response.close()  # a fully read answer's connection went back to the pool already; this cuts a live one
         draining = self.ending is Ending.UPSTREAM_ERROR and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
         if self.tokens is not None and self.ending is Ending.DONE and self.response_status == 200:

@@ -24,12 +24,12 @@ from paddler_sync.fleet.upstream import Reservation
 from paddler_sync.proxy.refusal import ProxyError
 
 if TYPE_CHECKING:
-    from urllib3 import HTTPResponse
+    from paddler_sync.proxy.answer import UpstreamAnswer
 
 HEADER = "HTTP_X_PADDLER_QUEUE_UPDATES"
 QUIET_WAIT = 0.05  # seconds: a request served this soon gets llama.cpp's own headers, and no comment
 UPDATE_SECONDS = 1.0
-Connected = tuple[Reservation, "HTTPResponse", float]
+Connected = tuple[Reservation, "UpstreamAnswer", float]
 
 
 def wanted(environ: dict[str, Any], body: dict[str, Any] | None) -> bool:

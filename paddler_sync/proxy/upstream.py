@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import queue
 import socket
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING, Any, cast
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3 import HTTPConnectionPool, HTTPResponse
+from urllib3 import HTTPConnectionPool
 from urllib3.connection import HTTPConnection
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
-from urllib3.util import Retry, Timeout
+from urllib3.exceptions import ClosedPoolError, ConnectTimeoutError, NewConnectionError, ProtocolError
 from urllib3.util.url import _encode_target
 
 from paddler_sync.fleet.buffer import Watch
+from paddler_sync.proxy.answer import UpstreamAnswer
+from paddler_sync.sockets import send_all
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection
@@ -49,8 +51,8 @@ SLOT_PATHS = frozenset({
 # /chat/completions/input_tokens, /v1/responses/input_tokens, /responses/input_tokens, every GET.
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
-NO_RETRY = Retry(total=False, redirect=False)
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+                        "expect"})  # gunicorn answered Expect: 100-continue itself; the body goes in one piece
 
 
 def uses_slot(method: str, path: str) -> bool:
@@ -61,30 +63,10 @@ class ClientLeft(Exception):
     """The client closed its connection while its request ran upstream; the upstream call was cut."""
 
 
-TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
-
-
-def ack_at_once(sock: socket.socket | None) -> None:
-    """Acknowledge what arrives next without the kernel's delayed ACK (up to 40 ms).
-
-    llama.cpp b4748 writes an answer's headers and body separately with Nagle's algorithm on, so its body
-    waits for our ACK of the headers: 44 ms per request on a kept-alive connection (2 ms on a fresh one,
-    where the kernel acknowledges at once), during which its slot is free and the balancer cannot know.
-    Quick-ack mode is not sticky, so it is asked for again after each request and each chunk read."""
-    if sock is not None and TCP_QUICKACK is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
-
-
 class UpstreamConnection(HTTPConnection):
-    """A connection that remembers when it went idle, so the pool can retire it before llama.cpp does,
-    and that acknowledges an answer at once (see :func:`ack_at_once`)."""
+    """A connection that remembers when it went idle, so the pool can retire it before llama.cpp does."""
 
     idle_since: float = 0.0
-
-    def getresponse(self) -> Any:
-        ack_at_once(self.sock)
-        return super().getresponse()
 
 
 class UpstreamPool(HTTPConnectionPool):
@@ -95,16 +77,29 @@ class UpstreamPool(HTTPConnectionPool):
     A request written on such a connection gets no answer (``RemoteDisconnected``) although the server
     never saw it. So idle connections are retired after ``idle_timeout``, well before the server's, and a
     request that got nothing back on a reused connection is sent again on the next one: at most
-    ``maxsize + 1`` tries, the last on a connection opened for it.
+    ``maxsize + 1`` tries, the last on a connection opened for it. (urllib3 polls each pooled connection
+    before reuse to see whether it was dropped; that try-again-on-nothing makes the poll, a syscall per
+    request, unnecessary.)
+
+    The pool opens and keeps the connections; the request is written in one ``sendall`` and the answer
+    read by :class:`~paddler_sync.proxy.answer.UpstreamAnswer`.
     """
 
     ConnectionCls = UpstreamConnection
     idle_timeout: float = 2.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
 
     def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
-        conn = super()._get_conn(timeout)
-        idle = time.monotonic() - getattr(conn, "idle_since", 0.0)
-        if getattr(conn, "sock", None) is not None and idle > self.idle_timeout:
+        if self.pool is None:
+            raise ClosedPoolError(self, "the pool was closed")
+        try:
+            conn = self.pool.get(block=False)
+        except queue.Empty:
+            conn = None
+        if conn is None:
+            return self._new_conn()
+        if conn.sock is not None and time.monotonic() - conn.idle_since > self.idle_timeout:
             conn.close()  # reconnects when used
         return conn
 
@@ -113,31 +108,46 @@ class UpstreamPool(HTTPConnectionPool):
             conn.idle_since = time.monotonic()  # type: ignore[attr-defined]
         super()._put_conn(conn)
 
-    def send(self, method: str, target: str, headers: dict[str, str], body: bytes | None, timeout: Timeout,
-             client: Watch | None = None) -> HTTPResponse:
-        """The response, its headers read and its body not; ``client`` (when given) cuts the call if it leaves."""
+    def send(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
+             client: Watch | None = None) -> UpstreamAnswer:
+        """The answer, its head read and its body not; ``client`` (when given) cuts the call if it leaves."""
+        message = request_message(method, target, headers, body)
         for _ in range(self.pool.maxsize + 1 if self.pool else 1):
             conn = cast(HTTPConnection, self._get_conn())  # ConnectionCls: always an UpstreamConnection
             reused = conn.sock is not None
             cut = _Cut(conn, client)
+            answer = None
             try:
-                response = self._make_request(conn, method, _encode_target(target), timeout=timeout, body=body,
-                                              headers=headers, chunked=False, retries=NO_RETRY,
-                                              response_conn=conn, preload_content=False, decode_content=False)
+                if not reused:
+                    conn.timeout = self.connect_timeout
+                    conn.connect()
+                conn.sock.settimeout(self.read_timeout)
+                send_all(conn.sock, message)
+                answer = UpstreamAnswer(self, conn, method, self.read_timeout)
+                answer.read_head()
             except BaseException as exc:
+                if answer is not None:
+                    answer.stop_reading()
                 conn.close()
                 self._put_conn(None)
                 if cut.fired:
                     raise ClientLeft("the client left while llama.cpp ran its request") from exc
                 if reused and _nothing_came_back(exc):
                     continue
-                if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
-                    raise ProtocolError("malformed answer", exc) from exc
                 raise
             finally:
                 cut.stop()
-            return response  # type: ignore[return-value]
+            return answer
         raise ProtocolError("every pooled connection was closed by the server", None)
+
+
+def request_message(method: str, target: str, headers: dict[str, str], body: bytes | None) -> bytes:
+    """The request line, headers and body as one buffer: one write, one TCP segment for a small request."""
+    lines = [f"{method} {_encode_target(target)} HTTP/1.1\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines.append("\r\n")
+    head = "".join(lines).encode("latin-1")
+    return head + body if body else head
 
 
 def _nothing_came_back(exc: BaseException) -> bool:
@@ -188,7 +198,7 @@ class Transport:
         self.adapter.poolmanager.pool_classes_by_scheme = {"http": UpstreamPool}
         self.idle_timeout = idle_timeout
         self.session.mount("http://", self.adapter)
-        self.timeout = Timeout(connect=connect_timeout, read=read_timeout)
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._pools: dict[str, UpstreamPool] = {}
         # A full pool discards the extra connection: expected under bursts, not worth a warning per request.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -198,13 +208,14 @@ class Transport:
         if pool is None or pool.pool is None:  # built once by the adapter's pool manager (None: it closed it)
             host, _, port = addr.rpartition(":")
             pool = self.adapter.poolmanager.connection_from_host(host.strip("[]"), int(port), scheme="http")
-            pool.idle_timeout = self.idle_timeout
+            pool.idle_timeout, pool.connect_timeout = self.idle_timeout, self.connect_timeout
+            pool.read_timeout = self.read_timeout
             self._pools[addr] = pool
         return pool
 
     def send(self, method: str, addr: str, target: str, headers: dict[str, str], body: bytes | None,
-             client: Watch | None = None) -> HTTPResponse:
-        return self.pool(addr).send(method, target, headers, body, self.timeout, client)
+             client: Watch | None = None) -> UpstreamAnswer:
+        return self.pool(addr).send(method, target, headers, body, client)
 
 
 def request_headers(environ: dict[str, Any], upstream_addr: str, rewrite_host: bool,
@@ -233,7 +244,7 @@ def request_headers(environ: dict[str, Any], upstream_addr: str, rewrite_host: b
     return headers
 
 
-def response_headers(upstream: HTTPResponse) -> list[tuple[str, str]]:
+def response_headers(upstream: UpstreamAnswer) -> list[tuple[str, str]]:
     connection_tokens = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}
     headers = [(k, v) for k, v in upstream.headers.items()
                if k.lower() not in HOP_BY_HOP and k.lower() not in connection_tokens]

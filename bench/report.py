@@ -387,17 +387,20 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
 
 LIMITS = """## What limits paddler_sync here, and what it would take
 
-- **Per-request CPU.** A py-spy profile of the worker at c=16 (before the hot-path work) showed `Session.request`
-  at 43 % of the worker's time: environment merging, request preparation, hooks, cookies and the Response
-  wrapper, then urllib3 and http.client. The proxy now calls the requests session's urllib3 pool directly
-  (same pool, same adapter, none of the per-request layers): 1,030 → 1,720 req/s at c=16 on the same run. What
-  is left is about 40 % urllib3 + http.client (its header parser is the stdlib's email parser), about 25 %
-  gunicorn's own request parsing and response writing, and the gevent hub. Going further needs a leaner HTTP
-  client on the upstream side (a hand-written HTTP/1.1 client on gevent sockets, or geventhttpclient, as Locust's
-  FastHttpUser does, ~4× cheaper than requests) and a leaner server than gunicorn's parser; both leave the design
-  card's stack, so they are not done.
-- **Streaming.** Each relayed event is one gevent socket read on the upstream side and one write (with a chunk
-  header) on the client side, ~2 syscalls and a few Python frames; HAProxy and nginx do the same in C. Beyond
+- **Per-request CPU and the relay (issue 17).** Before, a profile of the worker (py-spy, 200 Hz) showed, per relayed
+  SSE event, urllib3's chunked reader (`read_chunked`, `_update_chunk_length`: each chunk parsed line by line in
+  Python) at about a quarter of the time, gevent's `sendall` (a `getsockopt` and a clock read on every call) and its
+  `recv` (a first read that fails between two events, then a new timer per wait) most of the rest; per small
+  request, http.client's header parsing (the stdlib email parser), urllib3's poll of each pooled connection before
+  reuse, and gunicorn sending the head and the body in two `send`s. Now the answer is read off the pooled socket
+  (paddler_sync/proxy/answer.py: wait, then one `recv`; httptools parses in C; one read-timeout timer per answer),
+  the request leaves in one `send`, and gunicorn's response sends its head with the first body bytes and each
+  chunk in one `send` (paddler_sync/proxy/response_writer.py). bench/REVISIONS.md has the before/after run. What is
+  left per event is the two socket calls, the quick ACK llama.cpp b4748 needs (a `setsockopt`), and gevent's hub:
+  a switch into the greenlet and back per wake-up, the part HAProxy and nginx do in C. gunicorn's C request parser
+  (`gunicorn[fast]`, package gunicorn-h1c) was tried and measured no gain beyond the noise here, so it is not a
+  dependency (gunicorn uses it by itself where it is installed).
+- **Streaming.** Each relayed event is one wait, one read and one write; HAProxy and nginx do the same in C. Beyond
   one core, the balancer needs more processes, which the shared Redis ledger (issue 7) makes possible.
 - **Which server.** The default rule (the issue's: most free slots, then fewest in flight) fills the servers with the
   most slots first. In this fleet those are the slowest per slot, so at moderate load slot-aware HAProxy

@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
+from bench import real_llamacpp as real
 from bench.run import stream_run, wrk
 from bench.shared import redis_server
 
@@ -76,7 +77,8 @@ def measure_streams(before: Path, reps: int) -> dict[str, dict[str, list[float]]
         for rep in range(reps):
             for label in (services if rep % 2 == 0 else list(reversed(services))):
                 result = stream_run(services[label], 100, 200)
-                for key in ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete"):
+                for key in ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete",
+                            "peak_worker_rss_mb"):
                     rows.setdefault(label, {}).setdefault(key, []).append(float(result[key]))
                 print(f"  stream {label} rep={rep}: p99 {result['delay_p99_ms']:.2f} ms, "
                       f"{result['cpu_us_per_event']:.1f} us/event", flush=True)
@@ -88,13 +90,59 @@ def measure_streams(before: Path, reps: int) -> dict[str, dict[str, list[float]]
     return rows
 
 
+def measure_real(before: Path, reps: int, seconds: int) -> dict[str, dict[str, list[float]]]:
+    """Closed-loop throughput on two real llama-servers (bench/real_llamacpp.py's scenarios), before and after."""
+    binary = real.find_build()
+    if binary is None:
+        print("  real llama-servers: skipped (no llama-server-b4748)", flush=True)
+        return {}
+    models = real.make_models()
+    rows: dict[str, dict[str, list[float]]] = {}
+    options = ("--log-level", "warning", "--max-buffered-requests", "1024", "--buffered-request-timeout", "120")
+    for model, clients, n_predict in real.SCENARIOS:
+        servers = [real.llama_server(binary, models[model], f"llama-{model}{i}") for i in range(2)]
+        services = {label: start(source, servers, *options, name=f"{label}-real")
+                    for label, source in (("before", before), ("after", harness.ROOT))}
+        try:
+            for rep in range(reps):
+                for label in (services if rep % 2 == 0 else list(reversed(services))):
+                    run = real.closed_loop(services[label], servers, clients, seconds, n_predict)
+                    cell = rows.setdefault(f"{label} {model} c={clients}", {})
+                    for key in ("tokens_per_s", "p50_ms", "p99_ms", "errors", "cpu_s_per_s"):
+                        cell.setdefault(key, []).append(float(run[key]))
+                    print(f"  real {label} {model} c={clients} rep={rep}: {run['tokens_per_s']:.0f} tok/s", flush=True)
+        finally:
+            for service in services.values():
+                harness.stop_paddler(service)
+            for server in servers:
+                server.stop()
+    return rows
+
+
+def real_table(rows: dict[str, dict[str, list[float]]], reps: int, seconds: int) -> str:
+    if not rows:
+        return ""
+    medians = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in rows.items()}
+    lines = [f"Closed loop on two real llama-servers (b4748; bench/real_llamacpp.py's scenarios), {seconds} s runs, "
+             f"medians of {reps}:", "",
+             "| revision, scenario | tokens/s | p50 ms | p99 ms | errors | balancer CPU s/s | tokens/s after/before |",
+             "|---|---|---|---|---|---|---|"]
+    for name, c in medians.items():
+        before = medians.get(name.replace("after", "before", 1)) if name.startswith("after") else None
+        ratio = f"{c['tokens_per_s'] / before['tokens_per_s']:.3f}" if before else ""
+        lines.append(f"| {name} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.0f} | {c['p99_ms']:.0f} | "
+                     f"{c['errors']:.0f} | {c['cpu_s_per_s']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def stream_table(rows: dict[str, dict[str, list[float]]], reps: int) -> str:
     medians = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in rows.items()}
     lines = [f"Streaming, 100 streams x 200 events at 5 ms, medians of {reps}:", "",
-             "| revision | events/s | delay p50 ms | delay p99 ms | CPU µs/event | complete |",
-             "|---|---|---|---|---|---|"]
+             "| revision | events/s | delay p50 ms | delay p99 ms | CPU µs/event | complete | worker peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {c['events_per_s']:.0f} | {c['delay_p50_ms']:.2f} | {c['delay_p99_ms']:.2f} | "
-              f"{c['cpu_us_per_event']:.1f} | {c['complete']:.0f} |" for name, c in medians.items()]
+              f"{c['cpu_us_per_event']:.1f} | {c['complete']:.0f} | {c['peak_worker_rss_mb']:.1f} |"
+              for name, c in medians.items()]
     return "\n".join(lines)
 
 
@@ -118,6 +166,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-redis", action="store_true", help="the in-process store only")
     parser.add_argument("--stream", action="store_true", help="the streaming relay too")
+    parser.add_argument("--real", action="store_true", help="closed-loop throughput on real llama-servers too")
     args = parser.parse_args()
     before = checkout(args.before)
     upstreams = [harness.simulator("--parallel", "128", "--decode-tokens-per-second", "0",
@@ -141,11 +190,14 @@ def main() -> None:
             upstream.stop()
         redis_proc.terminate()
     streams = stream_table(measure_streams(before, args.reps), args.reps) if args.stream else ""
-    report = (f"# paddler_sync at two revisions\n\n`python bench/revisions.py {args.before} --seconds {args.seconds} "
-              f"--reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: revision {args.before} "
+    real_seconds = args.seconds * 2
+    reals = real_table(measure_real(before, args.reps, real_seconds), args.reps, real_seconds) if args.real else ""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report = (f"# paddler_sync at two revisions\n\n`python bench/revisions.py {' '.join(sys.argv[1:])}`, {when}: "
+              f"revision {args.before} "
               f"(before) and this checkout (after, {head()}), in turns on the same simulators; medians of "
               f"{args.reps} runs of {args.seconds} s (wrk, non-streaming, 1 token). CPU is the balancer's "
-              f"processes'.\n\n{table(results)}\n\n{streams}\n")
+              f"processes'.\n\n{table(results)}\n\n{streams}\n\n{reals}\n")
     (harness.ROOT / "bench" / "REVISIONS.md").write_text(report)
     print(report)
 

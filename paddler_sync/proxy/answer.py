@@ -1,11 +1,11 @@
 """One llama.cpp answer read straight off the pooled connection's socket, parsed by httptools (llhttp, in C).
 
 The hot path of the relay. http.client and urllib3 parse a response's headers with the stdlib email
-parser and its chunked body line by line in Python: about half of the balancer's CPU per relayed SSE
-event (bench/RESULTS.md, section 1c, has the profile). Here each read is one ``recv`` of whatever has
-arrived, fed to llhttp, which calls back with the status, the headers and the decoded body pieces; the
-relay passes on at once everything one read brought. Nothing is held back to batch writes: an event is
-sent as soon as its read returns.
+parser and its chunked body line by line in Python, a large share of the balancer's CPU per relayed SSE
+event (the profile: bench/RESULTS.md, "What limits paddler_sync here"). Here each read is one ``recv`` of
+whatever has arrived, fed to llhttp, which calls back with the status, the headers and the decoded body
+pieces; the relay passes on at once everything one read brought. Nothing is held back to batch writes: an
+event is sent as soon as its read returns.
 
 The connection goes back to its pool only when the answer ended cleanly and both sides keep it alive;
 any other ending closes it, so llama.cpp sees the disconnect and frees its slot.
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from urllib3.connection import HTTPConnection
 
 READ_SIZE = 65536
+# One read buffer for the whole worker: what a read brings is parsed (and copied out by llhttp's callbacks)
+# before the greenlet can switch, so no two readers ever hold it at once, and no read allocates 64 KiB.
+_BUFFER = memoryview(bytearray(READ_SIZE))
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
 
@@ -93,8 +96,10 @@ class SocketReader:
         self.reader: Any = None  # the greenlet that reads
         self.timer: Any = None
 
-    def read(self) -> bytes:
-        """The next bytes (b"" when the server closed); ``TimeoutError`` after ``timeout`` s of silence."""
+    def read(self) -> bytes | memoryview:
+        """The next bytes (empty when the server closed); ``TimeoutError`` after ``timeout`` s of silence.
+
+        A view of the worker's read buffer: use it before anything can switch greenlets."""
         raw = self.raw
         ack_at_once(raw)  # or llama.cpp b4748 holds its next write up to 40 ms
         if self.watcher is None:  # not a gevent socket (never in the balancer): a plain blocking read
@@ -102,7 +107,7 @@ class SocketReader:
         while True:
             self._wait_readable()
             try:
-                return raw.recv(READ_SIZE)
+                return _BUFFER[:raw.recv_into(_BUFFER)]
             except BlockingIOError:
                 continue  # woken without data (spurious): wait again
 
@@ -229,7 +234,7 @@ class UpstreamAnswer:
         pieces.clear()
         return data
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         self._received += len(data)
         if self.complete:  # bytes after the end (or after a HEAD answer's head): do not reuse this connection
             self._reusable = False

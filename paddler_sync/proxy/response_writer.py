@@ -3,9 +3,9 @@
 gunicorn sends a response's head in one ``sendall`` and each body piece in another, and gevent's
 ``sendall`` asks the kernel for the socket's send-buffer size (a ``getsockopt``) and reads the clock on
 every call: a small answer cost three syscalls more than it needs, and each relayed SSE event one (the
-profile is in bench/RESULTS.md, section 1c). Here the head waits for the first body bytes and goes out with
-them in one ``send``; each chunk is framed and sent in one ``send`` (gevent waits, only when the client's
-window is full, and the rest follows); the last chunk marker goes out on its own, as gunicorn's.
+profile: bench/RESULTS.md, "What limits paddler_sync here"). Here the head waits for the first body bytes
+and goes out with them in one ``send``; each chunk is framed and sent in one ``send`` (gevent waits only
+when the client's window is full, and the rest follows); the last chunk marker goes out on its own.
 
 gunicorn (27) frames body bytes in ``Response._emit_body``, "so a subclass can frame it differently", but its
 gevent worker always builds its own ``Response``: the proxy adopts each one it answers (``adopt``), turning it

@@ -98,14 +98,21 @@ def targets(results: dict[str, Any]) -> list[str]:
         cpu = ns["paddler_sync"]["16"]["cpu_us_per_req"]
         naive = ns["naive"]["16"]["cpu_us_per_req"]
         added = ns["paddler_sync"]["1"]["p50_ms"] - ns["direct"]["1"]["p50_ms"]
+        nginx = ns.get("nginx", {}).get("16", {}).get("cpu_us_per_req", float("nan"))
         rows += [f"| ≤ 400 µs balancer CPU per small request (c=16) | {cpu:.0f} µs (naive proxy {naive:.0f} µs, "
-                 f"{naive / cpu:.2f}× ours) | {verdict(cpu <= 400)} |",
+                 f"{naive / cpu:.2f}× ours; nginx {nginx:.0f} µs) | {verdict(cpu <= 400)} |",
                  f"| ≤ +0.4 ms added p50 at concurrency 1 | +{added:.3f} ms | {verdict(added <= 0.4)} |"]
     st = results.get("stream", {}).get("table", {}).get("paddler_sync")
     if st:
-        rows += [f"| relay delay p99 ≤ 5 ms at 100 × 200 events @ 5 ms | {st['delay_p99_ms']:.2f} ms | "
-                 f"{verdict(st['delay_p99_ms'] <= 5)} |",
-                 f"| ≤ 15 µs CPU per event | {st['cpu_us_per_event']:.1f} µs | {verdict(st['cpu_us_per_event'] <= 15)} |",
+        table = results["stream"]["table"]
+        same_run = {name: table[name] for name in ("direct", "nginx", "haproxy") if name in table}
+        delays = ", ".join(f"{name} {row['delay_p99_ms']:.1f}" for name, row in same_run.items())
+        events = ", ".join(f"{name} {row['cpu_us_per_event']:.1f}" for name, row in same_run.items()
+                           if name != "direct")
+        rows += [f"| relay delay p99 ≤ 5 ms at 100 × 200 events @ 5 ms | {st['delay_p99_ms']:.2f} ms (same run: "
+                 f"{delays} ms) | {verdict(st['delay_p99_ms'] <= 5)} |",
+                 f"| ≤ 15 µs CPU per event | {st['cpu_us_per_event']:.1f} µs (same run: {events} µs) | "
+                 f"{verdict(st['cpu_us_per_event'] <= 15)} |",
                  f"| peak RSS ≤ 60 MB | {st['peak_rss_mb']:.1f} MB for gunicorn's master and worker together; "
                  f"the worker alone {st.get('peak_worker_rss_mb', 0):.1f} MB | {verdict(st['peak_rss_mb'] <= 60)} |"]
         sweep = results["stream"].get("sweep", {}).get("paddler_sync", {})

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,55 +68,54 @@ def measure(services: dict[str, harness.Service], reps: int, seconds: int) -> di
     return rows
 
 
-def measure_streams(before: Path, reps: int) -> dict[str, dict[str, list[float]]]:
-    upstreams = [harness.simulator("--parallel", "1024", "--ctx-size", "1048576", "--decode-tokens-per-second", "200",
-                                   "--stamp-events", "--prefill-ms-per-token", "0", name=f"ssim{i}") for i in range(2)]
-    services = {label: start(source, upstreams, name=f"{label}-stream")
+STREAM_KEYS = ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete", "peak_worker_rss_mb")
+REAL_KEYS = ("tokens_per_s", "p50_ms", "p99_ms", "errors", "cpu_s_per_s")
+Rows = dict[str, dict[str, list[float]]]
+
+
+def in_turns(before: Path, upstreams: list[harness.Service], args: tuple[str, ...], reps: int, suffix: str,
+             run: Callable[[harness.Service], dict[str, Any]], keys: tuple[str, ...], rows: Rows) -> None:
+    """Both revisions on the same servers, measured in turns (A B B A ...); their processes stopped after."""
+    services = {label: start(source, upstreams, *args, name=f"{label}-{(suffix or 'stream').split()[0]}")
                 for label, source in (("before", before), ("after", harness.ROOT))}
-    rows: dict[str, dict[str, list[float]]] = {}
     try:
         for rep in range(reps):
             for label in (services if rep % 2 == 0 else list(reversed(services))):
-                result = stream_run(services[label], 100, 200)
-                for key in ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete",
-                            "peak_worker_rss_mb"):
-                    rows.setdefault(label, {}).setdefault(key, []).append(float(result[key]))
-                print(f"  stream {label} rep={rep}: p99 {result['delay_p99_ms']:.2f} ms, "
-                      f"{result['cpu_us_per_event']:.1f} us/event", flush=True)
+                result = run(services[label])
+                cell = rows.setdefault(f"{label} {suffix}".strip(), {})
+                for key in keys:
+                    cell.setdefault(key, []).append(float(result[key]))
+                print(f"  {label} {suffix} rep={rep}: " + ", ".join(f"{k} {result[k]:.1f}" for k in keys[:4]),
+                      flush=True)
     finally:
         for service in services.values():
             harness.stop_paddler(service)
         for upstream in upstreams:
             upstream.stop()
+
+
+def measure_streams(before: Path, reps: int) -> Rows:
+    upstreams = [harness.simulator("--parallel", "1024", "--ctx-size", "1048576", "--decode-tokens-per-second", "200",
+                                   "--stamp-events", "--prefill-ms-per-token", "0", name=f"ssim{i}") for i in range(2)]
+    rows: Rows = {}
+    in_turns(before, upstreams, (), reps, "", lambda service: stream_run(service, 100, 200), STREAM_KEYS, rows)
     return rows
 
 
-def measure_real(before: Path, reps: int, seconds: int) -> dict[str, dict[str, list[float]]]:
+def measure_real(before: Path, reps: int, seconds: int) -> Rows:
     """Closed-loop throughput on two real llama-servers (bench/real_llamacpp.py's scenarios), before and after."""
     binary = real.find_build()
     if binary is None:
         print("  real llama-servers: skipped (no llama-server-b4748)", flush=True)
         return {}
     models = real.make_models()
-    rows: dict[str, dict[str, list[float]]] = {}
+    rows: Rows = {}
     options = ("--log-level", "warning", "--max-buffered-requests", "1024", "--buffered-request-timeout", "120")
     for model, clients, n_predict in real.SCENARIOS:
         servers = [real.llama_server(binary, models[model], f"llama-{model}{i}") for i in range(2)]
-        services = {label: start(source, servers, *options, name=f"{label}-real")
-                    for label, source in (("before", before), ("after", harness.ROOT))}
-        try:
-            for rep in range(reps):
-                for label in (services if rep % 2 == 0 else list(reversed(services))):
-                    run = real.closed_loop(services[label], servers, clients, seconds, n_predict)
-                    cell = rows.setdefault(f"{label} {model} c={clients}", {})
-                    for key in ("tokens_per_s", "p50_ms", "p99_ms", "errors", "cpu_s_per_s"):
-                        cell.setdefault(key, []).append(float(run[key]))
-                    print(f"  real {label} {model} c={clients} rep={rep}: {run['tokens_per_s']:.0f} tok/s", flush=True)
-        finally:
-            for service in services.values():
-                harness.stop_paddler(service)
-            for server in servers:
-                server.stop()
+        in_turns(before, servers, options, reps, f"{model} c={clients}",
+                 lambda service, s=servers, c=clients, n=n_predict: real.closed_loop(service, s, c, seconds, n),
+                 REAL_KEYS, rows)
     return rows
 
 

@@ -273,3 +273,21 @@ def test_the_relay_reads_gevent_sockets_through_the_parts_it_relies_on() -> None
         assert isinstance(reader.raw, _socket.socket) and reader.watcher is sock._read_event is not None
     finally:
         sock.close()
+
+
+def test_a_silent_stream_is_cut_after_the_read_timeout_with_queue_updates_on(
+        fleet: Fleet, scripted: tuple[int, dict[str, int]]) -> None:
+    """With --queue-updates the answer's head is read in the greenlet that waited for the slot and its body in the
+    request's own: the read timeout must follow the reader."""
+    port, _ = scripted
+    balancer = fleet_behind(fleet, port, "--upstream-read-timeout", "1", "--queue-updates")
+    started = time.monotonic()
+    received = b""
+    with pytest.raises(requests.exceptions.ChunkedEncodingError), \
+            requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "stream": True}, stream=True,
+                          headers={"X-Paddler-Queue-Updates": "1"}, timeout=15) as response:
+        for chunk in response.iter_content(None):
+            received += chunk
+    assert time.monotonic() - started < 8
+    assert received.startswith(b'data: {"a":1}\n\n') and b"upstream_stopped" in received
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 0)

@@ -113,8 +113,8 @@ class SocketReader:
 
     def _wait_readable(self) -> None:
         if self.timer is None:
-            self.reader = gevent.getcurrent()
             self._arm(self.timeout)
+        self.reader = gevent.getcurrent()  # the head may be read in one greenlet, the body in another (queue updates)
         self.waiting_since = time.monotonic()
         try:
             self.hub.wait(self.watcher)

@@ -354,9 +354,9 @@ class Relay:
         finally:
             self.close()
 
-    def _learn_speed(self) -> None:
+    def _learn_speed(self, generated: int | None) -> None:
         """Its time in llama.cpp over the tokens it generated: how fast this server goes at present."""
-        tokens = self.generated() or self.tokens or 0
+        tokens = generated or self.tokens or 0
         started = self.started + self.waited
         self.proxy.speeds.learn(self.reservation.addr, time.monotonic() - started, tokens)
 
@@ -405,11 +405,12 @@ class Relay:
         self.response.close()  # a fully read answer's connection went back to the pool already; this cuts a live one
         draining = self.ending is Ending.UPSTREAM_ERROR and self.reservation.uses_slot
         self.proxy.ledger.release(self.reservation, draining=draining)
+        generated = self.generated()
         if self.tokens is not None and self.ending is Ending.DONE and self.response_status == 200:
-            self._learn_speed()
+            self._learn_speed(generated)
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
                           self.first_byte, self.sent, self.ending, self.first_byte if self.streamed else None,
-                          self.generated(), self.prompt())
+                          generated, self.prompt())
 
 
 def _headers_sent(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:

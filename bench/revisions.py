@@ -68,7 +68,8 @@ def measure(services: dict[str, harness.Service], reps: int, seconds: int) -> di
     return rows
 
 
-STREAM_KEYS = ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete", "peak_worker_rss_mb")
+STREAM_KEYS = ("events_per_s", "delay_p50_ms", "delay_p99_ms", "cpu_us_per_event", "complete", "peak_worker_rss_mb",
+               "ttfb_p50_ms")
 REAL_KEYS = ("tokens_per_s", "p50_ms", "p99_ms", "errors", "cpu_s_per_s")
 Rows = dict[str, dict[str, list[float]]]
 
@@ -138,10 +139,11 @@ def real_table(rows: dict[str, dict[str, list[float]]], reps: int, seconds: int)
 def stream_table(rows: dict[str, dict[str, list[float]]], reps: int) -> str:
     medians = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in rows.items()}
     lines = [f"Streaming, 100 streams x 200 events at 5 ms, medians of {reps}:", "",
-             "| revision | events/s | delay p50 ms | delay p99 ms | CPU µs/event | complete | worker peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| revision | events/s | delay p50 ms | delay p99 ms | CPU µs/event | complete | worker peak RSS MB | "
+             "TTFB p50 ms |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {c['events_per_s']:.0f} | {c['delay_p50_ms']:.2f} | {c['delay_p99_ms']:.2f} | "
-              f"{c['cpu_us_per_event']:.1f} | {c['complete']:.0f} | {c['peak_worker_rss_mb']:.1f} |"
+              f"{c['cpu_us_per_event']:.1f} | {c['complete']:.0f} | {c['peak_worker_rss_mb']:.1f} | "
+              f"{c['ttfb_p50_ms']:.1f} |"
               for name, c in medians.items()]
     return "\n".join(lines)
 

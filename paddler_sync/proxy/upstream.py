@@ -10,7 +10,9 @@ connection that llama.cpp had already closed (here, on a fresh connection to the
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
+import ipaddress
 import logging
 import queue
 import socket
@@ -67,6 +69,37 @@ class UpstreamConnection(HTTPConnection):
     """A connection that remembers when it went idle, so the pool can retire it before llama.cpp does."""
 
     idle_since: float = 0.0
+
+    def _new_conn(self) -> socket.socket:
+        """To an IP address (as agents report them), connect without asking a resolver: gevent resolves every
+        name, numeric ones too, in its thread pool, a hand-off to a thread per new connection (a burst of new
+        streams queued behind the pool's threads). Names still go through urllib3 and the resolver."""
+        family = ip_family(self._dns_host)
+        if family is None:
+            return super()._new_conn()
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            for option in self.socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(self.timeout)  # the pool sets its connect timeout before connecting
+            sock.connect((self._dns_host, self.port))
+        except TimeoutError as exc:
+            sock.close()
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                            f"(connect timeout={self.timeout})") from exc
+        except OSError as exc:
+            sock.close()
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+        return sock
+
+
+@functools.lru_cache(maxsize=1024)
+def ip_family(host: str) -> socket.AddressFamily | None:
+    """AF_INET or AF_INET6 for an IP address literal; None for a name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 class UpstreamPool(HTTPConnectionPool):

@@ -129,11 +129,12 @@ class SocketReader:
         self.timer.close()
         since = self.waiting_since
         waited = 0.0 if since is None else time.monotonic() - since
-        if waited >= self.timeout and not self.reader.dead:
-            self.timer = None
-            self.reader.throw(TimeoutError(f"llama.cpp sent nothing for {self.timeout:g}s"))
+        if waited < self.timeout:
+            self._arm(self.timeout - waited)
             return
-        self._arm(self.timeout - waited)
+        self.timer = None
+        if not self.reader.dead:
+            self.reader.throw(TimeoutError(f"llama.cpp sent nothing for {self.timeout:g}s"))
 
     def stop(self) -> None:
         if self.timer is not None:

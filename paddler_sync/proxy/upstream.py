@@ -114,8 +114,8 @@ class UpstreamPool(HTTPConnectionPool):
     before reuse to see whether it was dropped; that try-again-on-nothing makes the poll, a syscall per
     request, unnecessary.)
 
-    The pool opens and keeps the connections; the request is written in one ``sendall`` and the answer
-    read by :class:`~paddler_sync.proxy.answer.UpstreamAnswer`.
+    The pool opens and keeps the connections; the request is written in one ``send`` and the answer read by
+    :class:`~paddler_sync.proxy.answer.UpstreamAnswer` (which keeps the read timeout with a timer of its own).
     """
 
     ConnectionCls = UpstreamConnection
@@ -154,7 +154,7 @@ class UpstreamPool(HTTPConnectionPool):
                 if not reused:
                     conn.timeout = self.connect_timeout
                     conn.connect()
-                conn.sock.settimeout(self.read_timeout)
+                conn.sock.settimeout(self.read_timeout)  # bounds a send that waits for llama.cpp's window
                 send_all(conn.sock, message)
                 answer = UpstreamAnswer(self, conn, method, self.read_timeout)
                 answer.read_head()

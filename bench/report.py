@@ -406,7 +406,10 @@ LIMITS = """## What limits paddler_sync here, and what it would take
   left per event is the two socket calls, the quick ACK llama.cpp b4748 needs (a `setsockopt`), and gevent's hub:
   a switch into the greenlet and back per wake-up, the part HAProxy and nginx do in C. gunicorn's C request parser
   (`gunicorn[fast]`, package gunicorn-h1c) was tried and measured no gain beyond the noise here, so it is not a
-  dependency (gunicorn uses it by itself where it is installed).
+  dependency (gunicorn uses it by itself where it is installed). The upstream's chunked framing is decoded (in C)
+  and framed again (one bytes format per event) rather than passed through: passing it through would mean switching
+  off gunicorn's `chunked` flag mid-answer, which also decides keep-alive and the final marker, for a saving this
+  machine's run-to-run noise cannot show.
 - **Streaming.** Each relayed event is one wait, one read and one write; HAProxy and nginx do the same in C. Beyond
   one core, the balancer needs more processes, which the shared Redis ledger (issue 7) makes possible.
 - **Which server.** The default rule (the issue's: most free slots, then fewest in flight) fills the servers with the

@@ -1,5 +1,12 @@
-"""Context fit: a request whose prompt plus generation limit cannot fit any slot of its model is answered
-400 up front, with the numbers, instead of being sent where llama.cpp would refuse or cut it.
+"""Context fit: where a request's prompt (and, under OpenAI's rule, its generation limit) fits.
+
+``--context-check prompt`` (the default, llama.cpp's own rule) routes a request only to servers whose slots
+hold its prompt; a prompt that fits no slot of its model goes to a server with the largest slots, whose
+llama.cpp answers exactly as it would without the balancer (b4748 with context shift truncates the prompt
+and answers 200; otherwise llama.cpp's own "exceeds the available context size" error). Generation limits
+are llama.cpp's to enforce: it stops at the end of the context. ``prompt-and-limit`` (OpenAI's rule) answers
+400 ``context_length_exceeded`` up front, with the numbers, when the prompt plus ``max_tokens`` / ``n_predict``
+fits no slot of its model.
 
 Sizes decide where they safely can (paddler_sync/proxy/ask.py); near the limit the prompt is counted
 exactly by a server of the model, over the pooled connections and without a slot: a chat is rendered
@@ -41,29 +48,35 @@ class ContextTooLong(Exception):
 
 
 class ContextCheck:
-    def __init__(self, ledger: Ledger, transport: Transport, mode: str = "prompt-and-limit") -> None:
+    def __init__(self, ledger: Ledger, transport: Transport, mode: str = "prompt") -> None:
         self.ledger = ledger
         self.transport = transport
-        self.mode = mode  # --context-check: prompt-and-limit, prompt or off
+        self.mode = mode  # --context-check: prompt, prompt-and-limit or off
 
     def need(self, ask: Ask, model: str | None, headers: dict[str, str]) -> int | None:
-        """The context the request needs (to route it only where it fits), None when unknown; raises
-        ContextTooLong when no server of its model can hold it. ``headers``: the client's, for the count."""
+        """The context the request needs (to route it only where it fits), None when unknown. A prompt that
+        fits no slot needs the largest (llama.cpp there answers it as it would directly), except under
+        prompt-and-limit, which raises ContextTooLong. ``headers``: the client's, for the count."""
         n_ctx = self.largest_context(model) if self.mode != "off" else None
         if n_ctx is None:
             return None
-        if self.mode == "prompt":
+        refuse = self.mode == "prompt-and-limit"
+        if not refuse:
             ask = replace(ask, limit=None)
         judgement = judge(ask, n_ctx)
         if judgement.fit is Fit.FITS:
             return judgement.need
         if judgement.fit is Fit.TOO_BIG:
-            raise ContextTooLong(judgement.prompt_tokens, ask.limit, n_ctx, ask.named, counted=False)
+            if refuse:
+                raise ContextTooLong(judgement.prompt_tokens, ask.limit, n_ctx, ask.named, counted=False)
+            return n_ctx
         counted = self.count(ask, model, headers)
         if counted is None:
             return None
         if counted + (ask.limit or 1) > n_ctx:
-            raise ContextTooLong(counted, ask.limit, n_ctx, ask.named, counted=True)
+            if refuse:
+                raise ContextTooLong(counted, ask.limit, n_ctx, ask.named, counted=True)
+            return n_ctx
         return counted + (ask.limit or 1)
 
     def largest_context(self, model: str | None) -> int | None:

@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from paddler_sync.addresses import Address
+from paddler_sync.errors import OWN_ANSWER_HEADER
 
 
 class ServerState(enum.StrEnum):
@@ -32,6 +33,7 @@ class ServerState(enum.StrEnum):
     LOADING = "loading"
     MALFORMED = "malformed"
     UNEXPECTED_STATUS = "unexpected_status"
+    BALANCER_PORT = "balancer_port"  # a paddler-sync balancer answered, not llama.cpp
 
 
 HINTS: dict[ServerState, str] = {
@@ -43,6 +45,8 @@ HINTS: dict[ServerState, str] = {
     ServerState.LOADING: "llama.cpp is still loading its model",
     ServerState.MALFORMED: "llama.cpp's /slots answer could not be read: is this a llama.cpp server?",
     ServerState.UNEXPECTED_STATUS: "llama.cpp answered /slots with an unexpected status",
+    ServerState.BALANCER_PORT: "give the agent the llama-server's own address (--local-llamacpp-addr), not the "
+                               "balancer's",
 }
 
 
@@ -89,6 +93,7 @@ class ListedModel:
     status: str = "loaded"
     path: str | None = None
     modalities: tuple[str, ...] = ()  # a router's "architecture.input_modalities"
+    tags: tuple[str, ...] = ()  # the 2026 build's --tags
 
 
 class MalformedSlots(ValueError):
@@ -151,8 +156,9 @@ def parse_models(body: Any) -> list[ListedModel] | None:
         aliases = tuple(a for a in item.get("aliases") or () if isinstance(a, str) and a)
         status = item.get("status")
         value = status.get("value") if isinstance(status, dict) else None
+        tags = tuple(t for t in item.get("tags") or () if isinstance(t, str) and t)
         models.append(ListedModel(item["id"], aliases, value if isinstance(value, str) else "loaded",
-                                  _model_argument(status), _input_modalities(item)))
+                                  _model_argument(status), _input_modalities(item), tags))
     return models
 
 
@@ -193,6 +199,10 @@ class LlamaCppClient:
         except requests.RequestException as exc:
             return SlotsReading(ServerState.UNREACHABLE, f"request to {url} failed: {_reason(exc)}")
         status = response.status_code
+        balancer = response.headers.get(OWN_ANSWER_HEADER)
+        if balancer:
+            return SlotsReading(ServerState.BALANCER_PORT, f"this address is a paddler-sync balancer's {balancer} "
+                                                           f"port, not llama.cpp")
         if status == 401:
             return SlotsReading(ServerState.UNAUTHORIZED, "Unauthorized: llama.cpp refused the API key")
         if status == 501:

@@ -60,7 +60,8 @@ def test_each_request_lands_only_on_a_server_of_its_model(fleet: Fleet) -> None:
     by_id = {m["id"]: m for m in listed["data"]}
     assert listed["object"] == "list" and set(by_id) == {"assistant", "/srv/models/Coder-7B.gguf"}
     assert by_id["assistant"]["paddler"]["servers"] == 2 and by_id["assistant"]["paddler"]["slots_total"] == 4
-    assert "chat" in by_id["assistant"]["aliases"] and "coder-7b" in by_id["/srv/models/Coder-7B.gguf"]["aliases"]
+    assert by_id["assistant"]["aliases"] == ["assistant", "chat"]  # as llama.cpp lists them: no file names added
+    assert by_id["/srv/models/Coder-7B.gguf"]["aliases"] == [] and by_id["assistant"]["tags"] == []  # b4748: none
     assert requests.get(balancer.extra["proxy"] + "/models", timeout=5).json() == listed
 
     assert chat(balancer, None).status_code == 200  # naming none: any server
@@ -119,8 +120,8 @@ def test_a_router_loads_a_model_on_demand_and_the_default_model_fills_in(fleet: 
     assert chat(balancer, "nope").status_code == 404
 
 
-def test_a_request_too_long_for_its_model_gets_400_with_the_numbers(fleet: Fleet) -> None:
-    balancer = fleet.balancer("--models-discovery-time", "0")
+def test_prompt_and_limit_answers_a_request_too_long_for_its_model_400_with_the_numbers(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--models-discovery-time", "0", "--context-check", "prompt-and-limit")
     sim = serve(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "small",
                 "--decode-tokens-per-second", "0")  # 512 tokens per slot
     wait_for_models(balancer, 1)
@@ -170,14 +171,59 @@ def test_buffer_unknown_models_lets_a_request_wait_for_servers_still_starting(fl
     assert answers and answers[0].status_code == 200
 
 
-def test_context_check_prompt_lets_llamacpp_stop_at_the_end_of_the_context(fleet: Fleet) -> None:
-    balancer = fleet.balancer("--models-discovery-time", "0", "--context-check", "prompt")
-    serve(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "small",
-          "--decode-tokens-per-second", "0")
-    wait_for_models(balancer, 1)
+def test_by_default_llamacpp_judges_a_request_as_it_would_directly(fleet: Fleet) -> None:
+    """llama.cpp's rule: a limit past the context is llama.cpp's to stop at; a prompt that fits no slot goes to the
+    largest slots, whose llama.cpp answers (b4748, as simulated: truncates it and answers 200)."""
+    balancer = fleet.balancer("--models-discovery-time", "0")
+    small = serve(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "m",
+                  "--decode-tokens-per-second", "0")
+    large = serve(fleet, balancer, "large", "--parallel", "2", "--ctx-size", "4096", "--alias", "m",
+                  "--decode-tokens-per-second", "0")
+    wait_for_models(balancer, 2)
     proxy = balancer.extra["proxy"]
-    asks_too_much = requests.post(proxy + "/completion", json={"model": "small", "prompt": "hi", "n_predict": 5000},
+    asks_too_much = requests.post(proxy + "/completion", json={"model": "m", "prompt": "hi", "n_predict": 5000},
                                   timeout=30)
     assert asks_too_much.status_code == 200  # the prompt fits: llama.cpp generates until the context is full
-    too_long = requests.post(proxy + "/completion", json={"model": "small", "prompt": "x" * 40_000}, timeout=10)
-    assert too_long.status_code == 400 and too_long.json()["error"]["max_tokens"] is None
+    too_long = requests.post(proxy + "/completion", json={"model": "m", "prompt": "hello " * 5000}, timeout=10)
+    assert too_long.status_code == 200 and too_long.json()["truncated"] is True
+    fits_only_large = requests.post(proxy + "/completion", json={"model": "m", "prompt": "hello " * 800}, timeout=10)
+    assert fits_only_large.status_code == 200
+    assert sim_stats(large)["requests_total"] >= 2  # the too-long prompt and the one only its slots hold
+    assert sim_stats(small)["requests_total"] + sim_stats(large)["requests_total"] == 3
+    assert "end=context_too_long" not in balancer.log()
+
+
+def test_a_name_llamacpp_would_ignore_is_ignored_where_every_server_that_could_take_it_would(fleet: Fleet) -> None:
+    """A llama-server that is no router ignores 'model': so does a fleet of one model, or --default-model's servers.
+    Where the name decides between models, or a router would refuse it, it keeps the 404."""
+    balancer = fleet.balancer("--models-discovery-time", "0")
+    one = serve(fleet, balancer, "one", "--dialect", "modern", "--alias", "tinyllama-2,fim", "--tags", "chat,small",
+                "--parallel", "2", "--decode-tokens-per-second", "0")
+    wait_for_models(balancer, 1)
+    for name in ("gpt-3.5-turbo", "text-embedding-3-small"):
+        assert chat(balancer, name).status_code == 200, name
+    assert sim_stats(one)["requests_total"] == 2
+    listed = requests.get(balancer.extra["proxy"] + "/v1/models", timeout=5).json()["data"]
+    assert [(m["id"], m["aliases"], m["tags"]) for m in listed] == [("fim", ["fim", "tinyllama-2"], ["chat", "small"])]
+
+    serve(fleet, balancer, "two", "--alias", "other", "--decode-tokens-per-second", "0")
+    wait_for_models(balancer, 2)
+    assert chat(balancer, "gpt-3.5-turbo").status_code == 404  # two models: the name decides, and names neither
+    assert sim_stats(one)["requests_total"] == 2
+
+    defaulted = fleet.balancer("--models-discovery-time", "0", "--default-model", "other")
+    serve(fleet, defaulted, "one", "--alias", "fim", "--decode-tokens-per-second", "0")
+    other = serve(fleet, defaulted, "two", "--alias", "other", "--decode-tokens-per-second", "0")
+    wait_for_models(defaulted, 2)
+    assert chat(defaulted, "gpt-3.5-turbo").status_code == 200  # --default-model's servers take it
+    assert sim_stats(other)["requests_total"] == 1
+
+
+def test_a_router_refuses_a_model_it_does_not_know_so_the_fleet_answers_404(fleet: Fleet) -> None:
+    balancer = fleet.balancer("--models-discovery-time", "0")
+    router = serve(fleet, balancer, "router", "--router-models", "tiny", "--parallel", "2",
+                   "--decode-tokens-per-second", "0")
+    wait_for_models(balancer, 1)
+    assert chat(balancer, "gpt-3.5-turbo").status_code == 404
+    assert requests.get(balancer.extra["proxy"] + "/health", timeout=5).status_code == 200  # names none: the router
+    assert sim_stats(router)["loads"] == 0

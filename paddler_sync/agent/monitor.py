@@ -166,7 +166,8 @@ class Agent:
         if not model_id:
             return None
         return (ModelReport(model_id, listed.aliases if listed else (), self.props.model, LOADED,
-                            reading.slots_idle, reading.slots_processing, reading.n_ctx, self.props.modalities),)
+                            reading.slots_idle, reading.slots_processing, reading.n_ctx, self.props.modalities,
+                            listed.tags if listed else ()),)
 
     def _read_router(self) -> tuple[SlotsReading, tuple[ModelReport, ...] | None]:
         """A router: its models and their status from /models, then /slots of each loaded one (never loading one)."""
@@ -181,12 +182,14 @@ class Agent:
     def _router_model(self, listed: ListedModel) -> ModelReport:
         status = listed.status if listed.status in LOAD_STATES else FAILED
         if status != LOADED:
-            return ModelReport(listed.id, listed.aliases, listed.path, status, modalities=listed.modalities)
+            return ModelReport(listed.id, listed.aliases, listed.path, status, modalities=listed.modalities,
+                               tags=listed.tags)
         slots = self.llamacpp.read_slots(listed.id)
         if slots.state is not ServerState.READY:  # unloaded between the two reads, or still starting
-            return ModelReport(listed.id, listed.aliases, listed.path, "loading", modalities=listed.modalities)
+            return ModelReport(listed.id, listed.aliases, listed.path, "loading", modalities=listed.modalities,
+                               tags=listed.tags)
         return ModelReport(listed.id, listed.aliases, listed.path, LOADED, slots.slots_idle, slots.slots_processing,
-                           slots.n_ctx, listed.modalities)
+                           slots.n_ctx, listed.modalities, listed.tags)
 
     def _read_slots_letting_it_sleep(self) -> SlotsReading:
         """For a server that sleeps when idle: every /slots (and /metrics) request wakes it and restarts its

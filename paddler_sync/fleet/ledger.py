@@ -277,9 +277,12 @@ class Ledger:
         return min(times) - self.early_lead if times else None
 
     def pick_without_slot(self, model: str | None = None) -> Reservation | None:
-        """Any usable server of ``model``, for requests that run no llama.cpp task (health, props, tokenize...)."""
+        """Any usable server of ``model``, for requests that run no llama.cpp task (health, props, tokenize...). One
+        that names no model may go to a router too: a router answers those itself."""
         now = self.clock()
         usable = [u for u in self.candidates(model) if u.is_usable(now)]
+        if not usable and model is None:
+            usable = [u for u in self._upstreams.values() if u.is_usable(now)]
         if not usable:
             return None
         return Reservation(min(usable, key=lambda u: preference(u, now)), uses_slot=False)

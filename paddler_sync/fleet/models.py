@@ -54,6 +54,8 @@ class Serving:
     n_ctx: int | None = None  # tokens each slot holds (prompt and generation together)
     loadable: bool = False  # unloaded, on a router that loads models on demand (and the balancer lets it)
     modalities: tuple[str, ...] = ()  # what it takes in, where the server says: text, vision, audio
+    aliases: tuple[str, ...] = ()  # as llama.cpp lists them in /v1/models (shown, not matched: ``names`` is)
+    tags: tuple[str, ...] = ()  # llama-server --tags, shown in /v1/models
 
     def serves(self, name: str | None) -> bool:
         """``name`` normalized, or None for a request that names no model."""
@@ -68,7 +70,8 @@ class Serving:
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "names": sorted(self.names), "needs_model": self.needs_model,
                            "state": self.state, "n_ctx": self.n_ctx, "loadable": self.loadable,
-                           "modalities": list(self.modalities)})
+                           "modalities": list(self.modalities), "aliases": list(self.aliases),
+                           "tags": list(self.tags)})
 
     @classmethod
     def from_json(cls, raw: str | None) -> Serving:
@@ -80,7 +83,8 @@ class Serving:
             return cls(model=body.get("model"), names=frozenset(body.get("names") or ()),
                        needs_model=bool(body.get("needs_model")), state=str(body.get("state") or LOADED),
                        n_ctx=body.get("n_ctx"), loadable=bool(body.get("loadable")),
-                       modalities=tuple(body.get("modalities") or ()))
+                       modalities=tuple(body.get("modalities") or ()), aliases=tuple(body.get("aliases") or ()),
+                       tags=tuple(body.get("tags") or ()))
         except (ValueError, TypeError, AttributeError):
             return ANY
 

@@ -54,6 +54,7 @@ class ModelReport:
     slots_processing: int = 0
     n_ctx: int | None = None  # tokens per slot
     modalities: tuple[str, ...] = ()  # what it takes in, where the server says (text, vision, audio)
+    tags: tuple[str, ...] = ()  # llama-server --tags (2026 builds): shown in /v1/models, not matched
 
     def names(self) -> frozenset[str]:
         return names_for((self.id, *self.aliases, self.path))
@@ -105,7 +106,7 @@ class AgentReport:
         """A report as :meth:`to_json` wrote it (a shared store's copy): trusted, only rebuilt."""
         models = body.get("models")
         fields = {**body, "models": None if models is None else tuple(
-            ModelReport(**{**m, "aliases": tuple(m.get("aliases") or ()),
+            ModelReport(**{**m, "aliases": tuple(m.get("aliases") or ()), "tags": tuple(m.get("tags") or ()),
                            "modalities": tuple(m.get("modalities") or ())}) for m in models),
                   "supervisor": parse_supervisor(body.get("supervisor")), "drain": parse_drain(body.get("drain"))}
         return cls(**fields)
@@ -118,14 +119,17 @@ class AgentReport:
         if not self.router:
             model = self.models[0] if self.models else None
             serving = Serving() if model is None else Serving(model.id, model.names(), n_ctx=model.n_ctx,
-                                                              modalities=model.modalities)
+                                                              modalities=model.modalities, aliases=model.aliases,
+                                                              tags=model.tags)
             return [Pool(agent_id, total, self.slots_processing, self.is_ready, serving)]
-        return [self._router_pool(agent_id, m, autoload and bool(self.models_autoload)) for m in self.models or ()]
+        if not self.models:  # a router with no model yet still answers what names none (/health, /props)
+            return [Pool(agent_id, 0, 0, self.is_ready, Serving(needs_model=True))]
+        return [self._router_pool(agent_id, m, autoload and bool(self.models_autoload)) for m in self.models]
 
     def _router_pool(self, agent_id: str, model: ModelReport, autoload: bool) -> Pool:
         loadable = autoload and model.status == UNLOADED
         serving = Serving(model.id, model.names(), needs_model=True, state=model.status, n_ctx=model.n_ctx,
-                          loadable=loadable, modalities=model.modalities)
+                          loadable=loadable, modalities=model.modalities, aliases=model.aliases, tags=model.tags)
         total = 1 if loadable else model.slots_idle + model.slots_processing
         return Pool(pool_key(agent_id, model.id), total, model.slots_processing,
                     self.is_ready and (model.status == LOADED or loadable), serving)
@@ -237,9 +241,13 @@ def _model(item: Any) -> ModelReport:
     if not isinstance(modalities, list) or len(modalities) > MAX_ALIASES or not all(
             isinstance(m, str) and 0 < len(m) <= MAX_NAME for m in modalities):
         raise ReportError(400, f"a model's modalities must be a list of at most {MAX_ALIASES} names")
+    tags = item.get("tags") or []
+    if not isinstance(tags, list) or len(tags) > MAX_ALIASES or not all(
+            isinstance(t, str) and 0 < len(t) <= MAX_NAME for t in tags):
+        raise ReportError(400, f"a model's tags must be a list of at most {MAX_ALIASES} names")
     return ModelReport(model_id, tuple(aliases), _text(item, "path", MAX_TEXT), status,
                        _slot_count(item, "slots_idle"), _slot_count(item, "slots_processing"), n_ctx,
-                       tuple(modalities))
+                       tuple(modalities), tuple(tags))
 
 
 def _check_models(r: AgentReport) -> None:

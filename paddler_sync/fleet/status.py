@@ -103,17 +103,20 @@ def fleet_models(pools: list[Upstream], now: float) -> list[dict[str, Any]]:
         if not serving.model:
             continue
         total, free = slots_of(upstream, now) if upstream.is_usable(now) else (0, 0)
-        entry = models.setdefault(serving.model, {"id": serving.model, "names": set(), "servers": 0,
-                                                  "servers_loaded": 0, "slots_total": 0, "slots_idle": 0,
-                                                  "n_ctx": None})
+        entry = models.setdefault(serving.model, {"id": serving.model, "names": set(), "aliases": set(),
+                                                  "tags": set(), "servers": 0, "servers_loaded": 0,
+                                                  "slots_total": 0, "slots_idle": 0, "n_ctx": None})
         entry["names"] |= serving.names
+        entry["aliases"] |= set(serving.aliases)
+        entry["tags"] |= set(serving.tags)
         entry["servers"] += 1
         entry["servers_loaded"] += int(serving.state == LOADED)
         entry["slots_total"] += total
         entry["slots_idle"] += free
         if serving.n_ctx is not None:
             entry["n_ctx"] = max(entry["n_ctx"] or 0, serving.n_ctx)
-    return [{**m, "names": sorted(m["names"])} for _, m in sorted(models.items())]
+    return [{**m, "names": sorted(m["names"]), "aliases": sorted(m["aliases"]), "tags": sorted(m["tags"])}
+            for _, m in sorted(models.items())]
 
 
 class FleetStatus:
@@ -130,6 +133,10 @@ class FleetStatus:
         records = sorted(self.registry.records(), key=lambda r: (r.report.agent_name or "", r.agent_id))
         pools = list(self.ledger.upstreams())
         return [agent_json(r, [u for u in pools if owned_by(u.key, r.agent_id)], now) for r in records]
+
+    def waiting_without_model(self) -> int:
+        """Requests waiting that name no model (and no --default-model names one for them)."""
+        return self.buffer.waiting_by_model().get(None, 0)
 
     def models(self) -> list[dict[str, Any]]:
         """The fleet's models, each with its servers, slots and the requests waiting for it."""

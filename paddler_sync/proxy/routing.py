@@ -1,9 +1,12 @@
 """Routing by model: which model a request is for, whether the fleet serves it, and the fleet's /v1/models.
 
     route          the model a request names (body ``model`` of a POST, ``?model=`` of a GET), or
-                   --default-model when it names none; 404 (listing the fleet's models) for a model no
-                   server serves, unless --buffer-unknown-models; 400 for a request without one when
-                   every server is a router; the context it needs (paddler_sync/proxy/context_fit.py)
+                   --default-model when it names none; a name no server answers to is ignored, as
+                   llama.cpp ignores it, where every server that could take the request would ignore it
+                   (no router among them: the fleet's one model, or --default-model's servers); else
+                   404 (listing the fleet's models), unless --buffer-unknown-models; 400 for a
+                   slot-taking request without one when every server is a router; the context it needs
+                   (paddler_sync/proxy/context_fit.py)
     models_answer  GET /v1/models and /models: the fleet's models, answered by the balancer itself
     named_body     a request that named no model, sent to a router under --default-model, gets it added
 
@@ -26,7 +29,7 @@ from paddler_sync.endings import Ending
 from paddler_sync.fleet.models import normalize
 from paddler_sync.fleet.status import fleet_models
 from paddler_sync.fleet.upstream import Reservation
-from paddler_sync.proxy.ask import Ask, BadAsk, read_ask
+from paddler_sync.proxy.ask import Ask, BadAsk, json_mistake, read_ask
 from paddler_sync.proxy.context_fit import ContextCheck, ContextTooLong
 from paddler_sync.proxy.refusal import ProxyError
 
@@ -58,12 +61,19 @@ class ModelRouting:
         self.started = time.time()
 
     def route(self, method: str, environ: dict[str, Any], body: bytes, takes_slot: bool) -> Route:
+        mistake = json_mistake(body, environ.get("CONTENT_TYPE", "")) if takes_slot else None
+        if mistake:
+            raise ProxyError(400, mistake, ending=Ending.BAD_JSON)
         try:
             ask = read_ask(method, environ.get("QUERY_STRING", ""), body)
         except BadAsk as exc:
             raise ProxyError(400, str(exc), ending=Ending.BAD_MODEL) from None
-        model = ask.model or (normalize(self.default_model) if self.default_model else None)
-        wait = self._check_known(model, ask)
+        default = normalize(self.default_model) if self.default_model else None
+        model = ask.model or default
+        if (model is not None and model != default and not self.buffer_unknown and not self.ledger.knows(model)
+                and self._name_ignored(default)):
+            model = default  # as llama.cpp would: the server that takes it ignores the name
+        wait = self._check_known(model, ask, takes_slot)
         if not takes_slot:
             return Route(ask, model)
         try:
@@ -73,11 +83,22 @@ class ModelRouting:
                              extra=exc.fields()) from None
         return Route(ask, model, need, wait)
 
-    def _check_known(self, model: str | None, ask: Ask) -> float | None:
+    def _name_ignored(self, default: str | None) -> bool:
+        """Whether every server that could take a request naming a model nobody serves would ignore the name, as
+        a llama-server that is no router does: the servers of ``default`` (--default-model), or else the whole
+        fleet when it serves one model. A router among them refuses a model it does not know, and when the fleet
+        serves several models the name is what decides between them: those keep the 404. Under
+        --buffer-unknown-models a name nobody serves yet is a server still starting: it waits for it."""
+        servers = [u.serving for u in self.ledger.upstreams() if default is None or u.serving.serves(default)]
+        if not servers or any(s.needs_model for s in servers):
+            return False
+        return default is not None or len({s.model for s in servers if s.model is not None}) <= 1
+
+    def _check_known(self, model: str | None, ask: Ask, takes_slot: bool) -> float | None:
         """None when the request may be routed now; while agents are still being discovered, how long it may
         wait for its model to appear. Raises the 404 / 400 a request gets that no server can serve."""
         if model is None:
-            if self.ledger.needs_model():
+            if takes_slot and self.ledger.needs_model():
                 raise ProxyError(400, f"this request names no model, and every server of the fleet serves several: "
                                       f"name one of {self._listing()} in 'model' (or start the balancer with "
                                       f"--default-model)", ending=Ending.BAD_MODEL, code="model_required")
@@ -114,10 +135,11 @@ class ModelRouting:
         return method == "GET" and path.rstrip("/") in MODEL_LIST_PATHS and "model=" not in query
 
     def models_answer(self) -> bytes:
-        """The OpenAI list shape, each model with its aliases and, under ``paddler``, its servers and slots."""
+        """The OpenAI list shape, each model with its aliases and tags as llama.cpp lists them and, under
+        ``paddler``, its servers and slots."""
         created = int(self.started)
         data = [{"id": m["id"], "object": "model", "created": created, "owned_by": "llamacpp",
-                 "aliases": [n for n in m["names"] if n != normalize(m["id"])],
+                 "aliases": m["aliases"], "tags": m["tags"],
                  "paddler": {k: m[k] for k in ("servers", "servers_loaded", "slots_total", "slots_idle", "n_ctx")}}
                 for m in fleet_models(list(self.ledger.upstreams()), self.ledger.clock())]
         return json.dumps({"object": "list", "data": data}).encode()
@@ -127,13 +149,15 @@ class ModelRouting:
     def named_body(self, route: Route, reservation: Reservation, body: bytes) -> bytes:
         """A request under --default-model that named none, sent to a router: the router needs the model's id."""
         serving = reservation.upstream.serving
-        if route.ask.named is not None or not serving.needs_model or not serving.model or route.ask.body is None:
+        if (route.model is None or route.ask.named is not None or not serving.needs_model or not serving.model
+                or route.ask.body is None):
             return body
         return json.dumps({**route.ask.body, "model": serving.model}).encode()
 
     def named_target(self, route: Route, reservation: Reservation, target: str, method: str) -> str:
         serving = reservation.upstream.serving
-        if method == "POST" or route.ask.named is not None or not serving.needs_model or not serving.model:
+        if (method == "POST" or route.model is None or route.ask.named is not None or not serving.needs_model
+                or not serving.model):
             return target
         return f"{target}{'&' if '?' in target else '?'}model={quote(serving.model, safe='')}"
 

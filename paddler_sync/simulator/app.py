@@ -49,6 +49,7 @@ N_EMBD = 128
 class SimulatorConfig:
     model: str = "models/simulated.gguf"
     aliases: tuple[str, ...] = ()  # the 2026 build lists them in /v1/models (the id among them)
+    tags: tuple[str, ...] = ()  # --tags, listed beside them
     n_ctx: int = 4096
     slots_endpoint: bool = True
     metrics_endpoint: bool = True
@@ -202,7 +203,8 @@ class SimulatorApp:
 
     def models(self, req: Request) -> list[bytes]:
         return req.json(payloads.models_json(self.config.model, int(self.started), self.config.n_ctx,
-                                             self.engine.slots[0].n_ctx, self.config.dialect, self.config.aliases))
+                                             self.engine.slots[0].n_ctx, self.config.dialect, self.config.aliases,
+                                             self.config.tags))
 
     def index(self, req: Request) -> list[bytes]:
         page = b"<!doctype html><title>llama.cpp - simulated</title><p>paddler_sync llama.cpp simulator</p>"

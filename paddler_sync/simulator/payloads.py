@@ -165,7 +165,7 @@ def _modern_props_json(slot: Slot, total_slots: int, model: str, build_info: str
 
 
 def models_json(model: str, created: int, n_ctx_train: int, n_ctx: int = 0, dialect: str = "b4748",
-                aliases: tuple[str, ...] = ()) -> dict[str, Any]:
+                aliases: tuple[str, ...] = (), tags: tuple[str, ...] = ()) -> dict[str, Any]:
     meta = {"vocab_type": 1, "n_vocab": 32000, "n_ctx_train": n_ctx_train, "n_embd": 128, "n_params": 8520320,
             "size": 34081280}
     if dialect != "modern":
@@ -176,7 +176,7 @@ def models_json(model: str, created: int, n_ctx_train: int, n_ctx: int = 0, dial
                     "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""],
                                 "parameter_size": "", "quantization_level": ""}}
     return {"models": [ollama_style], "object": "list", "data": [{
-        "id": model, "aliases": list(aliases or (model,)), "tags": [], "object": "model", "created": created,
+        "id": model, "aliases": list(aliases or (model,)), "tags": list(tags), "object": "model", "created": created,
         "owned_by": "llamacpp",
         "meta": {"vocab_type": 1, "n_vocab": 32000, "n_ctx": n_ctx, **{k: v for k, v in meta.items()
                                                                         if k != "vocab_type" and k != "n_vocab"},

@@ -60,7 +60,8 @@ def single_model(options: argparse.Namespace, model: str, aliases: tuple[str, ..
     engine = Engine(options.parallel, options.ctx_size, timing, prompt_cache=options.prompt_cache,
                     seed=options.seed)
     config = SimulatorConfig(
-        model=model, aliases=aliases, n_ctx=options.ctx_size, slots_endpoint=options.slots,
+        model=model, aliases=aliases, tags=tuple(t for t in (options.tags or "").split(",") if t),
+        n_ctx=options.ctx_size, slots_endpoint=options.slots,
         metrics_endpoint=options.metrics, embeddings=options.embeddings, api_key=options.api_key,
         dialect=dialect, startup_time=options.startup_time if startup_time is None else startup_time,
         default_n_predict=options.default_n_predict, build_info=options.build_info, seed=options.seed,

@@ -23,6 +23,7 @@ class Ending(StrEnum):
     FORBIDDEN = "forbidden"  # /slots without --slots-endpoint-enable
     BODY_TOO_LARGE = "body_too_large"
     UNKNOWN_MODEL = "unknown_model"  # 404: no server serves the model it names
+    BAD_JSON = "bad_json"  # 400: a slot-taking request whose body is not JSON (never sent upstream)
     BAD_MODEL = "bad_model"  # 400: 'model' is not a string, or none named where every server needs one
     CONTEXT_TOO_LONG = "context_too_long"  # 400: prompt and limit fit no slot of its model
     REFUSED = "refused"  # any other answer of the balancer's own

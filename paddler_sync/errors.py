@@ -18,6 +18,12 @@ REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            504: "Gateway Timeout"}
 
 
+# Marks the answers a balancer gives itself (the proxy's refusals, every management answer), so an agent
+# pointed at a balancer's port by mistake can say so instead of "unexpected status".
+OWN_ANSWER_HEADER = "X-Paddler-Sync"
+OWN_ANSWER = (OWN_ANSWER_HEADER, "proxy")
+
+
 class Refused(ValueError):
     """Input refused with a reason: ``status`` is the HTTP status to answer, the message says why."""
 

@@ -24,7 +24,10 @@ from paddler_sync.traffic import cache_text, errors_text, rate_text
 
 COLUMNS = ("Name", "Issues", "Idle", "Busy", "In flight", "Req/s", "Tok/s", "TTFT95", "Errors",
            "Llama.cpp address", "Last update (UTC)")
-WIDTHS = {"Name": 12, "Issues": 16}  # the rest fit their contents; these two are cut (the detail line has all)
+WIDTHS = {"Name": 12, "Issues": 16}  # at most: these fit their contents up to this, then are cut
+FIRST_SCREEN = 80  # Name to Errors fit an 80-column terminal; address and last update lie to the right
+CELL_PADDING = 2  # Textual's DataTable pads each cell by one column on either side
+MIN_ERRORS = 6
 LOADING = "Loading agents..."
 EMPTY = "There are no agents registered. If agents are running, please give them a few seconds to register."
 FOOTER = "(Esc|q) quit | (↑|k) up | (↓|j) down | figures: last 5 min"
@@ -35,6 +38,7 @@ SHORT_ISSUES = {  # a cell has room for a word or two; the detail line below the
     "loading": "Loading model",
     "malformed": "Bad /slots",
     "unexpected_status": "Bad /slots",
+    "balancer_port": "Balancer port",
     "draining": "Draining",
 }
 SUPERVISOR_WORDS = {"starting": "Starting", "loading": "Loading model", "crashed": "Crashed",
@@ -79,6 +83,8 @@ def detail_text(agent: dict[str, Any], figures: dict[str, Any] | None = None) ->
         parts.append("models " + ", ".join(model_text(m) for m in agent["models"]))
     if figures and figures.get("cache_hit_ratio") is not None:
         parts.append(f"prompt cache hit {cache_text(figures)} tokens saved")
+    if figures and figures.get("errors"):
+        parts.append(f"errors {errors_text(figures['errors'])}")
     return ": ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:])
 
 
@@ -89,7 +95,7 @@ def model_text(model: dict[str, Any]) -> str:
     return f"{model['id']} {model['slots_idle']}/{model['total_slots']} free"
 
 
-def models_text(models: list[dict[str, Any]], width: int = 80) -> str:
+def models_text(models: list[dict[str, Any]], width: int = 78) -> str:
     """The fleet's models in one line: free slots of each, and the requests waiting for it."""
     parts = [f"{m['id']} {m['slots_idle']}/{m['slots_total']} free" + (f", {m['requests_buffered']} waiting"
                                                                        if m["requests_buffered"] else "")
@@ -106,11 +112,32 @@ def duration_text(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
 
 
+def errors_cell(errors: dict[str, int]) -> str:
+    """The count, and the most frequent kind (the detail line lists them all): ``4 timed_out``, ``none``."""
+    if not errors:
+        return "none"
+    top = max(errors, key=lambda kind: errors[kind])
+    return f"{sum(errors.values())} {top}"
+
+
+def column_widths(rows: list[tuple[Text, ...]]) -> dict[str, int]:
+    """Name and Issues as wide as their cells need (up to WIDTHS), and Errors what is left of the first 80
+    columns, so every column up to Errors shows in an 80-column terminal."""
+    widths = {}
+    for index, column in enumerate(COLUMNS):
+        longest = max([len(column), *(len(row[index]) for row in rows)])
+        widths[column] = min(WIDTHS.get(column, longest), longest)
+    before_errors = COLUMNS[:COLUMNS.index("Errors")]
+    used = sum(widths[c] + CELL_PADDING for c in before_errors) + CELL_PADDING
+    widths["Errors"] = max(MIN_ERRORS, min(widths["Errors"], FIRST_SCREEN - used))
+    return widths
+
+
 def row_for(agent: dict[str, Any], figures: dict[str, Any] | None) -> tuple[Text, ...]:
     updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(agent["last_update"]["secs_since_epoch"]))
     traffic = (("-",) * 4 if figures is None else
                (rate_text(figures["requests_per_second"]), rate_text(figures["tokens_per_second"]),
-                duration_text(figures["ttft_p95_seconds"]), errors_text(figures["errors"])))
+                duration_text(figures["ttft_p95_seconds"]), errors_cell(figures["errors"])))
     cells = (agent.get("agent_name") or "", issues_text(agent), str(agent["slots_idle"]),
              str(agent["slots_processing"]), str(agent["slots_in_flight"]), *traffic,
              agent["external_llamacpp_addr"], updated)
@@ -138,7 +165,7 @@ class FleetDashboard(App):
     #detail { padding: 0 1; }
     #totals { padding: 0 1; color: $text-muted; }
     #footer { padding: 0 1; color: $text-muted; }
-    DataTable { height: 1fr; }
+    DataTable { height: 1fr; scrollbar-size-horizontal: 0; }
     """
     BINDINGS = [
         Binding("q", "quit", "quit"), Binding("escape", "quit", "quit"),
@@ -166,9 +193,8 @@ class FleetDashboard(App):
         yield Static(FOOTER, id="footer")
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        for column in COLUMNS:
-            table.add_column(column, width=WIDTHS.get(column), key=column)
+        self.widths: dict[str, int] = {}
+        self.set_columns(column_widths([]))
         self.fetch()
         self.set_interval(self.refresh_interval, self.fetch)
 
@@ -192,14 +218,25 @@ class FleetDashboard(App):
             raise ValueError(body.get("error", {}).get("message", f"HTTP {response.status_code}"))
         return body
 
+    def set_columns(self, widths: dict[str, int]) -> None:
+        table = self.query_one(DataTable)
+        table.clear(columns=True)
+        for column in COLUMNS:
+            table.add_column(column, width=widths[column], key=column)
+        self.widths = widths
+
     def show(self, agents: list[dict[str, Any]], health: dict[str, Any], traffic: dict[str, Any],
              models: list[dict[str, Any]] | None = None) -> None:
         table = self.query_one(DataTable)
         cursor = table.cursor_row
-        table.clear()
         figures = {server["addr"]: server for server in traffic["servers"]}
-        for agent in agents:
-            table.add_row(*row_for(agent, figures.get(agent["external_llamacpp_addr"])), key=agent["agent_id"])
+        rows = [row_for(agent, figures.get(agent["external_llamacpp_addr"])) for agent in agents]
+        widths = column_widths(rows)
+        if widths != self.widths:
+            self.set_columns(widths)
+        table.clear()
+        for agent, row in zip(agents, rows, strict=True):
+            table.add_row(*row, key=agent["agent_id"])
         if agents:
             table.move_cursor(row=min(cursor, len(agents) - 1))
         self.agents = {agent["agent_id"]: agent for agent in agents}

@@ -123,6 +123,16 @@ def test_malformed_and_unexpected_answers(fleet: Fleet) -> None:
         assert "418" in _wait_state(balancer, "u", "unexpected_status")["error"]
 
 
+def test_an_agent_pointed_at_a_balancer_says_so_and_what_to_give_it(fleet: Fleet) -> None:
+    balancer = fleet.balancer()
+    other = fleet.balancer()  # the mistake: another balancer's ports given as the llama.cpp address
+    for which, port in (("proxy", other.extra["proxy_port"]), ("management", other.extra["management_port"])):
+        fleet.agent(port, balancer.extra["management_port"], "--name", which, interval=INTERVAL)
+        agent = _wait_state(balancer, which, "balancer_port")
+        assert f"this address is a paddler-sync balancer's {which} port, not llama.cpp" in agent["error"]
+        assert "--local-llamacpp-addr" in agent["hint"]
+
+
 def test_state_dialect_is_read(fleet: Fleet) -> None:
     balancer, sim = start_pair(fleet, "--dialect", "state", "--parallel", "3")
     fleet.agent(sim.port, balancer.extra["management_port"], "--name", "old", interval=INTERVAL)

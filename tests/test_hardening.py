@@ -180,3 +180,26 @@ def test_fuzzed_reports_never_crash_the_management_server(changes: dict[str, Any
 def test_random_bytes_are_a_clear_4xx(body: bytes) -> None:
     response = fuzz_client().post("/api/v1/agents/a/report", data=body, content_type="application/json")
     assert 400 <= response.status_code < 500 and response.get_json()["error"]["message"]
+
+
+def test_a_body_that_is_not_json_gets_400_naming_where_it_broke_and_never_reaches_llamacpp(fleet: Fleet) -> None:
+    """llama.cpp answers 500 server_error for a client's broken JSON; the balancer reads these bodies anyway."""
+    balancer, [sim] = start_fleet(fleet, [1])
+    proxy = balancer.extra["proxy"]
+    cut = requests.post(proxy + "/v1/chat/completions", data=b'{"messages": [{"role": "user", "content": "hi"}],',
+                        headers={"Content-Type": "application/json"}, timeout=5)
+    error = cut.json()["error"]
+    assert cut.status_code == 400 and error["type"] == "invalid_request_error"
+    assert "not valid JSON" in error["message"] and "line 1, column 50" in error["message"]
+    empty = requests.post(proxy + "/completion", data=b"", timeout=5)
+    assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
+    form_typed = requests.post(proxy + "/completion", data=b'{"prompt": "hi", "n_predict": 2}', timeout=5,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})  # as curl -d sends
+    assert form_typed.status_code == 200  # llama.cpp reads JSON whatever the type says
+    tokenize = requests.post(proxy + "/tokenize", data=b'{"content": ', timeout=5)  # no slot: llama.cpp's own answer
+    assert tokenize.status_code == 500
+    assert requests.get(balancer.extra["proxy"] + "/health", timeout=5).status_code == 200
+    stats = requests.get(sim.url + "/simulator/stats", timeout=5).json()
+    assert stats["requests_total"] == 1  # only the well-formed completion
+    assert balancer.log().count("end=bad_json") == 2
+    assert health(balancer)["requests_in_flight"] == 0

@@ -19,7 +19,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from paddler_sync.errors import error_body
+from paddler_sync.errors import OWN_ANSWER, error_body
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
 from paddler_sync.fleet.rollout import Rollout
@@ -49,6 +49,12 @@ def create_management_app(options: argparse.Namespace, status: FleetStatus, traf
         def dashboard_off() -> tuple[Response, int]:
             return _error(404, "the web dashboard is off: start the balancer with --management-dashboard-enable")
     add_error_handlers(app)
+
+    @app.after_request
+    def say_who_answers(response: Response) -> Response:
+        response.headers[OWN_ANSWER[0]] = "management"  # an agent pointed here says so (paddler_sync/llamacpp.py)
+        return response
+
     return app
 
 

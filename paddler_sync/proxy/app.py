@@ -29,7 +29,7 @@ import urllib3.exceptions
 from gevent.pool import Group
 
 from paddler_sync.endings import Ending
-from paddler_sync.errors import error_body, error_bytes, status_line
+from paddler_sync.errors import OWN_ANSWER, error_body, error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate, PromptSeen
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
@@ -115,7 +115,8 @@ class ProxyApp:
             body = exc.body()
             self.record(environ, exc.status, exc.reservation, exc.waited, started, sent=len(body), ending=exc.ending)
             start_response(status_line(exc.status), [("Content-Type", "application/json"),
-                                                      ("Content-Length", str(len(body))), *exc.headers])
+                                                      ("Content-Length", str(len(body))), *exc.headers,
+                                                      OWN_ANSWER])
             return [body]
         return self._open_relay(environ, start_response, started, tokens, hashes, estimate, connected)
 

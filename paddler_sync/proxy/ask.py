@@ -73,6 +73,26 @@ def read_ask(method: str, query: str, body: bytes) -> Ask:
                len(messages) if isinstance(messages, list) else 0, parsed)
 
 
+def json_mistake(body: bytes, content_type: str) -> str | None:
+    """Why a slot-taking request's body is not the JSON llama.cpp needs (llama.cpp would answer 500 for the
+    client's mistake), naming where it broke; None when it parses, or is multipart (audio transcription).
+    The Content-Type is not asked otherwise: llama.cpp reads JSON whatever it says (curl -d sends a form type)."""
+    if content_type.lower().startswith("multipart/"):
+        return None
+    if not body.strip():
+        return "the request body is empty: send a JSON object (Content-Type: application/json)"
+    try:
+        json.loads(body)
+    except UnicodeDecodeError as exc:
+        return f"the request body is not UTF-8 text: byte {exc.start} cannot be read ({exc.reason})"
+    except json.JSONDecodeError as exc:
+        return (f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno} "
+                f"(byte {exc.pos} of {len(body)})")
+    except (ValueError, RecursionError) as exc:
+        return f"the request body is not valid JSON: {exc}"
+    return None
+
+
 def _json_object(body: bytes) -> dict[str, Any] | None:
     if body.lstrip()[:1] != b"{":
         return None

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import configargparse
 
 from paddler_sync.addresses import parse_address
+from paddler_sync.setting_errors import check_environment, unknown_key, unrecognized
 from paddler_sync.setting_values import (
     address,
     bounded_count,
@@ -123,10 +124,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("per-model-queues", "One waiting queue per model, so a burst for one model never delays "
             "another's requests. --no-per-model-queues keeps one queue for all (the benchmarks' baseline).", B,
             default=True, switch=True),
-    Setting("context-check", "Answer 400 up front to a request that fits no slot of its model: "
-            "prompt-and-limit (its prompt plus max_tokens / n_predict, as OpenAI does), prompt (the prompt alone, "
-            "as llama.cpp does: generation stops when the context is full) or off.", B,
-            choice("prompt-and-limit", "prompt", "off"), "prompt-and-limit"),
+    Setting("context-check", "How a request's size meets the slots' context. prompt (llama.cpp's rule): send "
+            "it only where its prompt fits, and a prompt that fits no slot to the largest, whose llama.cpp answers "
+            "as it would directly; prompt-and-limit (OpenAI's rule): answer 400 context_length_exceeded up front "
+            "when the prompt plus max_tokens / n_predict fits no slot; off: ignore context.", B,
+            choice("prompt", "prompt-and-limit", "off"), "prompt"),
     Setting("queue-updates", "Let a streaming request that must wait ask (header X-Paddler-Queue-Updates: 1) "
             "for its place in the queue and expected start, as SSE comment lines each second.", B, default=False,
             switch=True),
@@ -258,6 +260,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alias", "Model id shown in /v1/models and /props (llama-server --alias); with --dialect modern a "
             "comma-separated list, as the 2026 build takes it (the first in sorted order is the id). Unset: --model's "
             "path, or models/simulated.gguf.", S, name, None),
+    Setting("tags", "With --dialect modern: tags listed in /v1/models, comma-separated (llama-server --tags).", S,
+            text_value, None),
     Setting("router-models", "Serve as a llama.cpp router (2026 build started without -m): these models, "
             "separated by spaces, each ID or ID=ALIAS,ALIAS, each with its own --parallel slots, loaded on "
             "demand. Implies --dialect modern.", S, model_specs, None, metavar="MODELS"),
@@ -316,24 +320,11 @@ class ConfFileParser(configargparse.DefaultConfigFileParser):
             for key, value in super().parse([line]).items():
                 canonical = key.removeprefix("--").replace("_", "-")
                 if canonical not in self.known:
-                    raise configargparse.ConfigFileParserException(self._unknown(key, source, number))
+                    raise configargparse.ConfigFileParserException(
+                        unknown_key(self.command, self.known, key, f"{source} line {number}"))
                 items[canonical] = value
                 self.origins[canonical] = f"{source} line {number}"
         return items
-
-    def _unknown(self, key: str, source: str, number: int) -> str:
-        import difflib
-
-        message = f"unknown setting `{key}` in {source} line {number}"
-        canonical = key.removeprefix("--").replace("_", "-")
-        elsewhere = [c for s in SETTINGS if s.name == canonical for c in s.commands]
-        if elsewhere:
-            return f"{message}: it is a setting of `paddler-sync {elsewhere[0]}`, not of `{self.command}`"
-        guesses = difflib.get_close_matches(canonical, sorted(self.known), n=1)
-        if guesses:
-            guess = guesses[0].replace("-", "_") if "_" in key else guesses[0]
-            return f"{message} (did you mean `{guess}`?)"
-        return f"{message}: `paddler-sync {self.command} --help` lists every setting"
 
 
 class SettingsParser(configargparse.ArgumentParser):
@@ -345,6 +336,8 @@ class SettingsParser(configargparse.ArgumentParser):
         super().__init__(config_file_parser_class=self.conf_files, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            message = unrecognized(self.command, message.removeprefix("unrecognized arguments: ").split(), SETTINGS)
         sys.stderr.write(f"paddler-sync {self.command}: error: {message}{self._source_hint(message)}\n")
         sys.exit(2)
 
@@ -407,6 +400,7 @@ def parse_settings(command: str, args: Sequence[str] | None = None,
     """Parse one command's settings; a bad value exits with status 2 and one line on stderr."""
     parser = build_parser(command, config_files)
     options = parser.parse_args(args=args)
+    check_environment(command, dict(os.environ), SETTINGS)
     options.command = command
     return options
 
@@ -417,34 +411,3 @@ COMMAND_HELP = {
     "dashboard": "Show the fleet in the terminal.",
     "simulate": "Run a simulated llama.cpp server (same API, slots that really queue).",
 }
-
-
-# --- documentation --------------------------------------------------------------------------------
-
-
-def _docs_default(setting: Setting) -> str:
-    if setting.docs_default is not None:
-        return setting.docs_default
-    if setting.switch:
-        return "on" if setting.default else "off"
-    if setting.default is None:
-        return "unset"
-    if isinstance(setting.default, float) and setting.default.is_integer():
-        return str(int(setting.default))
-    return str(setting.default)
-
-
-def markdown_table() -> str:
-    """The README's settings table, generated from SETTINGS (a test keeps the README in step)."""
-    lines = ["| setting | environment | commands | default | meaning |", "|---|---|---|---|---|"]
-    for s in SETTINGS:
-        flag = f"`{s.flag}`" if not s.switch else f"`{s.flag}` / `--no-{s.name}`"
-        if s.aliases:
-            flag += " (also " + ", ".join(f"`{a}`" for a in s.aliases) + ")"
-        commands = ", ".join(s.commands) if s.commands != ALL else "all"
-        lines.append(f"| {flag} | `{s.env}` | {commands} | `{_docs_default(s)}` | {s.help} |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - used to refresh the README
-    print(markdown_table())

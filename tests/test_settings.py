@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from paddler_sync.addresses import AddressError, parse_address
-from paddler_sync.settings import SETTINGS, markdown_table, parse_settings
+from paddler_sync.settings import SETTINGS, parse_settings
+from paddler_sync.settings_docs import conf_file, markdown_table
 from tests.helpers import ROOT, run_cli
 
 
@@ -159,7 +160,39 @@ def test_readme_settings_table_is_generated_from_the_declarations() -> None:
     table = re.search(r"<!-- settings:start -->\n(.*?)\n<!-- settings:end -->", readme, re.S)
     assert table, "README.md lacks the settings table markers"
     assert table.group(1).strip() == markdown_table().strip(), \
-        "README settings table is stale: run python -m paddler_sync.settings and paste it"
+        "README settings table is stale: run python -m paddler_sync.settings_docs write"
+
+
+@pytest.mark.parametrize("command", ["balancer", "agent"])
+def test_conf_examples_are_generated_from_the_declarations(command: str) -> None:
+    """Every setting, at its real default: the example files cannot claim a default the code does not have."""
+    assert (ROOT / "conf" / f"{command}.conf").read_text() == conf_file(command), \
+        "conf examples are stale: run python -m paddler_sync.settings_docs write"
+    assert "# context-check = prompt\n" in conf_file("balancer") and "# policy = first-token\n" in conf_file("balancer")
+
+
+def test_a_misspelt_flag_names_the_closest_one(tmp_path: Path) -> None:
+    result = run_cli("balancer", "--reverse-proxy-addr", "127.0.0.1:1", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--reverse-proxy-addr (did you mean --reverseproxy-addr?)" in result.stderr
+    assert "127.0.0.1:1" not in result.stderr  # the value is not the mistake
+    result = run_cli("balancer", "--local-llamacpp-addr", "127.0.0.1:1", cwd=tmp_path)
+    assert "a setting of `paddler-sync agent`, not of `balancer`" in result.stderr
+
+
+def test_a_misspelt_environment_variable_stops_the_start_and_names_the_closest(tmp_path: Path) -> None:
+    result = run_cli("balancer", env={"PADDLER_MAX_BUFERED_REQUESTS": "3"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown environment variable PADDLER_MAX_BUFERED_REQUESTS (did you mean " \
+           "PADDLER_MAX_BUFFERED_REQUESTS?)" in result.stderr
+
+
+def test_an_unrelated_paddler_variable_is_named_in_a_warning_only() -> None:
+    from paddler_sync.setting_errors import check_environment
+
+    with pytest.raises(SystemExit):
+        check_environment("agent", {"PADDLER_MONITORING_INTERVALL": "1"}, SETTINGS)
+    check_environment("agent", {"PADDLER_HOME": "/srv", "PADDLER_NAME": "gpu-1"}, SETTINGS)  # no exit
 
 
 def test_conf_examples_name_only_real_settings(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, render_template, request, url_for
+from markupsafe import Markup, escape
 
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.management.views import traffic_json
@@ -22,10 +23,12 @@ from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic, cache_text, err
 REFRESH_MS = 1000
 PLOT = {"left": 40, "right": 8, "top": 8, "bottom": 20, "width": 420, "height": 150}
 LONG_ISSUE = 160  # characters shown before "more"
+NOW_SECONDS = 10  # "now" on the traffic cards: the last whole steps of the series that make this long
 
 
 def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint:
     dashboard = Blueprint("dashboard", __name__, template_folder="templates")
+    dashboard.add_app_template_filter(breakable)
 
     @dashboard.get("/dashboard")
     def page() -> str:
@@ -44,8 +47,10 @@ def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint
         by_addr = {s["addr"]: s for s in traffic["servers"]}
         agents = [with_display_fields(a, by_addr.get(a["external_llamacpp_addr"])) for a in status.agents()]
         return render_template("fleet.html", agents=agents, health=status.health(), traffic=traffic,
-                               models=status.models(),
-                               fleet_figures=display_figures(traffic["fleet"]), range_name=range_name,
+                               models=status.models(), unnamed_waiting=status.waiting_without_model(),
+                               fleet_figures={**display_figures(traffic["fleet"]),
+                                              **current_rates(traffic["series"], range_name)},
+                               range_name=range_name,
                                charts=charts(traffic["series"], traffic["step_seconds"]),
                                now=format_time(time.time()))
 
@@ -79,6 +84,27 @@ def display_figures(figures: dict[str, Any] | None) -> dict[str, str]:
             "wait_p95": format_duration(figures["queue_wait_p95_seconds"]),
             "errors": errors_text(figures["errors"]), "cache": cache_text(figures)}
 
+
+
+def current_rates(series: list[dict[str, Any]], range_name: str) -> dict[str, str]:
+    """What flows now, beside the range's means: the rates over the last whole steps of the series that make
+    at least NOW_SECONDS (the step still filling left out)."""
+    done = [p for p in series[:-1] if p["requests_per_second"] is not None]
+    step = series[-1]["width"] if series else 1
+    recent = done[-max(1, round(NOW_SECONDS / step)):]
+    seconds = step * len(recent)
+
+    def rate(key: str) -> str:
+        return rate_text(sum(p[key] * step for p in recent) / seconds) if recent else "-"
+
+    return {"rps_now": rate("requests_per_second"), "tps_now": rate("tokens_per_second"),
+            "step": f"{seconds:g} s", "range": "5 min" if range_name == "5m" else "hour"}
+
+
+def breakable(text: str) -> Markup:
+    """A path or id that may wrap after its slashes and underscores, and nowhere inside a word."""
+    escaped = escape(text)
+    return Markup(escaped.replace("/", Markup("/<wbr>")).replace("_", Markup("_<wbr>")))
 
 
 def with_display_fields(agent: dict[str, Any], figures: dict[str, Any] | None) -> dict[str, Any]:
@@ -135,9 +161,9 @@ def charts(series: list[dict[str, Any]], step: float) -> list[dict[str, Any]]:
     per = f"{step:g} s"
     waiting = [p["waiting"] for p in series if p["waiting"] is not None]
     return [
-        chart("Slots and waiting requests", series, "", [
+        chart("Slots and waiting requests", series, "", [  # the total first: "in use" is drawn over it when full
+            Line("slots_total", "slots in all", "#98a2b3", dashed=True),
             Line("slots_busy", f"slots in use (peak per {per})", "#3e63dd", area=True),
-            Line("slots_total", "slots in all", "#667085", dashed=True),
             Line("waiting", f"requests waiting (peak {max(waiting, default=0)})", "#c4320a")]),
         chart("Requests per second", series, "/s", [
             Line("requests_per_second", f"requests finished per second (per {per})", "#12805c")]),

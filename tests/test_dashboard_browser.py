@@ -76,32 +76,36 @@ def test_empty_then_a_row_appears_then_numbers_move(fleet: Fleet, page) -> None:
 
     streams = [requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=10,
                              json={"prompt": "x", "n_predict": 100, "stream": True}) for _ in range(3)]
-    with ThreadPoolExecutor(2) as pool:  # two more wait in the balancer's queue
+    with ThreadPoolExecutor(3) as pool:  # three more wait in the balancer's queue, one naming no model
         waiting = [pool.submit(requests.post, balancer.extra["proxy"] + "/completion", timeout=20,
                                json={"model": "simulated", "prompt": "x", "n_predict": 4}) for _ in range(2)]
-        page.wait_for_function("document.querySelector('#buffered').innerText === '2'", timeout=10_000)
+        waiting.append(pool.submit(requests.post, balancer.extra["proxy"] + "/completion", timeout=20,
+                                   json={"prompt": "x", "n_predict": 4}))
+        page.wait_for_function("document.querySelector('#buffered').innerText === '3'", timeout=10_000)
         assert row.locator(".in-flight").inner_text() == "3" and page.inner_text("#total-in-flight") == "3"
         assert page.inner_text("#models tr.model .waiting") == "2"  # they name the model (its file's name)
+        assert page.inner_text("#models tr.unnamed .waiting") == "1"  # every waiting request is counted somewhere
         # the legend's peak is the peak of waiting requests, not the chart's scale
-        page.wait_for_function("document.querySelector('.legend').innerText.includes('requests waiting (peak 2)')",
+        page.wait_for_function("document.querySelector('.legend').innerText.includes('requests waiting (peak 3)')",
                                timeout=10_000)
         shot(page, "under-load")
         for stream in streams:
             stream.close()
-        assert [w.result().status_code for w in waiting] == [200, 200]
+        assert [w.result().status_code for w in waiting] == [200, 200, 200]
     page.wait_for_function("document.querySelector('tr.agent .processing').innerText === '0'", timeout=10_000)
     # the three streams their clients cut show as errors by kind; the two served ones as tokens
     page.wait_for_function("document.querySelector('#fleet-errors').innerText.includes('client_gone 3')",
                            timeout=10_000)
-    assert float(page.inner_text("#fleet-tps")) > 0 and float(row.locator(".rps").inner_text()) > 0
+    assert float(page.inner_text("#fleet-tps-mean")) > 0 and float(row.locator(".rps").inner_text()) > 0
+    assert "mean over 5 min" in page.inner_text("section[aria-label='Traffic over the range']")
     assert page.inner_text("#fleet-wait") != "-"
     y_ticks = page.locator("figure.chart").first.locator(".y-tick").all_text_contents()
     assert y_ticks[0] == "0" and len(y_ticks) == 3 and float(y_ticks[-1]) >= 3  # at least the 3 slots in all
     x_ticks = page.locator("figure.chart").first.locator(".x-tick").all_text_contents()
     assert len(x_ticks) == 4 and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in x_ticks)
-    # slots in all is drawn over slots in use, so a full fleet hides neither
+    # slots in use is drawn over slots in all: a full fleet shows its slots in use, not the total's dashes
     keys = page.locator("figure.chart").first.locator("path.series").evaluate_all("ps => ps.map(p => p.dataset.key)")
-    assert keys.index("slots_total") > keys.index("slots_busy")
+    assert keys.index("slots_busy") > keys.index("slots_total")
     page.click("button[data-range='1h']")
     page.wait_for_function("document.querySelector('section[aria-label=History] h2').innerText.includes('hour')",
                            timeout=10_000)

@@ -31,6 +31,7 @@ from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter
 from paddler_sync.proxy.app import ProxyApp
+from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
@@ -147,8 +148,8 @@ class Balancer:
         self.shutting_down = True
         waiting, in_flight = self.buffer.waiting, self.ledger.in_flight()
         self.buffer.close("the balancer is shutting down; retry in a moment (or on another balancer)")
-        logger.info("shutting down: %d waiting requests answered 503, %d in flight may finish within %gs",
-                    waiting, in_flight, grace)
+        logger.info("shutting down: %s answered 503, %s in flight may finish within %gs",
+                    counted(waiting, "waiting request"), counted(in_flight, "request"), grace)
 
     def stop(self) -> None:
         self.shutting_down = True

@@ -293,8 +293,9 @@ def _seconds(line: str) -> float:
 def test_past_the_drain_timeout_a_stream_is_cut_with_a_clear_error_and_the_swap_goes_on(fleet: Fleet) -> None:
     workdir = models_dir(fleet)
     balancer = fleet.balancer()
-    fleet.supervised(balancer.extra["management_port"], *simulate("-m", str(workdir / "tiny.gguf"), "-np", "1",
-                                                                  "--decode-tokens-per-second", "20"), name="s0")
+    supervising = fleet.supervised(balancer.extra["management_port"],
+                                   *simulate("-m", str(workdir / "tiny.gguf"), "-np", "1",
+                                             "--decode-tokens-per-second", "20"), name="s0")
     agent = wait_until(lambda: ready(balancer, "s0"), timeout=20, message="the supervised server")
     result: list[str] = []
     client = threading.Thread(target=lambda: result.append(stream(balancer, n_predict=400)))  # 20 s of tokens
@@ -307,3 +308,5 @@ def test_past_the_drain_timeout_a_stream_is_cut_with_a_clear_error_and_the_swap_
     assert "error: " in result[0] and "stopped while draining" in result[0]
     wait_until(lambda: (ready(balancer, "s0") or {}).get("model", "").endswith("slow.gguf"), timeout=20,
                message="the swap done")
+    log = supervising.log()  # llama-server down on purpose: said so, without advice to go and start it
+    assert "while its agent runs it" in log and "check that llama-server is running" not in log

@@ -26,6 +26,7 @@ from paddler_sync.agent.supervisor import RestartPolicy, Supervisor
 from paddler_sync.fleet.supervision import Control, DrainMark, SupervisionError
 from paddler_sync.llamacpp import LlamaCppClient, ServerState
 from paddler_sync.logs import log_greenlet_exception
+from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.agent")
 DRAIN_POLL_SECONDS = 0.1
@@ -111,8 +112,8 @@ def drain_before_leaving(agent: Agent, timeout: float, hurry: Event) -> None:
     in_flight = agent.balancer.drain()
     if in_flight is None:
         return
-    logger.info("stopping: draining first (%d requests in flight, up to %gs; a second signal skips the wait)",
-                in_flight, timeout)
+    logger.info("stopping: draining first (%s in flight, up to %gs; a second signal skips the wait)",
+                counted(in_flight, "request"), timeout)
     agent.balancer.control = Control(DrainMark(True), in_flight=in_flight)  # the drain's answer is the latest word
     with gevent.Timeout(timeout, False):
         while not hurry.is_set() and not _drained(agent) and agent.balancer.reachable:

@@ -13,6 +13,7 @@ import time
 import requests
 from gevent.event import Event
 
+from paddler_sync.words import counted
 from paddler_sync.addresses import Address
 from paddler_sync.agent.supervisor import Supervisor
 from paddler_sync.fleet.models import FAILED, LOAD_STATES, LOADED
@@ -242,9 +243,13 @@ class Agent:
             return
         self._state_changed_at = time.monotonic()
         self._last_state = reading.state
+        why_down = self.supervisor.why_down() if self.supervisor is not None else None
         if reading.state is ServerState.READY:
-            logger.info("llama.cpp at %s is ready: %d slots", self.llamacpp.addr,
-                        reading.slots_idle + reading.slots_processing)
+            logger.info("llama.cpp at %s is ready: %s", self.llamacpp.addr,
+                        counted(reading.slots_idle + reading.slots_processing, "slot"))
+        elif why_down is not None:  # the agent runs it and stopped or is starting it: no advice to check it
+            logger.info("llama.cpp at %s is %s while its agent runs it: %s", self.llamacpp.addr, reading.state.value,
+                        why_down)
         else:
             logger.warning("llama.cpp at %s is %s: %s (%s)", self.llamacpp.addr, reading.state.value,
                            reading.error, HINTS[reading.state])

@@ -44,6 +44,7 @@ from paddler_sync.fleet.supervision import (
 )
 from paddler_sync.llamacpp import ServerState, SlotsReading
 from paddler_sync.logs import log_greenlet_exception
+from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.supervisor")
 output_logger = logging.getLogger("paddler_sync.llama_server")
@@ -336,8 +337,8 @@ class Supervisor:
         waited = now - self.phase_since
         if waited >= self.working_on.drain_timeout:
             if self.in_flight:
-                logger.warning("drain timeout (%gs): %d requests in flight are cut", self.working_on.drain_timeout,
-                               self.in_flight)
+                logger.warning("drain timeout (%gs): %s in flight are cut", self.working_on.drain_timeout,
+                               counted(self.in_flight, "request"))
             return True
         idle = reading.state is not ServerState.READY or reading.slots_processing == 0
         return waited > 0 and self.in_flight == 0 and idle
@@ -362,8 +363,8 @@ class Supervisor:
                 self._roll_back(now, self.note)
             return
         self.phase, self.phase_since = "draining", now
-        logger.info("applying desired state %s (%s): draining first (%d requests in flight, up to %gs)",
-                    target.id, target.describe(), control.in_flight, target.drain_timeout)
+        logger.info("applying desired state %s (%s): draining first (%s in flight, up to %gs)",
+                    target.id, target.describe(), counted(control.in_flight, "request"), target.drain_timeout)
 
     def _known(self, target: DesiredState) -> bool:
         return target.id in (self.applied.id if self.applied else None, self.failed_id) or (
@@ -371,6 +372,16 @@ class Supervisor:
 
     def _applied_text(self) -> str:
         return f"desired state {self.applied.id}" if self.applied else "the command the agent was started with"
+
+    def why_down(self) -> str | None:
+        """Why llama-server does not answer when this agent made it so (a start, a restart, a swap's stop), in
+        words for the log; None when it should be answering."""
+        if self.state == READY and self.phase is None:
+            return None
+        doing = STATE_HINTS[self.state]
+        if self.phase is not None and self.working_on is not None:
+            doing += f"; applying desired state {self.working_on.id}: {self.phase.replace('_', ' ')}"
+        return doing
 
     # --- what the report says ---------------------------------------------------------------------------------
 

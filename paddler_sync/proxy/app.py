@@ -379,11 +379,13 @@ class Relay:
         return timings.prompt_processed + timings.prompt_cached, timings.prompt_cached
 
     def _stream_error(self) -> bytes:
-        """The reason, as llama.cpp's own mid-stream error line, before the connection is cut: a server that
-        drained (a model swap, maintenance) was stopped before this answer ended."""
+        """The reason, as llama.cpp's own mid-stream error line, before the connection is cut: a server out of
+        service (drained for a swap or because its agent stops, or reported down) stopped before this answer
+        ended. The balancer does not know why it stopped, so it does not guess (a timeout, a kill)."""
         if not self.reservation.upstream.routable:
-            message = (f"the llama.cpp server at {self.reservation.addr} was stopped while draining (a model swap or "
-                       "maintenance: --drain-timeout passed) before this answer ended; send the request again")
+            message = (f"the llama.cpp server at {self.reservation.addr} stopped while draining or out of service "
+                       "(a model swap, its agent stopping, or a failure) before this answer ended; send the request "
+                       "again")
         else:
             message = f"the llama.cpp server at {self.reservation.addr} broke off its answer"
         payload = error_body(502, message, "upstream_stopped")

@@ -14,6 +14,7 @@ from typing import Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from paddler_sync.words import counted
 from paddler_sync.addresses import Address
 from paddler_sync.simulator.app import SimulatorApp, SimulatorConfig
 from paddler_sync.simulator.engine import Engine, Timing
@@ -99,11 +100,11 @@ def run_simulator(options: argparse.Namespace) -> int:
         logger.error("cannot listen on %s: %s (is another server using that port?)", addr, exc.strerror)
         return 2
     if options.router_models:
-        logger.info("simulated llama.cpp router with models %s (%d slots each once loaded) listening on %s",
-                    ", ".join(m for m, _ in options.router_models), options.parallel, addr)
+        logger.info("simulated llama.cpp router with models %s (%s each once loaded) listening on %s",
+                    ", ".join(m for m, _ in options.router_models), counted(options.parallel, "slot"), addr)
     else:
-        logger.info("simulated llama.cpp (%s dialect) with %d slots listening on %s", options.dialect,
-                    options.parallel, addr)
+        logger.info("simulated llama.cpp (%s dialect) with %s listening on %s", options.dialect,
+                    counted(options.parallel, "slot"), addr)
     gevent.signal_handler(signal.SIGTERM, server.stop)
     gevent.signal_handler(signal.SIGINT, server.stop)
     server.serve_forever()

@@ -18,8 +18,7 @@ from paddler_sync.fleet.reports import ReportError, parse_report
 from paddler_sync.fleet.rollout import LocalControls, Rollout
 from paddler_sync.fleet.supervision import DesiredState, SupervisionError, desired_from_request
 from paddler_sync.settings import parse_settings
-from tests.helpers import PADDLER_SYNC, good_report, run_cli
-from tests.llamacpp_servers import find_builds
+from tests.helpers import PADDLER_SYNC, good_report, real_builds, run_cli
 
 # --- command lines -----------------------------------------------------------------------------------------------
 
@@ -52,7 +51,8 @@ def test_without_a_port_the_agent_picks_a_free_one() -> None:
     assert CommandLine.prepare(["llama-server-that-does-not-exist", "--port", "8123"]).added == ()
 
 
-@pytest.mark.parametrize("build", find_builds(), ids=lambda b: b.name)
+@pytest.mark.real_llamacpp
+@pytest.mark.parametrize("build", real_builds())
 def test_the_monitoring_flags_each_real_build_takes(build: Any) -> None:
     help_text = subprocess.run([str(build.path), "--help"], capture_output=True, text=True, timeout=20).stdout
     needed = ["--metrics"] if build.modern else ["--slots", "--metrics"]  # 2026 serves /slots by default

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick soak clean
+.PHONY: demo test lint compat bench bench-quick soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench
 	$(PY) -m mypy
 	$(PY) -m pytest -n 2 --dist loadfile
+
+# llama.cpp's own server test suites, directly and through the balancer (a few minutes; tests/compat/RESULTS.md)
+compat: $(STAMP)
+	$(PY) tests/compat/suites.py
 
 bench: $(STAMP)
 	bench/setup.sh $(PY)
@@ -38,4 +42,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-suites build *.egg-info .pytest_cache .ruff_cache .hypothesis

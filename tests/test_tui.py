@@ -59,7 +59,9 @@ def test_empty_then_agents_and_keys(fleet: Fleet) -> None:
             served = next(r for r in table if r[5] != "-")
             assert float(served[6]) > 0 and served[8] == "none"  # tokens/s from llama.cpp's count, no errors
             columns = list(app.query_one(DataTable).columns.values())
-            assert sum(c.get_render_width(app.query_one(DataTable)) for c in columns[:8]) <= 78  # + scrollbar
+            widths = [c.get_render_width(app.query_one(DataTable)) for c in columns]
+            assert sum(widths[:9]) <= 80 and widths[8] >= 8  # every column up to Errors, Errors readable
+            assert widths[1] == len("Issues") + 2  # "None" needs no 16 columns
             totals = str(app.query_one("#totals").render())
             assert "6 idle of 6" in totals and "req/s" in totals and "TTFT p50" in totals and "tick" not in totals
             assert all(len(line) <= 80 for line in totals.splitlines())
@@ -144,3 +146,18 @@ def test_a_supervised_server_shows_its_swap_and_the_totals_count_draining_server
     totals = totals_text(health, {"fleet": fleet})
     assert "999 draining" in totals, totals
     assert all(len(line) <= 80 for line in totals.splitlines()), totals
+
+
+def test_errors_fit_their_cell_and_the_detail_line_has_them_all() -> None:
+    from rich.text import Text
+
+    from paddler_sync.tui import column_widths, detail_text, errors_cell
+
+    assert errors_cell({}) == "none" and errors_cell({"timed_out": 4, "llamacpp_500": 1}) == "5 timed_out"
+    row = tuple(Text(c) for c in ("gpu-box-with-a-long-name", "Unreachable", "0", "0", "0", "-", "-", "-",
+                                  "5 timed_out", "10.0.0.1:8081", "2026-12-07 06:00:00"))
+    widths = column_widths([row])
+    assert widths["Name"] == 12 and widths["Issues"] == len("Unreachable")
+    assert sum(w + 2 for c, w in widths.items() if c not in ("Llama.cpp address", "Last update (UTC)")) <= 80
+    agent = {"agent_id": "a", "agent_name": "gpu", "external_llamacpp_addr": "10.0.0.1:8081", "state": "ready"}
+    assert "errors timed_out 4, llamacpp_500 1" in detail_text(agent, {"errors": {"timed_out": 4, "llamacpp_500": 1}})

@@ -14,11 +14,11 @@ from typing import Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from paddler_sync.words import counted
 from paddler_sync.addresses import Address
 from paddler_sync.simulator.app import SimulatorApp, SimulatorConfig
 from paddler_sync.simulator.engine import Engine, Timing
 from paddler_sync.simulator.router import RoutedModel, RouterApp
+from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.simulator")
 DEFAULT_MODEL = "models/simulated.gguf"

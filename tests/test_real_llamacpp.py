@@ -334,3 +334,30 @@ def test_two_balancers_sharing_the_ledger_in_redis_never_make_llamacpp_queue(fle
         assert all(read_all(a) for a in answers)
     assert [a.status_code for a in answers] == [200] * 12
     assert sampler.peak == 0, f"requests queued inside llama.cpp: {sampler.peak}"
+
+
+def test_a_client_gets_what_llamacpp_itself_answers_for_limits_names_and_broken_json(
+        fleet: Fleet, build: Build, llamacpp_models) -> None:
+    """Invisible to clients: a generation limit past the context, a prompt that fits no slot and a model name the
+    server ignores get llama.cpp's own answer through the balancer; a body that is not JSON gets 400 (llama.cpp
+    answers 500 for the client's mistake: the one difference, on purpose)."""
+    balancer = fleet.balancer("--models-discovery-time", "0")
+    server = serve(fleet, build, llamacpp_models, balancer, 2, "ctx")  # -c 2048: 1024 tokens per slot
+    proxy = balancer.extra["proxy"]
+    asks = [("/completion", {"prompt": "Hello, my name is", "n_predict": 1500}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1500}),
+            ("/v1/chat/completions", {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}],
+                                      "max_tokens": 4}),
+            ("/completion", {"prompt": "hello " * 3000, "n_predict": 4})]
+    for path, body in asks:
+        direct = requests.post(server.url + path, json=body, timeout=120)
+        through = requests.post(proxy + path, json=body, timeout=120)
+        assert (through.status_code, through.json().get("error", {}).get("type")) == \
+               (direct.status_code, direct.json().get("error", {}).get("type")), (path, body, through.text[:300])
+    assert requests.post(proxy + "/completion", json={"prompt": "hi", "n_predict": 1500},
+                         timeout=120).status_code == 200
+    broken = b'{"messages": [{"role": "user", "content": "hi"}],'
+    assert requests.post(server.url + "/v1/chat/completions", data=broken, timeout=10).status_code == 500
+    refused = requests.post(proxy + "/v1/chat/completions", data=broken, timeout=10)
+    assert refused.status_code == 400 and "line 1, column 50" in refused.json()["error"]["message"]
+    assert metric(server.url, "requests_deferred") == 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 
 import pytest
 import requests
 from textual.widgets import DataTable
 
 from paddler_sync.tui import EMPTY, LOADING, FleetDashboard
-from tests.helpers import ROOT, Fleet, agents, free_port, run_cli, wait_until
+from tests.helpers import PADDLER_SYNC, ROOT, Fleet, agents, free_port, run_cli, wait_until
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -161,3 +164,37 @@ def test_errors_fit_their_cell_and_the_detail_line_has_them_all() -> None:
     assert sum(w + 2 for c, w in widths.items() if c not in ("Llama.cpp address", "Last update (UTC)")) <= 80
     agent = {"agent_id": "a", "agent_name": "gpu", "external_llamacpp_addr": "10.0.0.1:8081", "state": "ready"}
     assert "errors timed_out 4, llamacpp_500 1" in detail_text(agent, {"errors": {"timed_out": 4, "llamacpp_500": 1}})
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (Debian's tmux: "
+                                                           "scripts/system-packages.sh installs it)")
+def test_in_a_real_80x24_terminal_every_column_up_to_errors_shows_and_no_stray_glyph(fleet: Fleet) -> None:
+    balancer = fleet.balancer()
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "gpu-1", interval=0.2)
+    wait_until(lambda: len(agents(balancer)) == 1)
+    session = f"paddler-tui-{os.getpid()}"
+    command = f"{PADDLER_SYNC} dashboard --management-addr 127.0.0.1:{balancer.extra['management_port']}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command], check=True)
+    try:
+        def screen() -> str:
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                                  check=True).stdout
+
+        def row_shown() -> str | None:
+            text = screen()
+            return text if "gpu-1" in text else None
+
+        shown = wait_until(row_shown, timeout=20, message="the dashboard's row in tmux")
+        lines = shown.splitlines()
+        header = next(line for line in lines if line.lstrip().startswith("Name"))
+        assert header.split()[:10] == ["Name", "Issues", "Idle", "Busy", "In", "flight", "Req/s", "Tok/s", "TTFT95",
+                                       "Errors"], header
+        row = next(line for line in lines if "gpu-1" in line)
+        assert row.split()[1:9] == ["None", "2", "0", "0", "-", "-", "-", "-"], row  # no traffic yet: "-"
+        assert all(len(line) <= 80 for line in lines)
+        assert not any(glyph in shown for glyph in "▁▂▃▄▅▆▇█▉▊▋▌▍▎▏"), shown  # no scrollbar drawn in the text
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "tui-tmux-80x24.txt").write_text(shown)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)

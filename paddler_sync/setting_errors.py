@@ -7,10 +7,29 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from paddler_sync.settings import Setting
+
+class Setting(Protocol):
+    """What these messages read of a setting (paddler_sync/settings.py declares them: it imports this module)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def commands(self) -> tuple[str, ...]: ...
+
+    @property
+    def switch(self) -> bool: ...
+
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+
+    @property
+    def flag(self) -> str: ...
+
+    @property
+    def env(self) -> str: ...
 
 ENV_PREFIX = "PADDLER_"
 CUTOFF = 0.8  # difflib's ratio: a letter dropped, doubled or swapped in a name of ten or more
@@ -24,13 +43,11 @@ def closest(word: str, known: Iterable[str], prefix: str = "") -> str | None:
     return stems[found[0]] if found else None
 
 
-def unknown_key(command: str, known: set[str], key: str, where: str) -> str:
+def unknown_key(command: str, known: set[str], key: str, where: str, settings: Sequence[Setting]) -> str:
     """A config file's unknown key: the setting it meant, or the command it belongs to."""
-    from paddler_sync.settings import SETTINGS
-
     message = f"unknown setting `{key}` in {where}"
     canonical = key.removeprefix("--").replace("_", "-")
-    elsewhere = [c for s in SETTINGS if s.name == canonical for c in s.commands]
+    elsewhere = [c for s in settings if s.name == canonical for c in s.commands]
     if elsewhere:
         return f"{message}: it is a setting of `paddler-sync {elsewhere[0]}`, not of `{command}`"
     guess = closest(canonical, known)

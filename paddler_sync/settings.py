@@ -321,7 +321,7 @@ class ConfFileParser(configargparse.DefaultConfigFileParser):
                 canonical = key.removeprefix("--").replace("_", "-")
                 if canonical not in self.known:
                     raise configargparse.ConfigFileParserException(
-                        unknown_key(self.command, self.known, key, f"{source} line {number}"))
+                        unknown_key(self.command, self.known, key, f"{source} line {number}", SETTINGS))
                 items[canonical] = value
                 self.origins[canonical] = f"{source} line {number}"
         return items

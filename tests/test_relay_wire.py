@@ -43,6 +43,10 @@ SCRIPTS: dict[str, tuple[list[tuple[bytes, float]], str]] = {
     "/malformed-chunk": ([(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n", 0)], "close"),
 }
 SCRIPTS["/completion"] = SCRIPTS["/silent-mid-stream"]
+SCRIPTS["/slow-first-event"] = ([(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked"
+                                  b"\r\n\r\n", 1.5), (b'f\r\ndata: {"a":1}\n\n\r\n0\r\n\r\n', 0)], "keep")
+SCRIPTS["/slow-first-event-then-cut"] = ([(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                           b"Transfer-Encoding: chunked\r\n\r\n", 0.5)], "close")
 
 
 @contextmanager
@@ -184,6 +188,25 @@ def test_a_head_request_is_answered_without_waiting_for_a_body(fleet: Fleet,
     assert (status, body, status2, body2) == (200, b"", 200, b'{"content":"ok"}')
     assert headers["content-length"] == "40"  # the length the same GET would have
     assert time.monotonic() - started < 5  # not the read timeout
+
+
+def test_an_event_stream_s_head_reaches_the_client_before_its_first_event(
+        fleet: Fleet, scripted: tuple[int, dict[str, int]]) -> None:
+    """llama.cpp sends an event stream's head at once (a router's /models/sse, a long prefill): so does the relay."""
+    port, _ = scripted
+    balancer = fleet_behind(fleet, port)
+    started = time.monotonic()
+    with requests.get(balancer.extra["proxy"] + "/slow-first-event", stream=True, timeout=10) as response:
+        head_after = time.monotonic() - started
+        body = response.content
+    assert head_after < 1.0 and time.monotonic() - started >= 1.4, head_after  # the head first, the event later
+    assert response.status_code == 200 and body == b'data: {"a":1}\n\n'
+    with pytest.raises(requests.exceptions.ChunkedEncodingError), \
+            requests.get(balancer.extra["proxy"] + "/slow-first-event-then-cut", stream=True, timeout=10) as cut:
+        assert cut.status_code == 200  # the head went out: a break-off now is a cut stream, not a 502
+        cut.content  # noqa: B018
+    wait_until(lambda: health(balancer)["requests_in_flight"] == 0)
+    assert "Traceback" not in balancer.log()
 
 
 def test_broken_answers_end_visibly_and_leak_nothing(fleet: Fleet, scripted: tuple[int, dict[str, int]]) -> None:

@@ -111,6 +111,15 @@ class SocketReader:
             except BlockingIOError:
                 continue  # woken without data (spurious): wait again
 
+    def read_now(self) -> bytes | memoryview | None:
+        """What is there already, without waiting (empty: the server closed); None when nothing is."""
+        if self.watcher is None:
+            return None
+        try:
+            return _BUFFER[:self.raw.recv_into(_BUFFER)]
+        except BlockingIOError:
+            return None
+
     def _wait_readable(self) -> None:
         if self.timer is None:
             self._arm(self.timeout)
@@ -208,22 +217,33 @@ class UpstreamAnswer:
                 raise ProtocolError("llama.cpp closed the connection in the middle of its answer's headers")
             self._feed(data)
 
-    def pieces(self) -> Iterator[bytes]:
-        """The body as it arrives: each read's pieces, joined, at once."""
+    def pieces(self, head_early: bool = False) -> Iterator[bytes]:
+        """The body as it arrives: each read's pieces, joined, at once. ``head_early``: when no body byte has
+        come yet, first an empty piece, so the client gets the head now, as llama.cpp sent it (an event
+        stream whose first event is far off: a long prefill, a router's model events)."""
         if self._pieces:
             yield self._take()
+        elif head_early and not self.complete:
+            data = self._reader.read_now()
+            if data is None:
+                yield b""
+            elif self._absorb(data) and self._pieces:
+                yield self._take()
         read = self._reader.read
         while not self.complete:
-            data = read()
-            if not data:
-                if self._until_close:
-                    self.complete = True
-                    break
-                raise ProtocolError("llama.cpp closed the connection before its answer ended")
-            self._feed(data)
-            if self._pieces:
+            if self._absorb(read()) and self._pieces:
                 yield self._take()
         self.release_conn()
+
+    def _absorb(self, data: bytes | memoryview) -> bool:
+        """Feed what was read; an empty read ends an answer read until close, or is llama.cpp's failure."""
+        if data:
+            self._feed(data)
+            return True
+        if not self._until_close:
+            raise ProtocolError("llama.cpp closed the connection before its answer ended")
+        self.complete = True
+        return False
 
     def read(self) -> bytes:
         """The whole body (small answers: /tokenize for the context check)."""

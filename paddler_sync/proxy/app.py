@@ -325,6 +325,7 @@ class Relay:
         self.started = started
         self.sent = 0
         self.first_byte: float | None = None
+        self.head_out = False  # the head went ahead of the body (an event stream slow to start)
         self.ending = Ending.CLIENT_GONE
         self.closed = False
         self.response_status = response.status
@@ -335,7 +336,11 @@ class Relay:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            for chunk in self.response.pieces():
+            for chunk in self.response.pieces(head_early=self.streamed):
+                if not chunk:  # the head now, the body when it comes
+                    self.head_out = True
+                    yield chunk
+                    continue
                 if self.first_byte is None:
                     self.first_byte = time.monotonic()
                 self.sent += len(chunk)
@@ -346,7 +351,7 @@ class Relay:
             self.ending = Ending.UPSTREAM_ERROR
             logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
                            self.sent, type(exc).__name__)
-            if self.sent == 0:  # nothing reached the client yet (gunicorn sends headers with the first chunk)
+            if self.sent == 0 and not self.head_out:  # nothing reached the client yet (the head goes with the body)
                 yield self._replace_with_error()
             else:
                 if self.streamed:

@@ -39,6 +39,14 @@ class ProxyResponse(Response):
         self._pending_head = "".join(lines).encode("latin-1")
         self.headers_sent = True
 
+    def write(self, arg: bytes) -> None:
+        """An empty write sends the head now (an event stream whose first event is not there yet)."""
+        if arg:
+            super().write(arg)
+            return
+        self.send_headers()
+        self._flush_head()
+
     def _emit_body(self, data: bytes) -> None:
         if self.chunked:
             data = b"%X\r\n%s\r\n" % (len(data), data)

@@ -242,6 +242,9 @@ class Ledger:
         """Some entry of the fleet serves this (normalized) model, loaded or not."""
         return any(u.serving.serves(model) for u in self._upstreams.values())
 
+    def has_router(self) -> bool:
+        return any(u.serving.needs_model for u in self._upstreams.values())
+
     def needs_model(self) -> bool:
         """Every entry wants a model named (a fleet of routers): a request without one can go nowhere."""
         return bool(self._upstreams) and all(u.serving.needs_model for u in self._upstreams.values())
@@ -276,10 +279,15 @@ class Ledger:
         times = [min(u.ends.values()) for u in self._upstreams.values() if u.may_overbook(now)]
         return min(times) - self.early_lead if times else None
 
-    def pick_without_slot(self, model: str | None = None) -> Reservation | None:
+    def pick_without_slot(self, model: str | None = None, router: bool = False) -> Reservation | None:
         """Any usable server of ``model``, for requests that run no llama.cpp task (health, props, tokenize...). One
-        that names no model may go to a router too: a router answers those itself."""
+        that names no model may go to a router too: a router answers those itself. ``router``: a router's own
+        business (loading, unloading, deleting, downloading its models): a router, whatever model it names."""
         now = self.clock()
+        if router:
+            routers = [u for u in self._upstreams.values() if u.serving.needs_model and u.is_usable(now)]
+            if routers:
+                return Reservation(min(routers, key=lambda u: preference(u, now)), uses_slot=False)
         usable = [u for u in self.candidates(model) if u.is_usable(now)]
         if not usable and model is None:
             usable = [u for u in self._upstreams.values() if u.is_usable(now)]

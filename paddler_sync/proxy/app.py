@@ -212,7 +212,7 @@ class ProxyApp:
     def _reserve(self, environ: dict[str, Any], takes_slot: bool, route: Route,
                  estimate: FirstTokenEstimate | None) -> tuple[Reservation, float]:
         if not takes_slot:
-            reservation = self.ledger.pick_without_slot(route.model)
+            reservation = self.ledger.pick_without_slot(route.model, router=route.router)
             if reservation is None:
                 if not self.routing.knows(route.model):
                     raise self.routing.unknown(route.ask.named or str(route.model))

@@ -46,6 +46,12 @@ class Route:
     model: str | None = None  # normalized; None: any server that needs no model named
     need: int | None = None  # context in tokens, when known
     wait_for_discovery: float | None = None  # an unknown model, while agents report: wait at most this long
+    router: bool = False  # a router's own business (/models/load, DELETE /models...): to a router, any model
+
+
+def is_router_business(path: str) -> bool:
+    """llama.cpp's router mode manages its models under /models: the model these name is acted on, not served."""
+    return path.rstrip("/") == "/models" or path.startswith("/models/")
 
 
 
@@ -68,6 +74,8 @@ class ModelRouting:
             ask = read_ask(method, environ.get("QUERY_STRING", ""), body)
         except BadAsk as exc:
             raise ProxyError(400, str(exc), ending=Ending.BAD_MODEL) from None
+        if not takes_slot and is_router_business(environ.get("PATH_INFO") or "/") and self.ledger.has_router():
+            return Route(ask, ask.model, router=True)
         default = normalize(self.default_model) if self.default_model else None
         model = ask.model or default
         if (model is not None and model != default and not self.buffer_unknown and not self.ledger.knows(model)

@@ -146,7 +146,7 @@ class Fleet:
         server_args = [a for a in server_args if a != "--no-slots"]
         server = self._spawn([self.real, *server_args, *self._agent_needs()])
         agent = [*paddler(), "agent", "--local-llamacpp-addr", f"127.0.0.1:{hidden}",
-                 "--management-addr", f"127.0.0.1:{management}", "--monitoring-interval", "0.1",
+                 "--management-addr", f"127.0.0.1:{management}", "--monitoring-interval", "0.5",
                  "--name", "standin"]
         key = option(self.args, "--api-key")
         if key:

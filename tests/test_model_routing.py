@@ -227,6 +227,9 @@ def test_a_router_refuses_a_model_it_does_not_know_so_the_fleet_answers_404(flee
     assert chat(balancer, "gpt-3.5-turbo").status_code == 404
     assert requests.get(balancer.extra["proxy"] + "/health", timeout=5).status_code == 200  # names none: the router
     assert sim_stats(router)["loads"] == 0
+    routers_list = requests.get(balancer.extra["proxy"] + "/models", timeout=5).json()["data"]  # the router's API
+    assert [(m["id"], m["status"]["value"]) for m in routers_list] == [("tiny", "unloaded")]
+    assert "status" not in requests.get(balancer.extra["proxy"] + "/v1/models", timeout=5).json()["data"][0]
     # the router's own business names a model to act on, not to serve: the router answers, in its own words
     load = requests.post(balancer.extra["proxy"] + "/models/load", json={"model": "not-downloaded"}, timeout=5)
     assert "X-Paddler-Sync" not in load.headers and load.json()["error"]["code"] != "model_not_found"

@@ -138,9 +138,12 @@ class ModelRouting:
 
     # --- the fleet's own model list ----------------------------------------------------------------------------
 
-    @staticmethod
-    def lists_models(method: str, path: str, query: str) -> bool:
-        return method == "GET" and path.rstrip("/") in MODEL_LIST_PATHS and "model=" not in query
+    def lists_models(self, method: str, path: str, query: str) -> bool:
+        """GET /v1/models, and /models where no router is in the fleet: a router's /models is its own API (each
+        model's status, its arguments; ?reload=1), forwarded to a router like the rest of its business."""
+        if method != "GET" or path.rstrip("/") not in MODEL_LIST_PATHS or "model=" in query:
+            return False
+        return path.rstrip("/") == "/v1/models" or not self.ledger.has_router()
 
     def models_answer(self) -> bytes:
         """The OpenAI list shape, each model with its aliases and tags as llama.cpp lists them and, under

@@ -46,7 +46,7 @@ SCRIPTS["/completion"] = SCRIPTS["/silent-mid-stream"]
 SCRIPTS["/slow-first-event"] = ([(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked"
                                   b"\r\n\r\n", 1.5), (b'f\r\ndata: {"a":1}\n\n\r\n0\r\n\r\n', 0)], "keep")
 SCRIPTS["/slow-first-event-then-cut"] = ([(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                           b"Transfer-Encoding: chunked\r\n\r\n", 0.5)], "close")
+                                           b"Transfer-Encoding: chunked\r\n\r\n", 1.2)], "close")
 
 
 @contextmanager

@@ -111,14 +111,14 @@ class SocketReader:
             except BlockingIOError:
                 continue  # woken without data (spurious): wait again
 
-    def read_now(self) -> bytes | memoryview | None:
-        """What is there already, without waiting (empty: the server closed); None when nothing is."""
+    def ready_within(self, seconds: float) -> bool:
+        """Whether bytes (or the server's close) arrive within ``seconds``; a plain socket says yes."""
         if self.watcher is None:
-            return None
-        try:
-            return _BUFFER[:self.raw.recv_into(_BUFFER)]
-        except BlockingIOError:
-            return None
+            return True
+        with gevent.Timeout(seconds, False):
+            self._wait_readable()
+            return True
+        return False
 
     def _wait_readable(self) -> None:
         if self.timer is None:
@@ -217,18 +217,15 @@ class UpstreamAnswer:
                 raise ProtocolError("llama.cpp closed the connection in the middle of its answer's headers")
             self._feed(data)
 
-    def pieces(self, head_early: bool = False) -> Iterator[bytes]:
-        """The body as it arrives: each read's pieces, joined, at once. ``head_early``: when no body byte has
-        come yet, first an empty piece, so the client gets the head now, as llama.cpp sent it (an event
-        stream whose first event is far off: a long prefill, a router's model events)."""
+    def pieces(self, head_after: float | None = None) -> Iterator[bytes]:
+        """The body as it arrives: each read's pieces, joined, at once. ``head_after``: when no body byte has
+        come that many seconds after the head, an empty piece first, so the client gets the head now, as
+        llama.cpp sent it (an event stream whose first event is far off: a long prefill, a router's model
+        events). Before then a failure is still the balancer's to answer (502) with nothing relayed."""
         if self._pieces:
             yield self._take()
-        elif head_early and not self.complete:
-            data = self._reader.read_now()
-            if data is None:
-                yield b""
-            elif self._absorb(data) and self._pieces:
-                yield self._take()
+        elif head_after is not None and not self.complete and not self._reader.ready_within(head_after):
+            yield b""
         read = self._reader.read
         while not self.complete:
             if self._absorb(read()) and self._pieces:

@@ -52,6 +52,7 @@ access_log = logging.getLogger("paddler_sync.access")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Any]
 MAX_CONNECT_ATTEMPTS = 16
+HEAD_AFTER = 0.5  # an event stream with no event yet this long after its head: the head goes to the client
 
 
 class ProxyApp:
@@ -336,7 +337,7 @@ class Relay:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            for chunk in self.response.pieces(head_early=self.streamed):
+            for chunk in self.response.pieces(head_after=HEAD_AFTER if self.streamed else None):
                 if not chunk:  # the head now, the body when it comes
                     self.head_out = True
                     yield chunk

@@ -31,7 +31,7 @@ class Setting(Protocol):
     @property
     def env(self) -> str: ...
 
-ENV_PREFIX = "PADDLER_"
+ENV_PREFIX = "PADDLER_"  # every setting's environment variable starts so (paddler_sync/settings.py takes it from here)
 CUTOFF = 0.8  # difflib's ratio: a letter dropped, doubled or swapped in a name of ten or more
 
 

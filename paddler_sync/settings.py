@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import configargparse
 
 from paddler_sync.addresses import parse_address
-from paddler_sync.setting_errors import check_environment, unknown_key, unrecognized
+from paddler_sync.setting_errors import ENV_PREFIX, check_environment, unknown_key, unrecognized
 from paddler_sync.setting_values import (
     address,
     bounded_count,
@@ -40,8 +40,6 @@ from paddler_sync.setting_values import (
     state_backend,
     text_value,
 )
-
-ENV_PREFIX = "PADDLER_"
 
 
 @dataclass(frozen=True)

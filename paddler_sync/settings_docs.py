@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from paddler_sync.settings import ALL, ENV_PREFIX, Setting, settings_for
+from paddler_sync.settings import ALL, ENV_PREFIX, SETTINGS, Setting, settings_for
 
 CONF_COMMANDS = ("balancer", "agent")
 CONF_WIDTH = 110
@@ -33,8 +33,6 @@ def docs_default(setting: Setting) -> str:
 
 def markdown_table() -> str:
     """The README's settings table."""
-    from paddler_sync.settings import SETTINGS
-
     lines = ["| setting | environment | commands | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         flag = f"`{s.flag}`" if not s.switch else f"`{s.flag}` / `--no-{s.name}`"

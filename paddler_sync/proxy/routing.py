@@ -67,13 +67,15 @@ class ModelRouting:
         self.started = time.time()
 
     def route(self, method: str, environ: dict[str, Any], body: bytes, takes_slot: bool) -> Route:
-        mistake = json_mistake(body, environ.get("CONTENT_TYPE", "")) if takes_slot else None
-        if mistake:
-            raise ProxyError(400, mistake, ending=Ending.BAD_JSON)
         try:
             ask = read_ask(method, environ.get("QUERY_STRING", ""), body)
         except BadAsk as exc:
             raise ProxyError(400, str(exc), ending=Ending.BAD_MODEL) from None
+        # a body read_ask could not take for a JSON object is parsed again, to say where it broke (the
+        # well-formed ones, nearly all, are parsed once)
+        mistake = json_mistake(body, environ.get("CONTENT_TYPE", "")) if takes_slot and ask.body is None else None
+        if mistake:
+            raise ProxyError(400, mistake, ending=Ending.BAD_JSON)
         if not takes_slot and is_router_business(environ.get("PATH_INFO") or "/") and self.ledger.has_router():
             return Route(ask, ask.model, router=True)
         default = normalize(self.default_model) if self.default_model else None

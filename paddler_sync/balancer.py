@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import socket
 import sys
 import time
@@ -23,7 +25,9 @@ from gevent.pywsgi import WSGIServer
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy, make_policy
-from paddler_sync.fleet.redis_store import RedisStore, SharedAffinity, SharedCounts, SharedFleetSync
+from paddler_sync.fleet.redis_rates import RedisRates
+from paddler_sync.fleet.redis_store import RedisStore
+from paddler_sync.fleet.redis_sync import SharedAffinity, SharedCounts, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.rollout import Controls, LocalControls, Rollout
 from paddler_sync.fleet.status import FleetStatus
@@ -31,6 +35,10 @@ from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter
 from paddler_sync.proxy.app import ProxyApp
+from paddler_sync.proxy.tenancy import Tenancy
+from paddler_sync.tenants.book import TenantBook
+from paddler_sync.tenants.current import CurrentTenants
+from paddler_sync.tenants.rates import LocalRates, Rates
 from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.balancer")
@@ -56,13 +64,18 @@ class Balancer:
         self.shutting_down = False
         self.status = FleetStatus(self.ledger, self.registry, self.buffer,
                                   self.shared.store if self.shared else None, lambda: self.shutting_down)
+        self.tenants = CurrentTenants(options.tenants)
+        self.status.tenants = self.tenants
+        if self.shared is not None:
+            self.shared.tenants = self.tenants.names
         self.metrics.registry.register(FleetCollector(self.status))
         self.traffic = self.metrics.traffic
         self.rollout = Rollout(self._controls(), self.registry, self.ledger, options.max_unavailable,
                                options.drain_timeout)
         self.management = create_management_app(options, self.status, self.traffic, self.metrics.registry,
-                                                self.rollout)
-        self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.management)
+                                                self.rollout, self.metrics.totals, self.replace_tenants)
+        tenancy = Tenancy(self.tenants, self._rates(), options.upstream_api_key)
+        self.proxy = ProxyApp(options, self.ledger, self.buffer, self.metrics, self.management, tenancy)
         if self.shared is not None and self.proxy.awareness is not None:
             self.shared.affinity = SharedAffinity(self.shared.store, self.proxy.awareness)
         self.management_server: WSGIServer | None = None
@@ -82,6 +95,18 @@ class Balancer:
             self.metrics.shared_totals = counts.totals
             self.shared = SharedFleetSync(store, ledger, registry, counts, SWEEP_SECONDS)
         return ledger, registry
+
+    def _rates(self) -> Rates:
+        """Tenants' requests and tokens per minute: in this process, or in Redis for every worker and balancer."""
+        return LocalRates() if self.shared is None else RedisRates(self.shared.store)
+
+    def replace_tenants(self, text: str) -> TenantBook:
+        """``PUT /api/v1/tenants``: in force here at once; the balancer's other workers read the file again
+        (SIGHUP to gunicorn's master, which paddler_sync's hooks pass on to them as a tenants reload)."""
+        book = self.tenants.replace(text)
+        if self.options.workers > 1:
+            os.kill(os.getppid(), signal.SIGHUP)
+        return book
 
     def _controls(self) -> Controls:
         """The operator's drains and desired states: beside the ledger (this process, or Redis)."""
@@ -109,6 +134,10 @@ class Balancer:
             sys.exit(WORKER_BOOT_ERROR)
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")
+        if self.tenants.enabled:
+            gevent.signal_handler(signal.SIGHUP, lambda: self._spawn(self.tenants.reload, "tenants-reload"))
+            logger.info("tenants from %s: %s (SIGHUP reloads them)", self.options.tenants,
+                        ", ".join(self.tenants.names()))
         if self.shared is not None:
             self._spawn(self.shared.refresh_forever, "shared-ledger-refresh")
             self._spawn(self.shared.listen_forever, "shared-ledger-wakeups")

@@ -1,10 +1,11 @@
 """The balancer's cumulative counts: the one set that Prometheus and StatsD read (the dashboards' time-windowed
 figures are traffic.py, fed by the same call).
 
-Requests by outcome, quarantines, and three latency distributions (time in queue, to the first byte,
-in all). Each worker counts what it finished; as flat ``{field: number}`` maps, counts add up, so the
-workers of a balancer that share a Redis store push their increments there (``RedisStore``) and any
-worker answers ``/metrics`` with the whole balancer's totals. Pure: no I/O, no clock.
+Requests by outcome, quarantines, three latency distributions (time in queue, to the first byte,
+in all), and each tenant's usage (--tenants). Each worker counts what it finished; as flat
+``{field: number}`` maps, counts add up, so the workers of a balancer that share a Redis store push
+their increments there (``RedisStore``) and any worker answers ``/metrics`` with the whole balancer's
+totals. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from paddler_sync.endings import Ending
 OUTCOMES = ("served", "rejected", "timed_out", "upstream_error", "client_gone", "refused")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DISTRIBUTIONS = ("queue_wait", "time_to_first_byte", "request_duration")
+TOKEN_KINDS = ("prompt", "generated", "cached")  # cached: of the prompt's tokens, those llama.cpp's cache held
 ENDING_OUTCOMES = {  # how each ending of the access log is counted
-    Ending.CLIENT_GONE: "client_gone", Ending.QUEUE_FULL: "rejected", Ending.TIMED_OUT: "timed_out",
+    Ending.CLIENT_GONE: "client_gone", Ending.QUEUE_FULL: "rejected", Ending.RATE_LIMITED: "rejected",
+    Ending.TIMED_OUT: "timed_out",
     Ending.UPSTREAM_TIMEOUT: "timed_out", Ending.UPSTREAM_ERROR: "upstream_error",
     Ending.UPSTREAM_REFUSED: "upstream_error",
 }
@@ -60,6 +63,7 @@ class Counters:
         self.model_loads: dict[str, int] = {}  # requests that made a router load their model, by model id
         self.prompts: dict[str, tuple[int, int]] = {}  # by server address: prompt tokens, of which cached
         self.distributions = {name: Distribution() for name in DISTRIBUTIONS}
+        self.tenants: dict[str, dict[str, float]] = {}  # tenant -> usage field (see tenant_done) -> amount
 
     def request_done(self, outcome: str, wait: float, ttfb: float | None, duration: float) -> None:
         self.outcomes[outcome] += 1
@@ -67,6 +71,19 @@ class Counters:
         self.distributions["request_duration"].observe(duration)
         if ttfb is not None:
             self.distributions["time_to_first_byte"].observe(ttfb)
+
+    def tenant_done(self, tenant: str, outcome: str, ending: Ending, wait: float, slot_seconds: float,
+                    tokens: dict[str, int]) -> None:
+        """A tenant's finished request: ``requests:OUTCOME``, ``rejected:ENDING`` for the balancer's refusals,
+        ``tokens:KIND`` (llama.cpp's own figures), ``slot_seconds`` and ``wait_seconds``."""
+        usage = self.tenants.setdefault(tenant, {})
+        moves = {f"requests:{outcome}": 1, "wait_seconds": wait, "slot_seconds": slot_seconds}
+        if outcome in ("rejected", "refused", "timed_out"):
+            moves[f"rejected:{ending}"] = 1
+        moves.update({f"tokens:{kind}": count for kind, count in tokens.items() if count})
+        for field, amount in moves.items():
+            if amount:
+                usage[field] = usage.get(field, 0) + amount
 
     def quarantined(self) -> None:
         self.quarantines += 1
@@ -89,6 +106,8 @@ class Counters:
             out.update({f"{name}:bucket:{i}": count for i, count in enumerate(dist.buckets)})
             out[f"{name}:count"] = dist.count
             out[f"{name}:sum"] = dist.sum
+        for tenant, usage in self.tenants.items():
+            out.update({f"tenant:{tenant}:{field}": amount for field, amount in usage.items()})
         return out
 
     @classmethod
@@ -105,6 +124,10 @@ class Counters:
             dist.buckets = [int(fields.get(f"{name}:bucket:{i}", 0)) for i in range(len(dist.buckets))]
             dist.count = int(fields.get(f"{name}:count", 0))
             dist.sum = float(fields.get(f"{name}:sum", 0.0))
+        for key, value in fields.items():
+            if key.startswith("tenant:"):
+                _, tenant, field = key.split(":", 2)
+                counters.tenants.setdefault(tenant, {})[field] = value
         return counters
 
 

@@ -26,4 +26,7 @@ class Ending(StrEnum):
     BAD_JSON = "bad_json"  # 400: a slot-taking request whose body is not JSON (never sent upstream)
     BAD_MODEL = "bad_model"  # 400: 'model' is not a string, or none named where every server needs one
     CONTEXT_TOO_LONG = "context_too_long"  # 400: prompt and limit fit no slot of its model
+    UNAUTHORIZED = "unauthorized"  # 401: no key, or a key of no tenant (--tenants)
+    MODEL_NOT_ALLOWED = "model_not_allowed"  # 403: the tenant's models do not include it
+    RATE_LIMITED = "rate_limited"  # 429: the tenant's requests or tokens per minute
     REFUSED = "refused"  # any other answer of the balancer's own

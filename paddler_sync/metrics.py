@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from paddler_sync.counters import LATENCY_BUCKETS, Counters, outcome_of
+from paddler_sync.counters import LATENCY_BUCKETS, OUTCOMES, TOKEN_KINDS, Counters, outcome_of
 from paddler_sync.endings import Ending
 from paddler_sync.traffic import Traffic
 
@@ -69,6 +69,10 @@ class Metrics:
                 self.pending_timings.append(("time_to_first_byte", ttfb))
         else:
             self.dropped_timings += 1
+
+    def tenant_done(self, tenant: str, status: int, ending: Ending, wait: float, slot_seconds: float,
+                    tokens: dict[str, int]) -> None:
+        self.counters.tenant_done(tenant, outcome_of(status, ending), ending, wait, slot_seconds, tokens)
 
     def quarantined(self) -> None:
         self.counters.quarantined()
@@ -115,11 +119,32 @@ class CountersCollector(Collector):
         for model, count in sorted(totals.model_loads.items()):
             loads.add_metric([model], count)
         yield loads
+        yield from tenant_counters(totals)
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for name, (metric, help_text) in HISTOGRAMS.items():
             dist = totals.distributions[name]
             yield HistogramMetricFamily(metric, help_text, buckets=list(zip(bounds, dist.cumulative(), strict=True)),
                                         sum_value=dist.sum)
+
+
+def tenant_counters(totals: Counters) -> Iterator[CounterMetricFamily]:
+    """Each tenant's usage (--tenants): requests by outcome, tokens by kind, slot-seconds."""
+    requests = CounterMetricFamily("paddler_tenant_requests", "Requests of each tenant, by outcome.",
+                                   labels=["tenant", "outcome"])
+    tokens = CounterMetricFamily("paddler_tenant_tokens", "Tokens of each tenant's answers, by kind (prompt, "
+                                 "generated, and cached: prompt tokens llama.cpp's cache held).",
+                                 labels=["tenant", "kind"])
+    slot_seconds = CounterMetricFamily("paddler_tenant_slot_seconds", "Seconds each tenant held llama.cpp slots.",
+                                       labels=["tenant"])
+    for tenant, usage in sorted(totals.tenants.items()):
+        for outcome in OUTCOMES:
+            requests.add_metric([tenant, outcome], usage.get(f"requests:{outcome}", 0))
+        for kind in TOKEN_KINDS:
+            tokens.add_metric([tenant, kind], usage.get(f"tokens:{kind}", 0))
+        slot_seconds.add_metric([tenant], usage.get("slot_seconds", 0.0))
+    yield requests
+    yield tokens
+    yield slot_seconds
 
 
 class FleetCollector(Collector):
@@ -148,6 +173,22 @@ class FleetCollector(Collector):
                                     value=float(state.reachable))
         yield from agent_families(self.status.agents())
         yield from model_families(self.status.models())
+        yield from tenant_gauges(self.status)
+
+
+def tenant_gauges(status: FleetStatus) -> Iterator[GaugeMetricFamily]:
+    """Each tenant's slots held and requests waiting now (--tenants)."""
+    if status.tenants is None or status.tenants.book is None:
+        return
+    held, waiting = status.ledger.held(), status.buffer.waiting_by_tenant()
+    in_flight = GaugeMetricFamily("paddler_tenant_in_flight", "Slots each tenant holds now.", labels=["tenant"])
+    queued = GaugeMetricFamily("paddler_tenant_waiting", "Requests of each tenant waiting for a slot now.",
+                               labels=["tenant"])
+    for tenant in status.tenants.names():
+        in_flight.add_metric([tenant], held.get(tenant, 0))
+        queued.add_metric([tenant], waiting.get(tenant, 0))
+    yield in_flight
+    yield queued
 
 
 def agent_families(agents: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
@@ -224,6 +265,7 @@ class StatsdReporter:
         self.client: Any = None
         self._sent_counts = dict.fromkeys(STATSD_COUNTERS, 0)
         self._sent_quarantines = 0
+        self._sent_tenants: dict[str, float] = {}
         self._problem: str | None = None
 
     def report(self) -> bool:
@@ -247,9 +289,24 @@ class StatsdReporter:
             if counts.quarantines != self._sent_quarantines:
                 pipe.incr("quarantines", counts.quarantines - self._sent_quarantines)
                 self._sent_quarantines = counts.quarantines
+            self._tenants(pipe, counts)
             for name, seconds in metrics.take_timings():
                 pipe.timing(name, seconds * 1000.0)
         return True
+
+    def _tenants(self, pipe: Any, counts: Counters) -> None:
+        """Per tenant: slots held and requests waiting (gauges), and what it used since the last report."""
+        for row in self.status.tenant_rows(counts):
+            name = statsd_name(row["name"])
+            pipe.gauge(f"tenants.{name}.in_flight", row["in_flight"])
+            pipe.gauge(f"tenants.{name}.waiting", row["waiting"])
+        for tenant, usage in counts.tenants.items():
+            for field, amount in usage.items():
+                key = f"{tenant}:{field}"
+                delta = amount - self._sent_tenants.get(key, 0)
+                if delta:
+                    pipe.incr(f"tenants.{statsd_name(tenant)}.{field.replace(':', '.')}", round(delta, 3))
+                self._sent_tenants[key] = amount
 
     def _client(self) -> Any:
         """Built lazily: the statsd package resolves its host in the constructor, and may fail there."""

@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -113,6 +114,24 @@ def is_default(options: argparse.Namespace, name: str) -> bool:
     return getattr(options, setting.dest) == setting.default
 
 
+def on_starting(arbiter: Any, options: argparse.Namespace) -> None:
+    refuse_taken_addresses(arbiter, options)
+    if options.tenants:
+        reload_tenants_on_hup(arbiter, options.tenants)
+
+
+def reload_tenants_on_hup(arbiter: Any, path: str) -> None:
+    """With --tenants, SIGHUP to gunicorn's master reloads the tenants file in every worker, in place: no worker
+    restarts, so no request waiting or running is touched (gunicorn's own SIGHUP would replace the workers, and
+    with them the in-process ledger). Each worker checks the file and keeps its tenants when it is wrong."""
+    def handle_hup() -> None:
+        arbiter.log.info("SIGHUP: every worker reloads the tenants file %s (workers keep running)", path)
+        for pid in list(arbiter.WORKERS):
+            arbiter.kill_worker(pid, signal.SIGHUP)
+
+    arbiter.handle_hup = handle_hup
+
+
 def refuse_taken_addresses(arbiter: Any, options: argparse.Namespace) -> None:
     """gunicorn's ``on_starting`` hook: an address held by another program fails at once, naming the setting.
 
@@ -189,7 +208,7 @@ def gunicorn_settings(options: argparse.Namespace) -> dict[str, Any]:
         # "SCRIPT_NAME: x" header then made it answer 500 with an HTML page. Nothing here mounts the app
         # under a path a proxy in front must announce, so no header may move it.
         "forwarder_headers": "",
-        "on_starting": lambda arbiter: refuse_taken_addresses(arbiter, options),
+        "on_starting": lambda arbiter: on_starting(arbiter, options),
         "post_fork": lambda _arbiter, worker: post_fork(worker, options),
     }
 

@@ -129,6 +129,17 @@ def state_backend(text: str) -> str:
                                      f"redis://127.0.0.1:6379/0")
 
 
+def tenants_file(text: str) -> str:
+    """A tenants file that loads: its errors (with the line) stop the start, not the first request."""
+    from paddler_sync.tenants.book import TenantsError, load_tenants
+
+    try:
+        load_tenants(text.strip())
+    except TenantsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
 def log_level(text: str) -> str:
     value = text.strip().lower()
     if value not in LOG_LEVELS:

@@ -38,6 +38,7 @@ from paddler_sync.setting_values import (
     positive_count,
     positive_duration,
     state_backend,
+    tenants_file,
     text_value,
 )
 
@@ -130,6 +131,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue-updates", "Let a streaming request that must wait ask (header X-Paddler-Queue-Updates: 1) "
             "for its place in the queue and expected start, as SSE comment lines each second.", B, default=False,
             switch=True),
+    Setting("tenants", "A TOML file of tenants (client keys, priorities, weights, reserved and maximum slots, "
+            "requests and tokens per minute, models): requests then need a tenant's key, which is never passed "
+            "to llama.cpp, and slots are shared by the tenant rule (see Tenants). Reloaded on SIGHUP and on PUT "
+            "/api/v1/tenants. Unset: no keys, one queue order, Authorization passed through.", B, tenants_file,
+            None, metavar="PATH"),
+    Setting("upstream-api-key", "The key the llama.cpp servers were started with (llama-server --api-key), sent "
+            "as 'Authorization: Bearer KEY' on the requests the balancer forwards when --tenants is set (the "
+            "clients' own keys stay at the balancer).", B, text_value, None, secret=True, metavar="KEY"),
     Setting("agent-missed-reports", "Drop an agent after this many of its reporting intervals pass without "
             "a report.", B, positive_count, 3),
     Setting("statsd-addr", "Send StatsD metrics to this UDP address (off when unset).", B, address, None,

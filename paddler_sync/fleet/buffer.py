@@ -7,6 +7,11 @@ calls :meth:`dispatch`, which hands reservations straight to the heads of the qu
 them, oldest head first, one slot to one waiter: no thundering herd, and a new arrival never overtakes
 a waiter for its model. A waiter that times out, or whose client leaves, takes itself out of its queue
 and takes nothing with it. ``per_model=False`` keeps one queue for all (the benchmark's baseline).
+
+With tenants (``--tenants``) each model's queue is one FIFO queue per tenant, and the heads are served in the
+tenant rule's order (paddler_sync/tenants/rule.py: priority, then fewest slots held per unit of weight, then the
+oldest); a new arrival that finds its model's queues non-empty joins them, and a dispatch decides at once whether
+it goes before the others. The store holds every take to the rule (its cap, the others' reservations).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from gevent.event import AsyncResult
 from paddler_sync.endings import Ending
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Score
-from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost
+from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, TicketLost
+from paddler_sync.tenants.rule import rank
 
 DRAIN_WINDOW = 60.0  # seconds of served waiters the drain rate is measured over
 DRAIN_SAMPLES = 4096
@@ -82,6 +88,19 @@ class Waiter:
     since: float = field(default_factory=time.monotonic)
     result: AsyncResult = field(default_factory=AsyncResult)
     ticket: Ticket | None = None  # its place in a shared ledger's queue (None with the in-process ledger)
+    claim: Claim | None = None  # its tenant (--tenants)
+
+    @property
+    def tenant(self) -> str | None:
+        return self.claim.tenant if self.claim is not None else None
+
+    @property
+    def key(self) -> QueueKey:
+        """Its queue: its model's (or the one for all), and its tenant's within it."""
+        return self.queue, self.tenant
+
+
+QueueKey = tuple[str | None, str | None]
 
 
 class RequestBuffer:
@@ -90,7 +109,7 @@ class RequestBuffer:
         self.max_waiting = max_waiting
         self.timeout = timeout
         self.per_model = per_model
-        self._queues: dict[str | None, deque[Waiter]] = {}
+        self._queues: dict[QueueKey, deque[Waiter]] = {}
         self._count = 0
         self._served_at: deque[float] = deque(maxlen=DRAIN_SAMPLES)  # when waiters got their slots, newest last
         self._closed_reason: str | None = None
@@ -111,6 +130,10 @@ class RequestBuffer:
                 counts[waiter.model] = counts.get(waiter.model, 0) + 1
         return counts
 
+    def waiting_by_tenant(self) -> dict[str, int]:
+        return {tenant: sum(len(q) for (_, t), q in self._queues.items() if t == tenant)
+                for tenant in {t for _, t in self._queues if t is not None}}
+
     def drain_rate(self, now: float | None = None) -> float | None:
         """Waiters served per second over the last minute (None: too few to say)."""
         now = time.monotonic() if now is None else now
@@ -126,28 +149,36 @@ class RequestBuffer:
 
     def position(self, queue: str | None, arrived: float) -> int:
         """A waiter's place in its queue (1: next), by its arrival (``time.monotonic()`` before it asked)."""
-        return 1 + sum(1 for waiter in self._queues.get(queue, ()) if waiter.since < arrived)
+        return 1 + sum(1 for (model, _), waiters in self._queues.items() if model == queue
+                       for waiter in waiters if waiter.since < arrived)
 
     def oldest_wait(self) -> float:
         heads = [queue[0].since for queue in self._queues.values() if queue]
         return time.monotonic() - min(heads) if heads else 0.0
 
     def acquire(self, client: Watch | None = None, model: str | None = None, need: int | None = None,
-                timeout: float | None = None, score: Score | None = None) -> tuple[Reservation, float]:
+                timeout: float | None = None, score: Score | None = None,
+                claim: Claim | None = None) -> tuple[Reservation, float]:
         """A reservation and how long it waited; raises a BufferRefusal when there is none to give.
         ``model``: the normalized model the request names (None: none); ``need``: its context in tokens;
-        ``timeout``: a shorter wait than the buffer's; ``score``: its first-token estimate per server."""
+        ``timeout``: a shorter wait than the buffer's; ``score``: its first-token estimate per server;
+        ``claim``: its tenant (--tenants)."""
         if self._closed_reason:
             raise BufferClosed(self._closed_reason)
         self.ledger.check_available()
-        waiter = Waiter(model, need, model if self.per_model else None, score)
-        if not self._queues.get(waiter.queue):
-            reservation = self.ledger.reserve(None, model, need, not self.per_model, score)
+        waiter = Waiter(model, need, model if self.per_model else None, score, claim=claim)
+        others_wait = self._has_waiters(waiter.queue)
+        if not others_wait:
+            reservation = self.ledger.reserve(None, model, need, not self.per_model, score, claim)
             if reservation is not None:
                 return reservation, 0.0
         if self._count >= self.max_waiting:
             raise BufferFull(self._full_message())
-        return self._wait(waiter, client, self.timeout if timeout is None else min(timeout, self.timeout))
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
+        return self._wait(waiter, client, timeout, rank_now=others_wait and claim is not None)
+
+    def _has_waiters(self, queue: str | None) -> bool:
+        return any(model == queue for model, _ in self._queues)
 
     def dispatch(self) -> None:
         """Hand free slots to the oldest waiters, one slot each, in arrival order.
@@ -168,29 +199,31 @@ class RequestBuffer:
 
     def _dispatch_round(self) -> None:
         """Serve the queues' heads, oldest first, until every queue is empty or finds no slot."""
-        blocked: set[str | None] = set()
+        blocked: set[QueueKey] = set()
         while True:
             heads = [queue[0] for key, queue in self._queues.items() if key not in blocked]
             if not heads:
                 break
-            head = min(heads, key=lambda waiter: waiter.since)
+            held = self.ledger.held() if heads[0].claim is not None else {}
+            head = min(heads, key=lambda waiter: _order(waiter, held))
             served = self._serve(head)
             if served is None:
                 return  # the shared ledger is unreachable: the waiters keep waiting; its refresh tries again
             if not served:
-                blocked.add(head.queue)
+                blocked.add(head.key)
         if blocked:
             self._wake_for_early_hand_over()
 
     def _serve(self, head: Waiter) -> bool | None:
         """Hand the head of its queue a slot: True when the queue moved on, False when its model has no slot
-        free, None when the shared ledger cannot be reached."""
+        free (or its tenant must wait), None when the shared ledger cannot be reached."""
         if head.result.ready():  # its client left; its place goes back here or in its greenlet, once
             self._remove(head)
             self.ledger.return_ticket(head.ticket)
             return True
         try:
-            reservation = self.ledger.reserve(head.ticket, head.model, head.need, not self.per_model, head.score)
+            reservation = self.ledger.reserve(head.ticket, head.model, head.need, not self.per_model, head.score,
+                                              head.claim)
         except StateUnavailable:
             return None
         except TicketLost:
@@ -229,13 +262,17 @@ class RequestBuffer:
                 self.ledger.return_ticket(waiter.ticket)
                 waiter.result.set_exception(BufferClosed(reason))
 
-    def _wait(self, waiter: Waiter, client: Watch | None, timeout: float) -> tuple[Reservation, float]:
-        """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep."""
-        waiter.ticket = self.ledger.take_ticket(waiter.queue)
+    def _wait(self, waiter: Waiter, client: Watch | None, timeout: float,
+              rank_now: bool = False) -> tuple[Reservation, float]:
+        """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep. ``rank_now``: a
+        tenant's request joined others that wait: a dispatch says at once whether it goes before them."""
+        waiter.ticket = self.ledger.take_ticket(waiter.queue, waiter.tenant)
         self._enqueue(waiter)
         if self._count == 1:
             self.ledger.waiting_changed(True)
             self._wake_for_early_hand_over()
+        if rank_now:
+            self.dispatch()
         if client is not None:
             client.start(lambda: self._client_left(waiter))
         try:
@@ -274,20 +311,20 @@ class RequestBuffer:
     def _redraw_ticket(self, waiter: Waiter) -> bool:
         """A new place at the end of the shared queue for a waiter whose ticket was lost."""
         try:
-            ticket = self.ledger.take_ticket(waiter.queue)
+            ticket = self.ledger.take_ticket(waiter.queue, waiter.tenant)
         except StateUnavailable:
             return False
         if self._holds(waiter):  # it may have left while Redis answered
-            self._queues[waiter.queue].remove(waiter)
+            self._queues[waiter.key].remove(waiter)
             waiter.ticket = ticket
-            self._queues[waiter.queue].append(waiter)
-            self._order_by_ticket(self._queues[waiter.queue])
+            self._queues[waiter.key].append(waiter)
+            self._order_by_ticket(self._queues[waiter.key])
         else:
             self.ledger.return_ticket(ticket)
         return True
 
     def _enqueue(self, waiter: Waiter) -> None:
-        queue = self._queues.setdefault(waiter.queue, deque())
+        queue = self._queues.setdefault(waiter.key, deque())
         queue.append(waiter)
         self._count += 1
         self._order_by_ticket(queue)
@@ -307,18 +344,18 @@ class RequestBuffer:
             queue.insert(index, waiter)
 
     def _holds(self, waiter: Waiter) -> bool:
-        queue = self._queues.get(waiter.queue)
+        queue = self._queues.get(waiter.key)
         return queue is not None and waiter in queue
 
     def _remove(self, waiter: Waiter) -> bool:
         """Out of its queue (an empty queue goes); False when it was not in it."""
-        queue = self._queues.get(waiter.queue)
+        queue = self._queues.get(waiter.key)
         if queue is None or waiter not in queue:
             return False
         queue.remove(waiter)
         self._count -= 1
         if not queue:
-            del self._queues[waiter.queue]
+            del self._queues[waiter.key]
         if not self._count:
             self.ledger.waiting_changed(False)
         return True
@@ -328,3 +365,10 @@ class RequestBuffer:
             return "every llama.cpp slot is busy and buffering is off (--max-buffered-requests 0); retry later"
         return (f"every llama.cpp slot is busy and {self.max_waiting} requests already wait "
                 f"(--max-buffered-requests); retry later")
+
+
+def _order(waiter: Waiter, held: dict[str, int]) -> tuple[int, float, float]:
+    """Which head goes first: the tenant rule's rank (none without tenants), then the oldest."""
+    if waiter.claim is None:
+        return 0, 0.0, waiter.since
+    return (*rank(waiter.claim.share, held.get(waiter.claim.tenant, 0)), waiter.since)

@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable
 from paddler_sync.fleet.models import ANY, UNLOADED, Serving
 from paddler_sync.fleet.policy import MostFreeSlots, Policy, Score, preference
 from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
-from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost, Upstream, as_of_now
+from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, TicketLost, Upstream, as_of_now
 
 WAIT_SAFETY = 2.0  # a full server's foreseen wait counts this many times over: its requests often run late
 WAIT_MARGIN_SECONDS = 0.1  # and waiting there must save at least this much more than it costs
+WAIT_ON = (TakeOutcome.NOT_YOUR_TURN, TakeOutcome.AT_CAP, TakeOutcome.RESERVED)  # no other server would do better
 
 
 class Ledger:
@@ -65,9 +66,13 @@ class Ledger:
 
     # --- the waiting queue (a shared store orders it across workers; here the buffer's order is enough) ------
 
-    def take_ticket(self, model: str | None = None) -> Ticket | None:
-        """A place in the shared queue of requests for ``model`` (one queue per model named)."""
-        return self.store.take_ticket(model)
+    def take_ticket(self, model: str | None = None, tenant: str | None = None) -> Ticket | None:
+        """A place in the shared queue of requests for ``model`` (one queue per model named, and per tenant)."""
+        return self.store.take_ticket(model, tenant)
+
+    def held(self) -> dict[str, int]:
+        """Slots each tenant holds now (--tenants), as the store has them."""
+        return self.store.held()
 
     def return_ticket(self, ticket: Ticket | None) -> None:
         """A waiter left without a slot: its place in the shared queue goes."""
@@ -165,14 +170,15 @@ class Ledger:
     # --- taking and giving back ----------------------------------------------------------------------
 
     def reserve(self, ticket: Ticket | None = None, model: str | None = None, need: int | None = None,
-                one_queue: bool = False, score: Score | None = None) -> Reservation | None:
+                one_queue: bool = False, score: Score | None = None, claim: Claim | None = None) \
+            -> Reservation | None:
         """Take one slot on the server the policy picks, or None when no server may take a request.
         ``ticket``: the waiter's place in a shared store's queue. ``model``: the (normalized) model the request
         names, None when it names none; ``need``: the context it needs, in tokens, when known; ``one_queue``: the
         buffer keeps one queue for all models (a new arrival keeps that queue's order, not its model's);
         ``score``: the request's expected seconds to its first token on a server (paddler_sync/fleet/first_token.py).
         A server the store finds full (another worker took its last slot) or gone is skipped, and the next
-        choice tried."""
+        choice tried. ``claim``: the tenant asking (--tenants): the store holds it to the tenant rule."""
         self.check_available()
         now = self.clock()
         queue = None if one_queue else model
@@ -181,7 +187,7 @@ class Ledger:
             upstream = self.policy.choose(candidates, now, score)
             worth_waiting = self._worth_waiting_for(candidates, upstream, now, score)
             if worth_waiting is not None:
-                taken = self._take(worth_waiting, now, ticket, queue, beyond_slots=True)
+                taken = self._take(worth_waiting, now, ticket, queue, True, claim, candidates)
                 if isinstance(taken, Reservation):
                     return taken
             early = upstream is None and self.early_lead > 0
@@ -189,20 +195,23 @@ class Ledger:
                 upstream = self._soonest_to_free(candidates, now)
             if upstream is None:
                 return None
-            taken = self._take(upstream, now, ticket, queue, early or self.policy.slot_blind)
+            taken = self._take(upstream, now, ticket, queue, early or self.policy.slot_blind, claim, candidates)
             if isinstance(taken, Reservation):
                 return taken
-            if taken is TakeOutcome.NOT_YOUR_TURN or (taken is TakeOutcome.FULL and early):
-                return None  # an older request waits first; or the store takes no early hand-over (Redis)
+            if taken in WAIT_ON or (taken is TakeOutcome.FULL and early):
+                return None  # an older (or a more deserving tenant's) request first, or the tenant rule says wait
         return None
 
     def _take(self, upstream: Upstream, now: float, ticket: Ticket | None, queue: str | None,
-              beyond_slots: bool) -> Reservation | TakeOutcome:
+              beyond_slots: bool, claim: Claim | None = None, pool: list[Upstream] | None = None) \
+            -> Reservation | TakeOutcome:
         """One slot through the store; what did not work is noted in the view (gone, unusable)."""
-        take = self.store.take(upstream, now, ticket, beyond_slots, queue)
+        take = self.store.take(upstream, now, ticket, beyond_slots, queue, claim, tuple(pool or ()))
         if take.outcome is TakeOutcome.TAKEN:
             upstream.moves.append((now, 1))
-            return self._taken(upstream, take.lease, beyond_slots and upstream.overbooked > 0)
+            reservation = self._taken(upstream, take.lease, beyond_slots and upstream.overbooked > 0)
+            reservation.tenant = claim.tenant if claim is not None else None
+            return reservation
         if take.outcome is TakeOutcome.TICKET_LOST:
             raise TicketLost(ticket)
         if take.outcome is TakeOutcome.GONE:
@@ -307,10 +316,10 @@ class Ledger:
             return False
         if not draining:
             upstream.moves.append((self.clock(), -1))
-        if not self.store.release(reservation, draining):
-            return False
-        self._capacity_may_have_grown()
-        return True
+        released = self.store.release(reservation, draining)
+        if released or reservation.tenant is not None:  # a tenant at its cap may take another now
+            self._capacity_may_have_grown()
+        return released
 
     # --- listeners -----------------------------------------------------------------------------------
 

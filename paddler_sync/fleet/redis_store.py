@@ -39,30 +39,19 @@ that lost its data is refilled by the agents' next reports.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import socket
 import uuid
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-import gevent
 import redis
-from gevent.event import Event
 
-from paddler_sync.counters import Counters, increments
 from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.first_token import CacheAwareness
-from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.models import Serving
-from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.reports import agent_of
 from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
-from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
-from paddler_sync.traffic import RANGES as TRAFFIC_RANGES
-from paddler_sync.traffic import Traffic
+from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, Upstream
 
 logger = logging.getLogger("paddler_sync.shared")
 
@@ -105,6 +94,8 @@ class RedisStore:
         self.worker_id = uuid.uuid4().hex
         self.waiting_key = f"{prefix}:waiting"
         self.leases: dict[str, str] = {}  # this worker's live leases: lease id -> server key
+        self.lease_tenants: dict[str, str] = {}  # and the tenant of each that has one (--tenants)
+        self.tenants_held: dict[str, int] = {}  # slots each tenant holds, fleet-wide, as of the last refresh
         self.has_waiters = False
         self.unreturned_tickets: set[Ticket] = set()
 
@@ -143,35 +134,82 @@ class RedisStore:
         """The shared queue of requests for ``model``: each model's waiters keep their own order."""
         return self.queue_key if model is None else f"{self.queue_key}:model:{model}"
 
+    def tenant_queue(self, model: str | None, tenant: str | None) -> str:
+        return self.queue_of(model) if tenant is None else f"{self.queue_of(model)}:tenant:{tenant}"
+
+    def tenant_leases(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:leases"
+
     def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
-             model: str | None = None) -> Take:
+             model: str | None = None, claim: Claim | None = None, pool: tuple[Upstream, ...] = ()) -> Take:
         """take.lua; the mirror gets the counts Redis holds. Never beyond the free slots."""
         lease = uuid.uuid4().hex
-        queue = ticket.queue if ticket is not None else self.queue_of(model)
-        outcome, total, in_flight, external, draining = self.call(
-            "take", [*self.keys_of(upstream.key), queue, self.waiting_key],
-            [upstream.addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
-             ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)])
+        tenant = claim.tenant if claim is not None else None
+        queue = ticket.queue if ticket is not None else self.tenant_queue(model, tenant)
+        keys = [*self.keys_of(upstream.key), queue, self.waiting_key]
+        args: list[Any] = [upstream.addr, lease, self.lease_ttl_ms, now, ticket.name if ticket else "",
+                           ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)]
+        if claim is not None:
+            self._tenant_arguments(claim, model, pool, keys, args)
+        outcome, total, in_flight, external, draining = self.call("take", keys, args)
         outcome = TakeOutcome(outcome)
         if outcome in (TakeOutcome.TAKEN, TakeOutcome.FULL, TakeOutcome.UNUSABLE):
             upstream.set_counts(total, in_flight, external, draining)
         if outcome is not TakeOutcome.TAKEN:
             return Take(outcome)
         self.leases[lease] = upstream.key
+        if tenant is not None:
+            self.lease_tenants[lease] = tenant
+            self.tenants_held[tenant] = self.tenants_held.get(tenant, 0) + 1
         return Take(outcome, lease)
+
+    def _tenant_arguments(self, claim: Claim, model: str | None, pool: tuple[Upstream, ...], keys: list[str],
+                          args: list[Any]) -> None:
+        """The tenant rule's inputs for take.lua: every rival's queue, leases and numbers, and the pool."""
+        rivals = claim.rivals if claim.share in claim.rivals else (*claim.rivals, claim.share)
+        keys += [self.tenant_queue(model, r.name) for r in rivals]
+        keys += [self.tenant_leases(r.name) for r in rivals]
+        args += [len(rivals), rivals.index(claim.share) + 1]
+        for r in rivals:
+            args += [r.priority, repr(r.weight), r.reserved_slots, r.max_slots]
+        counted = () if all(r.reserved_slots == 0 for r in rivals) else pool
+        args.append(len(counted))
+        for server in counted:
+            keys += self.keys_of(server.key)
+
+    def held(self) -> dict[str, int]:
+        return {name: count for name, count in self.tenants_held.items() if count}
+
+    def refresh_held(self, tenants: list[str]) -> None:
+        """Every tenant's slots held fleet-wide (all workers and balancers), for ordering and the gauges."""
+        if not tenants:
+            return
+        now_ms = int(self._guarded(self.client.time)[0]) * 1000
+
+        def read() -> list[int]:
+            with self.client.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    pipe.zcount(self.tenant_leases(tenant), now_ms, "+inf")
+                return pipe.execute()
+
+        self.tenants_held = dict(zip(tenants, self._guarded(read), strict=True))
 
     def release(self, reservation: Reservation, draining: bool) -> bool:
         """release.lua; a Redis that cannot be reached lets the lease expire by itself."""
         if reservation.lease is None:
             return False
         key = self.leases.pop(reservation.lease, reservation.upstream.key)
+        self.lease_tenants.pop(reservation.lease, None)
         if reservation.upstream.in_flight > 0:  # the mirror does what the script does
             reservation.upstream.in_flight -= 1
             reservation.upstream.draining += int(draining)
         _, leases, draining_key = self.keys_of(key)
+        keys = [leases, draining_key, self.waiting_key]
+        if reservation.tenant is not None:
+            keys.append(self.tenant_leases(reservation.tenant))
+            self.tenants_held[reservation.tenant] = max(0, self.tenants_held.get(reservation.tenant, 0) - 1)
         try:
-            self.call("release", [leases, draining_key, self.waiting_key],
-                      [reservation.lease, int(draining), self.lease_ttl_ms, self.channel])
+            self.call("release", keys, [reservation.lease, int(draining), self.lease_ttl_ms, self.channel])
         except StateUnavailable:
             logger.warning("could not give a slot of %s back to Redis: its lease expires by itself", key)
             return False
@@ -199,8 +237,8 @@ class RedisStore:
 
     # --- the queue shared by every worker -------------------------------------------------------------
 
-    def take_ticket(self, model: str | None) -> Ticket:
-        queue = self.queue_of(model)
+    def take_ticket(self, model: str | None, tenant: str | None = None) -> Ticket:
+        queue = self.tenant_queue(model, tenant)
         number = self.call("enqueue", [f"{self.prefix}:tickets", queue, self.waiting_key],
                            [self.worker_id, int(WAITING_MARK_TTL * 1000)])
         return Ticket(number, f"{self.worker_id}:{number}", queue)
@@ -232,11 +270,14 @@ class RedisStore:
             self.unreturned_tickets.discard(ticket)
 
     def renew_leases(self) -> None:
-        by_key: dict[str, list[str]] = {}
+        """Each live lease's expiry, in its server's set and in its tenant's."""
+        sets: dict[str, list[str]] = {}
         for lease, key in list(self.leases.items()):
-            by_key.setdefault(key, []).append(lease)
-        for key, leases in by_key.items():
-            self.call("renew", [self.keys_of(key)[1]], [self.lease_ttl_ms, *leases])
+            sets.setdefault(self.keys_of(key)[1], []).append(lease)
+        for lease, tenant in list(self.lease_tenants.items()):
+            sets.setdefault(self.tenant_leases(tenant), []).append(lease)
+        for lease_set, leases in sets.items():
+            self.call("renew", [lease_set], [self.lease_ttl_ms, *leases])
 
     # --- the balancer's counts, summed over its workers ------------------------------------------------------
 
@@ -279,135 +320,3 @@ class RedisStore:
                 logger.error("the shared slot ledger at %s is unreachable (%s): requests that need a slot get 503 "
                              "until it is back", self.url, exc)
         self.reachable = reachable
-
-
-class SharedAffinity:
-    """What each worker's first-token routing learns (which prompt prefix went to which server), shared with every
-    worker and balancer of the prefix through one Redis stream, ``PREFIX:affinity`` (trimmed to about
-    AFFINITY_KEPT entries): each worker adds what it learned and applies what the others did, every refresh (a
-    fifth of a second), in one round trip each way."""
-
-    def __init__(self, store: RedisStore, awareness: CacheAwareness) -> None:
-        self.store = store
-        self.awareness = awareness
-        awareness.outbox = []
-        self.key = f"{store.prefix}:affinity"
-        self.last_id = "0-0"
-
-    def sync(self) -> None:
-        outbox, self.awareness.outbox = self.awareness.outbox or [], []
-        if outbox:
-            def push() -> None:
-                with self.store.client.pipeline(transaction=False) as pipe:
-                    for key, hashes, slots in outbox:
-                        pipe.xadd(self.key, {"w": self.store.worker_id, "k": key, "s": slots, "h": ",".join(hashes)},
-                                  maxlen=AFFINITY_KEPT, approximate=True)
-                    pipe.execute()
-            self.store._guarded(push)
-        answer = self.store._guarded(self.store.client.xread, {self.key: self.last_id}, count=AFFINITY_READ)
-        for _, entries in answer or ():
-            for entry_id, fields in entries:
-                self.last_id = entry_id
-                if fields.get("w") != self.store.worker_id:
-                    self.awareness.index.learn(fields["k"], tuple(fields["h"].split(",")), int(fields["s"]))
-
-
-class SharedFleetSync:
-    """The worker's greenlets for the Redis store: wake-ups, mirror refreshes and lease renewals."""
-
-    def __init__(self, store: RedisStore, ledger: Ledger, registry: Registry, counts: SharedCounts,
-                 refresh_interval: float) -> None:
-        self.store = store
-        self.ledger = ledger
-        self.registry = registry
-        self.counts = counts
-        self.refresh_interval = refresh_interval
-        self.wake = Event()
-        self.affinity: SharedAffinity | None = None  # set when the balancer routes by first token
-
-    def refresh_forever(self) -> None:
-        """Refresh on every capacity message (coalesced) and at least every refresh interval."""
-        while True:
-            self.wake.wait(timeout=self.refresh_interval)
-            self.wake.clear()
-            try:
-                self.store.keep_waiting_mark()
-                records = self.ledger.refresh()
-                self.registry.adopt(records or {})
-                if self.affinity is not None:
-                    self.affinity.sync()
-            except StateUnavailable:
-                gevent.sleep(RETRY_PAUSE)
-
-    def listen_forever(self) -> None:
-        """Subscribe to capacity messages; reconnect whenever Redis goes away."""
-        while True:
-            pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.store.channel)
-                self.wake.set()  # refresh after (re)subscribing: messages may have been missed
-                while True:
-                    if pubsub.get_message(timeout=SOCKET_TIMEOUT / 2) is not None:
-                        self.wake.set()
-            except REDIS_ERRORS:
-                gevent.sleep(RETRY_PAUSE)
-            finally:
-                pubsub.close()
-
-    def flush_counts_forever(self) -> None:
-        while True:
-            gevent.sleep(COUNTS_FLUSH_SECONDS)
-            with contextlib.suppress(StateUnavailable):
-                self.counts.flush()
-
-    def renew_forever(self) -> None:
-        while True:
-            gevent.sleep(self.store.lease_ttl_ms / 3000)
-            with contextlib.suppress(StateUnavailable):
-                self.store.renew_leases()
-
-
-class SharedCounts:
-    """This worker's counts and traffic figures, pushed to Redis as increments, so any worker of the balancer
-    answers /metrics and the dashboards with the whole balancer's (hashes per balancer: its host and gunicorn
-    master; other workers' increments of the last second may be missing from an answer)."""
-
-    def __init__(self, store: RedisStore, counters: Counters, traffic: Traffic) -> None:
-        self.store = store
-        self.counters = counters
-        self.traffic = traffic
-        self.key = f"{store.prefix}:counts:{socket.gethostname()}:{os.getppid()}"
-        self.flushed: dict[str, float] = {}
-        traffic.sharing = True
-        traffic.shared_reader = self.traffic_sums
-
-    def flush(self) -> None:
-        """Everything counted since the last flush, in one round trip."""
-        now = self.counters.fields()
-        moved = increments(now, self.flushed)
-        batches = [(self.key, moved, COUNTS_TTL)] if moved else []
-        for (range_name, index), fields in self.traffic.take_increments().items():
-            seconds, _ = TRAFFIC_RANGES[range_name]
-            batches.append((self._traffic_key(range_name, index), dict(fields), int(seconds) + 60))
-        self.store.add_counts(batches)
-        self.flushed = now
-
-    def _traffic_key(self, range_name: str, index: int) -> str:
-        return f"{self.key}:traffic:{range_name}:{index}"
-
-    def traffic_sums(self, range_name: str, indices: list[int]) -> dict[int, dict[str, float]]:
-        """The balancer's sums per bucket (this worker's increments pushed first); this worker's own increments
-        are lost for the dashboards while Redis cannot be reached (its counts are kept)."""
-        try:
-            self.flush()
-            return self.store.many_counts([self._traffic_key(range_name, i) for i in indices], indices)
-        except StateUnavailable:
-            return {}
-
-    def totals(self) -> Counters:
-        """This worker's increments pushed first; this worker's own counts alone while Redis cannot be reached."""
-        try:
-            self.flush()
-            return Counters.from_fields(self.store.counts(self.key))
-        except StateUnavailable:
-            return self.counters

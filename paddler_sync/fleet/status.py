@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from paddler_sync.counters import OUTCOMES, TOKEN_KINDS, Counters
 from paddler_sync.fleet.buffer import RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.models import LOADED
@@ -16,6 +17,7 @@ from paddler_sync.fleet.registry import AgentRecord, Registry
 from paddler_sync.fleet.reports import owned_by
 from paddler_sync.fleet.upstream import Upstream
 from paddler_sync.llamacpp import HINTS, ServerState
+from paddler_sync.tenants.current import CurrentTenants
 
 DRAINING_HINT = ("draining: no new requests go to this server while the ones it runs finish (a model swap, or "
                  "POST /api/v1/agents/ID/drain; /undrain ends it)")
@@ -127,6 +129,17 @@ class FleetStatus:
         self.buffer = buffer
         self.shared = shared  # the Redis connection when the ledger is shared there
         self.shutting_down = shutting_down
+        self.tenants: CurrentTenants | None = None  # --tenants (the hub sets it)
+
+    def tenant_rows(self, usage: Counters) -> list[dict[str, Any]]:
+        """Each tenant of the file in force: its settings (never a key), slots held and requests waiting now, and
+        its usage so far (``usage``: the balancer's counts)."""
+        book = self.tenants.book if self.tenants is not None else None
+        if book is None:
+            return []
+        held, waiting = self.ledger.held(), self.buffer.waiting_by_tenant()
+        return [{**tenant.describe(), "in_flight": held.get(name, 0), "waiting": waiting.get(name, 0),
+                 **tenant_usage(usage.tenants.get(name, {}))} for name, tenant in book.tenants.items()]
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.ledger.clock()
@@ -165,3 +178,13 @@ class FleetStatus:
             "state_backend": "local" if self.shared is None else "redis",
             "state_backend_reachable": self.shared is None or self.shared.reachable,
         }
+
+
+def tenant_usage(fields: dict[str, float]) -> dict[str, Any]:
+    """A tenant's counts (paddler_sync/counters.py's ``tenant_done``) as the API shows them."""
+    return {"requests": {outcome: int(fields.get(f"requests:{outcome}", 0)) for outcome in OUTCOMES},
+            "tokens": {kind: int(fields.get(f"tokens:{kind}", 0)) for kind in TOKEN_KINDS},
+            "slot_seconds": round(fields.get("slot_seconds", 0.0), 3),
+            "wait_seconds": round(fields.get("wait_seconds", 0.0), 3),
+            "rejections": {key.split(":", 1)[1]: int(value) for key, value in sorted(fields.items())
+                           if key.startswith("rejected:")}}

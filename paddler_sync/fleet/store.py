@@ -20,7 +20,8 @@ from enum import IntEnum
 from typing import Any, NamedTuple, Protocol
 
 from paddler_sync.fleet.models import Serving
-from paddler_sync.fleet.upstream import Reservation, Ticket, Upstream
+from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, Upstream
+from paddler_sync.tenants.rule import Verdict, admits, unreserved
 
 
 class TakeOutcome(IntEnum):
@@ -32,6 +33,11 @@ class TakeOutcome(IntEnum):
     UNUSABLE = -2  # not routable, or quarantined
     NOT_YOUR_TURN = -3  # an older request waits (on some worker) first
     TICKET_LOST = -4  # the store forgot the waiter's ticket (Redis restarted empty): it draws a new one
+    AT_CAP = -5  # the tenant holds its max_slots already
+    RESERVED = -6  # the free slots left are other tenants' reservations
+
+
+REFUSED_BY_RULE = {Verdict.AT_CAP: TakeOutcome.AT_CAP, Verdict.RESERVED: TakeOutcome.RESERVED}
 
 
 class Take(NamedTuple):
@@ -52,10 +58,15 @@ class SlotStore(Protocol):
     overbooks: bool  # it may take a request beyond a server's free slots (early hand-overs); a shared one never does
 
     def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
-             model: str | None = None) -> Take:
+             model: str | None = None, claim: Claim | None = None, pool: tuple[Upstream, ...] = ()) -> Take:
         """``model``: the request's, whose queue's order the take keeps. ``beyond_slots``: it may take a request
-        with no slot free (an early hand-over, a slot-blind
-        baseline policy); a shared store never does."""
+        with no slot free (an early hand-over, a slot-blind baseline policy); a shared store never does.
+        ``claim``: the tenant asking (--tenants), held to the tenant rule atomically with the take; ``pool``: the
+        servers its model may use, over which other tenants' reservations are counted."""
+        ...
+
+    def held(self) -> dict[str, int]:
+        """Slots each tenant holds now (--tenants)."""
         ...
 
     def release(self, reservation: Reservation, draining: bool) -> bool:
@@ -72,8 +83,9 @@ class SlotStore(Protocol):
 
     def quarantine(self, key: str, until: float) -> None: ...
 
-    def take_ticket(self, model: str | None) -> Ticket | None:
-        """A place at the end of the queue of requests for ``model`` (None: requests that name none)."""
+    def take_ticket(self, model: str | None, tenant: str | None = None) -> Ticket | None:
+        """A place at the end of the queue of requests for ``model`` (None: requests that name none), in its
+        tenant's queue (--tenants)."""
         ...
 
     def return_ticket(self, ticket: Ticket | None) -> None: ...
@@ -97,19 +109,31 @@ class LocalStore:
     def __init__(self) -> None:
         self.current: dict[str, Upstream] = {}  # the server each key names now (a new address replaces it)
         self.reported_at: dict[str, float] = {}
+        self.tenants_held: dict[str, int] = {}
 
     def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
-             model: str | None = None) -> Take:
+             model: str | None = None, claim: Claim | None = None, pool: tuple[Upstream, ...] = ()) -> Take:
         if self.current.get(upstream.key) is not upstream:
             return Take(TakeOutcome.GONE)
         if not upstream.is_usable(now):
             return Take(TakeOutcome.UNUSABLE)
         if upstream.free(now) <= 0 and not beyond_slots:
             return Take(TakeOutcome.FULL)
+        if claim is not None:
+            free = 0 if unreserved(claim.rivals) else sum(u.free(now) for u in pool)
+            verdict = admits(claim.share, self.tenants_held, free, claim.rivals)
+            if verdict is not Verdict.MAY:
+                return Take(REFUSED_BY_RULE[verdict])
+            self.tenants_held[claim.tenant] = self.tenants_held.get(claim.tenant, 0) + 1
         upstream.in_flight += 1
         return Take(TakeOutcome.TAKEN)
 
+    def held(self) -> dict[str, int]:
+        return {name: count for name, count in self.tenants_held.items() if count}
+
     def release(self, reservation: Reservation, draining: bool) -> bool:
+        if reservation.tenant is not None:  # the tenant's count goes down even when the server has gone
+            self.tenants_held[reservation.tenant] -= 1
         upstream = reservation.upstream
         if self.current.get(upstream.key) is not upstream:
             return False  # removed (or replaced) since: its counts went with it
@@ -136,7 +160,7 @@ class LocalStore:
     def quarantine(self, key: str, until: float) -> None:
         """The view holds it (the ledger sets it there); nothing else to keep."""
 
-    def take_ticket(self, model: str | None) -> Ticket | None:
+    def take_ticket(self, model: str | None, tenant: str | None = None) -> Ticket | None:
         return None  # one process: the buffer's own queues are the order
 
     def return_ticket(self, ticket: Ticket | None) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from paddler_sync.fleet.models import ANY, Serving
+from paddler_sync.tenants.rule import Share
 
 MOVES_KEPT = 1024  # a server's recent takes and releases: seconds of them at any realistic rate
 
@@ -74,6 +75,18 @@ class TicketLost(Exception):
     Never re-added by the waiter itself: a ticket put back while it is being returned would stay forever."""
 
 
+class Claim(NamedTuple):
+    """A tenant's request asking for a slot: what the tenant rule weighs (paddler_sync/tenants/rule.py).
+    ``rivals``: every tenant that may use the servers of the request's model, the asking one included."""
+
+    share: Share
+    rivals: tuple[Share, ...] = ()
+
+    @property
+    def tenant(self) -> str:
+        return self.share.name
+
+
 class Ticket(NamedTuple):
     """A waiting request's place in a shared ledger's queue: ``number`` orders it, ``name`` names it in Redis,
     ``queue`` is the queue it stands in (one per model named; '' for requests that name none)."""
@@ -93,6 +106,7 @@ class Reservation:
     lease: str | None = None  # its name in the shared ledger (Redis), which lets it expire
     early: bool = False  # handed over before a slot was free (it waits inside llama.cpp until one is)
     loads_model: bool = False  # sent to a router whose model was unloaded: llama.cpp loads it first
+    tenant: str | None = None  # whose slot it is (--tenants), counted against that tenant until released
 
     @property
     def addr(self) -> str:

@@ -5,6 +5,8 @@ Routes:
     DELETE /api/v1/agents/<agent_id>          deregister
     drains and desired states                 paddler_sync/management/supervision.py
     GET    /api/v1/agents                     {"agents": [...]} with Paddler's field names and ours
+    GET    /api/v1/tenants                    {"tenants": [...]}: settings, slots held, waiting, usage (--tenants)
+    PUT    /api/v1/tenants                    a new tenants file (TOML body): checked, written, in force at once
     GET    /health                            the fleet in one object; 200 while the balancer serves
     GET    /metrics                           Prometheus text format
     GET    /dashboard, /dashboard/fleet       the web dashboard, with --management-dashboard-enable
@@ -13,12 +15,14 @@ Routes:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from paddler_sync.counters import Counters
 from paddler_sync.errors import OWN_ANSWER, error_body
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
@@ -28,12 +32,15 @@ from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
 from paddler_sync.management.guard import READ, WRITE, Guard, presented_token
 from paddler_sync.management.supervision import add_supervision_routes
+from paddler_sync.tenants.book import TenantBook, TenantsError
 from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic
 
 
 def create_management_app(options: argparse.Namespace, status: FleetStatus, traffic: Traffic,
-                          metrics: CollectorRegistry, rollout: Rollout) -> Flask:
-    """The Flask app; each part gets only what it reads (the hub hands them over)."""
+                          metrics: CollectorRegistry, rollout: Rollout, usage: Callable[[], Counters],
+                          replace_tenants: Callable[[str], TenantBook]) -> Flask:
+    """The Flask app; each part gets only what it reads (the hub hands them over). ``usage``: the balancer's
+    counts; ``replace_tenants``: puts a new tenants file in force (raises TenantsError)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -42,6 +49,7 @@ def create_management_app(options: argparse.Namespace, status: FleetStatus, traf
     add_agent_routes(app, rollout, guard)
     add_supervision_routes(app, rollout, options)
     add_fleet_routes(app, status, traffic, metrics)
+    add_tenant_routes(app, status, usage, replace_tenants)
     if options.management_dashboard_enable:
         app.register_blueprint(create_dashboard(status, traffic))
     else:
@@ -129,6 +137,28 @@ def add_fleet_routes(app: Flask, status: FleetStatus, traffic: Traffic, metrics:
         return Response(generate_latest(metrics), content_type=CONTENT_TYPE_LATEST)
 
 
+def add_tenant_routes(app: Flask, status: FleetStatus, usage: Callable[[], Counters],
+                      replace: Callable[[str], TenantBook]) -> None:
+    """The tenants (--tenants): read with the read token, replaced with the management token."""
+
+    @app.get("/api/v1/tenants")
+    def tenants() -> tuple[Response, int]:
+        if status.tenants is None or status.tenants.book is None:
+            return _error(404, "this balancer runs without tenants: start it with --tenants PATH (PADDLER_TENANTS)")
+        return jsonify({"tenants": status.tenant_rows(usage())}), 200
+
+    @app.put("/api/v1/tenants")
+    def replace_tenants() -> tuple[Response, int]:
+        text = request.get_data(cache=False)
+        try:
+            book = replace(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            return _error(400, "send the tenants file as UTF-8 TOML text")
+        except TenantsError as exc:
+            return _error(409 if "without tenants" in str(exc) else 400, str(exc))
+        return jsonify({"status": "replaced", "tenants": list(book.tenants)}), 200
+
+
 def add_error_handlers(app: Flask) -> None:
     @app.errorhandler(StateUnavailable)
     def state_unavailable(exc: StateUnavailable) -> tuple[Response, int]:
@@ -138,7 +168,7 @@ def add_error_handlers(app: Flask) -> None:
     def http_error(exc: HTTPException) -> tuple[Response, int]:
         code = exc.code or 500
         if code == 413:
-            return _error(413, f"a report may have at most {MAX_REPORT_BYTES} bytes")
+            return _error(413, f"a report (or a tenants file) may have at most {MAX_REPORT_BYTES} bytes")
         return _error(code, exc.description or exc.name)
 
 

@@ -33,14 +33,16 @@ from paddler_sync.errors import OWN_ANSWER, error_body, error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate, PromptSeen
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.fleet.upstream import Claim, Reservation
 from paddler_sync.proxy import queue_updates, response_writer
 from paddler_sync.proxy import upstream as up
 from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
+from paddler_sync.proxy.records import Recorder
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.routing import ModelRouting, Route
+from paddler_sync.proxy.tenancy import Tenancy
 from paddler_sync.sockets import ClientWatch
 
 if TYPE_CHECKING:
@@ -48,7 +50,6 @@ if TYPE_CHECKING:
     from paddler_sync.metrics import Metrics
 
 logger = logging.getLogger("paddler_sync.proxy")
-access_log = logging.getLogger("paddler_sync.access")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Any]
 MAX_CONNECT_ATTEMPTS = 16
@@ -60,8 +61,10 @@ class ProxyApp:
     app, mounted under ``--management-path-prefix`` when one is set)."""
 
     def __init__(self, options: argparse.Namespace, ledger: Ledger, buffer: RequestBuffer, metrics: Metrics,
-                 management: WSGIApp) -> None:
+                 management: WSGIApp, tenancy: Tenancy) -> None:
         self.ledger = ledger
+        self.tenancy = tenancy  # --tenants: who sends each request (the hub reloads it)
+        self.record = Recorder(metrics, tenancy.rates).record
         self.buffer = buffer
         self.management = management
         self.transport = up.Transport(options.upstream_pool_size, options.upstream_connect_timeout,
@@ -91,15 +94,19 @@ class ProxyApp:
             return self._management(environ, start_response)
         response_writer.adopt(start_response)
         try:
+            tenant = self.tenancy.identify(environ, method, path)
             self._refuse_slots_endpoint(path)
             if self.routing.lists_models(method, path, environ.get("QUERY_STRING", "")):
                 return self._own_answer(environ, start_response, started, self.routing.models_answer())
             body = self._read_body(environ)
             takes_slot = up.uses_slot(method, path)
             route = self.routing.route(method, environ, body, takes_slot)
+            if tenant is not None:
+                self.tenancy.allow(tenant, route.model, route.ask.named, takes_slot, self._served(route))
+            claim = self.tenancy.claim(tenant, route.model) if takes_slot else None
             tokens = route.ask.limit if takes_slot and self.foresee_ends else None
             estimate, hashes = self._estimate(route) if takes_slot else (None, ())
-            connect = functools.partial(self._connect, environ, body, takes_slot, tokens, route, estimate)
+            connect = functools.partial(self._connect, environ, body, takes_slot, tokens, route, estimate, claim)
             if takes_slot and self.queue_updates and queue_updates.wanted(environ, route.ask.body):
                 job = self.greenlets.spawn(connect)
                 job.join(timeout=queue_updates.QUIET_WAIT)
@@ -130,6 +137,12 @@ class ProxyApp:
         if self.awareness is not None and reservation.uses_slot:
             relay.seen = self.awareness.sent(reservation.upstream, hashes, estimate)
         return relay
+
+    def _served(self, route: Route) -> list[str]:
+        """The models of the servers a request naming none may reach (a tenant may have to be allowed them)."""
+        if route.model is not None:
+            return []
+        return sorted({u.serving.model.lower() for u in self.ledger.candidates(None) if u.serving.model})
 
     def _estimate(self, route: Route) -> tuple[FirstTokenEstimate | None, tuple[str, ...]]:
         """The request's first-token estimate on each server (--policy first-token), and its prompt's block hashes."""
@@ -180,14 +193,15 @@ class ProxyApp:
         return body
 
     def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool, tokens: int | None,
-                 route: Route, estimate: FirstTokenEstimate | None = None) -> tuple[Reservation, UpstreamAnswer, float]:
+                 route: Route, estimate: FirstTokenEstimate | None = None,
+                 claim: Claim | None = None) -> tuple[Reservation, UpstreamAnswer, float]:
         """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
         to which nothing was sent yet, goes to another one, or waits for one. A quarantined server that its
         agent reports healthy again may serve the retry."""
         waited = 0.0
         for _ in range(MAX_CONNECT_ATTEMPTS):
             try:
-                reservation, wait = self._reserve(environ, takes_slot, route, estimate)
+                reservation, wait = self._reserve(environ, takes_slot, route, estimate, claim)
             except ProxyError as exc:
                 exc.waited += waited  # a retry after a refused connection waited twice
                 raise
@@ -211,7 +225,7 @@ class ProxyApp:
                          ending=Ending.UPSTREAM_REFUSED, waited=waited)
 
     def _reserve(self, environ: dict[str, Any], takes_slot: bool, route: Route,
-                 estimate: FirstTokenEstimate | None) -> tuple[Reservation, float]:
+                 estimate: FirstTokenEstimate | None, claim: Claim | None) -> tuple[Reservation, float]:
         if not takes_slot:
             reservation = self.ledger.pick_without_slot(route.model, router=route.router)
             if reservation is None:
@@ -222,25 +236,26 @@ class ProxyApp:
                                  ending=Ending.NO_SERVER)
             return reservation, 0.0
         try:
-            return self._acquire(environ, route, estimate)
+            return self._acquire(environ, route, estimate, claim)
         except BufferRefusal as exc:
             raise ProxyError(exc.status, str(exc), self._retry_after(exc), ending=exc.ending,
                              waited=exc.waited) from None
 
-    def _acquire(self, environ: dict[str, Any], route: Route,
-                 estimate: FirstTokenEstimate | None) -> tuple[Reservation, float]:
+    def _acquire(self, environ: dict[str, Any], route: Route, estimate: FirstTokenEstimate | None,
+                 claim: Claim | None) -> tuple[Reservation, float]:
         """A slot from the buffer; a model not seen yet while agents are still reporting waits for it only until
         then, and gets 404 if it is still unknown."""
         if route.wait_for_discovery is None:
-            return self.buffer.acquire(client_watch(environ), route.model, route.need, score=estimate)
+            return self.buffer.acquire(client_watch(environ), route.model, route.need, score=estimate, claim=claim)
         try:
-            return self.buffer.acquire(client_watch(environ), route.model, timeout=route.wait_for_discovery)
+            return self.buffer.acquire(client_watch(environ), route.model, timeout=route.wait_for_discovery,
+                                       claim=claim)
         except BufferTimeout as exc:
             if not self.routing.knows(route.model):
                 error = self.routing.unknown(route.ask.named or str(route.model))
                 error.waited = exc.waited
                 raise error from None
-            reservation, waited = self.buffer.acquire(client_watch(environ), route.model)
+            reservation, waited = self.buffer.acquire(client_watch(environ), route.model, claim=claim)
             return reservation, waited + exc.waited
 
     def _retry_after(self, refusal: BufferRefusal) -> list[tuple[str, str]]:
@@ -287,24 +302,6 @@ class ProxyApp:
                           ending=Ending.UPSTREAM_ERROR, reservation=reservation, waited=waited)
 
     # --- the response ---------------------------------------------------------------------------------
-
-    def record(self, environ: dict[str, Any], status: int, reservation: Reservation | None, waited: float,
-                started: float, first_byte: float | None = None, sent: int = 0, ending: Ending = Ending.REFUSED,
-                first_token: float | None = None, tokens: int | None = None,
-                prompt: tuple[int, int] | None = None) -> None:
-        """One finished request: into the metrics and the dashboards' traffic figures, and one access line.
-        ``prompt``: its prompt tokens and those llama.cpp's cache held (``cached=HIT/ALL`` in the line)."""
-        now = time.monotonic()
-        ttfb_seconds = first_byte - started if first_byte else None
-        self.metrics.request_done(status, ending, reservation.addr if reservation else None, waited, ttfb_seconds,
-                                  now - started, first_token - started if first_token else None, tokens, prompt)
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"
-        access_log.info('%s "%s %s" %d upstream=%s wait=%.1fms ttfb=%s duration=%.1fms bytes=%d end=%s cached=%s',
-                        environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"),
-                        status, reservation.addr if reservation else "-", waited * 1000, ttfb,
-                        (now - started) * 1000, sent, ending, f"{prompt[1]}/{prompt[0]}" if prompt else "-")
 
 
 class Relay:

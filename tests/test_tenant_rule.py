@@ -1,0 +1,195 @@
+"""The tenant rule, exhaustively: random interleavings of tenants' arrivals and releases, through the real buffer
+and ledger, on both slot stores, against a model written from the rule's text (paddler_sync/tenants/rule.py).
+
+After every step: the grants so far are exactly the model's (so the in-process store and take.lua decide the
+same), no tenant holds more than its max_slots, the free slots always cover every tenant's unfilled reservation,
+and no slot idles while a waiting request may take it. Then, on both stores, fair shares among backlogged tenants.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import gevent
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from paddler_sync.fleet.buffer import RequestBuffer
+from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.fleet.redis_store import RedisStore
+from paddler_sync.fleet.store import LocalStore
+from paddler_sync.fleet.upstream import Claim, Reservation
+from paddler_sync.tenants.rule import Share, Verdict, admits
+from tests.helpers import RedisServer
+
+SLOTS = 4  # two servers of two slots, one model
+SHARES = {"chat": Share("chat", priority=10, reserved_slots=1),
+          "batch": Share("batch", max_slots=3),
+          "small": Share("small", weight=2.0),
+          "capped": Share("capped", priority=10, max_slots=1)}
+RIVALS = tuple(SHARES.values())
+STEPS = st.lists(st.one_of(st.tuples(st.just("arrive"), st.sampled_from(sorted(SHARES))),
+                           st.tuples(st.just("release"), st.integers(0, 50))), min_size=1, max_size=40)
+
+
+class Model:
+    """The rule as its docstring says it, over one pool of slots."""
+
+    def __init__(self) -> None:
+        self.free = SLOTS
+        self.held = dict.fromkeys(SHARES, 0)
+        self.waiting: dict[str, list[int]] = {name: [] for name in SHARES}
+        self.grants: list[tuple[str, int]] = []
+
+    def may(self, name: str) -> bool:
+        return self.free > 0 and admits(SHARES[name], self.held, self.free, RIVALS) is Verdict.MAY
+
+    def arrive(self, name: str, number: int) -> None:
+        if not any(self.waiting.values()) and self.may(name):
+            self._grant(name, number)
+            return
+        self.waiting[name].append(number)
+        if len([n for q in self.waiting.values() for n in q]) > 1:  # it joined others: ranked with them at once
+            self.dispatch()
+
+    def release(self, name: str) -> None:
+        self.free += 1
+        self.held[name] -= 1
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        blocked: set[str] = set()
+        while True:
+            heads = [(-SHARES[n].priority, self.held[n] / SHARES[n].weight, q[0], n)
+                     for n, q in self.waiting.items() if q and n not in blocked]
+            if not heads:
+                return
+            *_, name = min(heads)
+            if self.may(name):
+                self._grant(name, self.waiting[name].pop(0))
+            else:
+                blocked.add(name)
+
+    def _grant(self, name: str, number: int) -> None:
+        self.free -= 1
+        self.held[name] += 1
+        self.grants.append((name, number))
+
+
+class Real:
+    """The same steps through RequestBuffer and Ledger; each arrival is a greenlet that waits as a request does."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        ledger.report("a", "10.0.0.1:1", 2, 0, True)
+        ledger.report("b", "10.0.0.2:1", 2, 0, True)
+        self.buffer = RequestBuffer(ledger, max_waiting=1000, timeout=1000)
+        self.grants: list[tuple[str, int]] = []
+        self.holding: list[tuple[str, Reservation]] = []
+        self.greenlets: list[gevent.Greenlet] = []
+
+    def arrive(self, name: str, number: int) -> None:
+        def request() -> None:
+            reservation, _ = self.buffer.acquire(claim=Claim(SHARES[name], RIVALS))
+            self.grants.append((name, number))
+            self.holding.append((name, reservation))
+
+        self.greenlets.append(gevent.spawn(request))
+        settle()
+
+    def release(self, index: int) -> str:
+        name, reservation = self.holding.pop(index)
+        self.ledger.release(reservation)
+        settle()
+        return name
+
+    def close(self) -> None:
+        gevent.killall(self.greenlets)
+
+
+def settle() -> None:
+    """Let every greenlet that was handed a slot run (no clock involved: the hub's ready queue only)."""
+    for _ in range(5):
+        gevent.sleep(0)
+
+
+@pytest.fixture(params=["local", "redis"])
+def make_ledger(request: pytest.FixtureRequest) -> Iterator[object]:
+    stores: list[RedisStore] = []
+
+    def make() -> Ledger:
+        if request.param == "local":
+            return Ledger(store=LocalStore(), clock=lambda: 1000.0)
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisStore(server.url, f"r{uuid.uuid4().hex[:10]}", lease_ttl=60)
+        stores.append(store)
+        return Ledger(store=store, clock=lambda: 1000.0)
+
+    yield make
+    for store in stores:
+        store.client.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS)
+def test_random_interleavings_follow_the_rule_on_both_stores(make_ledger, steps) -> None:  # type: ignore[no-untyped-def]
+    model, real = Model(), Real(make_ledger())
+    try:
+        for number, (kind, value) in enumerate(steps):
+            if kind == "arrive":
+                model.arrive(str(value), number)
+                real.arrive(str(value), number)
+            elif real.holding:
+                index = int(value) % len(real.holding)
+                model.release(real.release(index))
+            assert real.grants == model.grants
+            held = real.ledger.held()
+            assert held == {n: c for n, c in model.held.items() if c}
+            for name, share in SHARES.items():
+                assert not share.max_slots or held.get(name, 0) <= share.max_slots
+            unfilled = sum(max(0, s.reserved_slots - held.get(n, 0)) for n, s in SHARES.items())
+            assert real.ledger.free_slots() >= unfilled
+            assert not any(model.waiting[n] and model.may(n) for n in SHARES)  # no slot idles for a waiter
+            assert real.ledger.free_slots() == model.free
+    finally:
+        real.close()
+
+
+def backlogged_shares(ledger: Ledger, clients: dict[str, int], weights: dict[str, float], rounds: int) \
+        -> dict[str, int]:
+    """Tenants that keep ``clients[name]`` requests waiting each (every finished one comes back at once): slots
+    given out over ``rounds`` releases, by tenant."""
+    shares = {name: Share(name, weight=weights[name]) for name in clients}
+    rivals = tuple(shares.values())
+    real = Real(ledger)
+    counts = dict.fromkeys(clients, 0)
+
+    def client(name: str) -> None:
+        while True:
+            reservation, _ = real.buffer.acquire(claim=Claim(shares[name], rivals))
+            counts[name] += 1
+            real.holding.append((name, reservation))
+            gevent.sleep(1000)  # held until the test releases it (killed at the end)
+
+    for name, n in clients.items():
+        for _ in range(n):
+            real.greenlets.append(gevent.spawn(client, name))
+    settle()
+    for name in counts:
+        counts[name] = 0
+    for _ in range(rounds):  # the oldest slot ends, its client asks again
+        name, reservation = real.holding.pop(0)
+        real.ledger.release(reservation)
+        real.greenlets.append(gevent.spawn(client, name))
+        settle()
+    real.close()
+    return counts
+
+
+def test_backlogged_tenants_share_slots_by_weight_on_both_stores(make_ledger) -> None:  # type: ignore[no-untyped-def]
+    equal = backlogged_shares(make_ledger(), {"flood": 12, "modest": 4}, {"flood": 1, "modest": 1}, 200)
+    assert 0.45 <= equal["modest"] / 200 <= 0.55, equal  # FIFO would give its 4 clients a quarter
+    weighted = backlogged_shares(make_ledger(), {"heavy": 6, "light": 6}, {"heavy": 3, "light": 1}, 200)
+    assert 0.7 <= weighted["heavy"] / 200 <= 0.8, weighted

@@ -104,6 +104,22 @@ def models_text(models: list[dict[str, Any]], width: int = 78) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def tenants_text(tenants: list[dict[str, Any]], width: int = 78) -> str:
+    """The tenants (--tenants), one line each: slots held and requests waiting now, then what each has used."""
+    lines = []
+    for t in tenants:
+        refused = sum(t["rejections"].values())
+        line = (f"{t['name']} p{t['priority']}: {t['in_flight']} running, {t['waiting']} waiting | "
+                f"{t['requests']['served']} served, {refused} refused | {count_text(t['tokens']['prompt'])} in, "
+                f"{count_text(t['tokens']['generated'])} out | {t['slot_seconds']:.0f} slot-s")
+        lines.append(line if len(line) <= width else line[: width - 1] + "…")
+    return "\n".join(["tenants:", *lines]) if lines else ""
+
+
+def count_text(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k" if count >= 1e4 else str(count)
+
+
 def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -205,10 +221,16 @@ class FleetDashboard(App):
             health = self.get_json("/health")
             traffic = self.get_json("/api/v1/traffic")
             models = self.get_json("/api/v1/models")["models"]
+            tenants = self.tenants()
         except (requests.RequestException, ValueError, KeyError) as exc:
             self.call_from_thread(self.show_error, exc)
             return
-        self.call_from_thread(self.show, agents, health, traffic, models)
+        self.call_from_thread(self.show, agents, health, traffic, models, tenants)
+
+    def tenants(self) -> list[dict[str, Any]]:
+        """The tenants view, when the balancer has tenants (404 without --tenants)."""
+        response = self.session.get(f"{self.management_url}/api/v1/tenants", timeout=2)
+        return response.json()["tenants"] if response.status_code == 200 else []
 
     def get_json(self, path: str) -> dict[str, Any]:
         """A management API document; an error answer (a missing token, say) raises with its own message."""
@@ -226,7 +248,7 @@ class FleetDashboard(App):
         self.widths = widths
 
     def show(self, agents: list[dict[str, Any]], health: dict[str, Any], traffic: dict[str, Any],
-             models: list[dict[str, Any]] | None = None) -> None:
+             models: list[dict[str, Any]] | None = None, tenants: list[dict[str, Any]] | None = None) -> None:
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         figures = {server["addr"]: server for server in traffic["servers"]}
@@ -246,6 +268,8 @@ class FleetDashboard(App):
         totals = totals_text(health, traffic)
         if models:
             totals += "\n" + models_text(models)
+        if tenants:
+            totals += "\n" + tenants_text(tenants)
         self.query_one("#totals", Static).update(Text(totals))
 
     def show_detail(self) -> None:

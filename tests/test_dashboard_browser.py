@@ -197,3 +197,25 @@ def test_change_a_servers_model_with_confirmation_and_watch_it_swap(fleet: Fleet
     page.click("button.drain-toggle")
     page.wait_for_function("document.querySelector('button.drain-toggle').textContent === 'Drain'", timeout=5_000)
     assert page.dialogs == []  # no error was alerted
+
+
+def test_the_tenants_table_shows_use_and_no_key(fleet: Fleet, page) -> None:
+    tenants = fleet.workdir / "tenants.toml"
+    tenants.write_text('[tenants.chat]\nkeys = ["sk-chat-secret-0001"]\npriority = 10\nreserved_slots = 1\n\n'
+                       '[tenants.batch]\nkey_sha256 = ["' + "ab" * 32 + '"]\nmax_slots = 2\n')
+    balancer = fleet.balancer("--management-dashboard-enable", "--tenants", str(tenants))
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "one", interval=0.2)
+    wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready")
+    answer = requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "hi", "n_predict": 7},
+                           headers={"Authorization": "Bearer sk-chat-secret-0001"}, timeout=10)
+    assert answer.status_code == 200
+    page.goto(balancer.extra["management"] + "/dashboard")
+    chat = page.locator('#tenants tr[data-tenant="chat"]')
+    chat.locator(".served", has_text="1").wait_for(timeout=10_000)
+    assert re.fullmatch(r"[1-9]\d* / 7 \(\d+\)", chat.locator(".tokens").inner_text())  # in / out (cached)
+    assert chat.locator(".keys").inner_text() == "sk-chat-…"
+    assert page.locator('#tenants tr[data-tenant="batch"] .keys').inner_text() == "1 hashed"
+    assert page.locator('#tenants tr[data-tenant="batch"] .slots').inner_text() == "0 / 2"
+    assert "sk-chat-secret" not in page.content()
+    shot(page, "tenants")

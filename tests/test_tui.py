@@ -105,6 +105,30 @@ def test_an_agent_in_error_shows_its_hint(fleet: Fleet) -> None:
     asyncio.run(scenario())
 
 
+def test_the_tenants_view_shows_each_tenants_use(fleet: Fleet) -> None:
+    tenants = fleet.workdir / "tenants.toml"
+    tenants.write_text('[tenants.chat]\nkeys = ["sk-chat-secret"]\npriority = 10\n\n[tenants.batch]\nkeys = ["sk-b"]\n')
+    balancer = fleet.balancer("--tenants", str(tenants))
+    sim = fleet.simulator("--parallel", "2")
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", "one", interval=0.2)
+    wait_until(lambda: agents(balancer) and agents(balancer)[0]["state"] == "ready")
+    assert requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 9},
+                         headers={"Authorization": "Bearer sk-chat-secret"}, timeout=10).status_code == 200
+
+    async def scenario() -> None:
+        app = FleetDashboard(balancer.extra["management"], refresh_interval=0.2)
+        async with app.run_test(size=(80, 30)) as pilot:
+            totals = app.query_one("#totals")
+            await settle(pilot, app, lambda: "tenants:" in str(totals.render()))
+            lines = str(totals.render()).splitlines()
+            chat = next(line for line in lines if line.startswith("chat "))
+            assert chat.startswith("chat p10: 0 running, 0 waiting | 1 served, 0 refused |") and " 9 out" in chat
+            assert any(line.startswith("batch p0: 0 running") for line in lines)
+            assert all(len(line) <= 80 for line in lines) and "sk-chat" not in str(totals.render())
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("argv", [["dashboard", "--management-addr", "nowhere"]])
 def test_dashboard_command_rejects_bad_addresses(argv: list[str], tmp_path) -> None:
 

@@ -51,7 +51,7 @@ def create_management_app(options: argparse.Namespace, status: FleetStatus, traf
     add_fleet_routes(app, status, traffic, metrics)
     add_tenant_routes(app, status, usage, replace_tenants)
     if options.management_dashboard_enable:
-        app.register_blueprint(create_dashboard(status, traffic))
+        app.register_blueprint(create_dashboard(status, traffic, usage))
     else:
         @app.get("/dashboard")
         def dashboard_off() -> tuple[Response, int]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, render_template, request, url_for
 from markupsafe import Markup, escape
 
+from paddler_sync.counters import Counters
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.management.views import traffic_json
 from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic, cache_text, errors_text, rate_text
@@ -26,7 +28,8 @@ LONG_ISSUE = 160  # characters shown before "more"
 NOW_SECONDS = 10  # "now" on the traffic cards: the last whole steps of the series that make this long
 
 
-def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint:
+def create_dashboard(status: FleetStatus, traffic_figures: Traffic, usage: Callable[[], Counters]) -> Blueprint:
+    """``usage``: the balancer's counts, for the Tenants table (--tenants)."""
     dashboard = Blueprint("dashboard", __name__, template_folder="templates")
     dashboard.add_app_template_filter(breakable)
 
@@ -48,6 +51,7 @@ def create_dashboard(status: FleetStatus, traffic_figures: Traffic) -> Blueprint
         agents = [with_display_fields(a, by_addr.get(a["external_llamacpp_addr"])) for a in status.agents()]
         return render_template("fleet.html", agents=agents, health=status.health(), traffic=traffic,
                                models=status.models(), unnamed_waiting=status.waiting_without_model(),
+                               tenants=status.tenant_rows(usage()),
                                fleet_figures={**display_figures(traffic["fleet"]),
                                               **current_rates(traffic["series"], range_name)},
                                range_name=range_name,

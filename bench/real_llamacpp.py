@@ -49,11 +49,12 @@ def make_models() -> dict[str, harness.Path]:
     return {"tiny": out / "tiny.gguf", "slow": out / "slow.gguf"}
 
 
-def llama_server(binary: harness.Path, model: harness.Path, name: str) -> harness.Service:
+def llama_server(binary: harness.Path, model: harness.Path, name: str, parallel: int = 4) -> harness.Service:
     port = harness.free_port()
     slots = ["--slots"] if binary.name.endswith("b4748") else []
     proc = harness.spawn(name, [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np",
-                                "4", "-c", "4096", "-t", "1", "--threads-http", "80", "--metrics", *slots])
+                                str(parallel), "-c", str(1024 * parallel), "-t", "1", "--threads-http", "80",
+                                "--metrics", *slots])
     harness.wait_port(port)
     deadline = time.monotonic() + 30
     while requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 200:

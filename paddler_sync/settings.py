@@ -104,8 +104,8 @@ SETTINGS: tuple[Setting, ...] = (
             "instead of the client's.", B, default=False, switch=True),
     Setting("slots-endpoint-enable", "Let /slots through the proxy (it shows other users' prompts).",
             B, default=False, switch=True),
-    Setting("max-buffered-requests", "How many requests may wait for a free slot; more get 429. "
-            "0 turns buffering off.", B, count, 30),
+    Setting("max-buffered-requests", "How many requests may wait for a free slot; more get 429. With --tenants, "
+            "how many of each tenant's. 0 turns buffering off.", B, count, 30),
     Setting("buffered-request-timeout", "How long a request may wait for a free slot before it gets 504 "
             "(waiting only, never generation).", B, duration, 10.0, metavar="SECONDS"),
     Setting("default-model", "The model of a request that names none (its body has no 'model', a GET no "

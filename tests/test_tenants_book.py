@@ -9,7 +9,7 @@ import pytest
 
 from paddler_sync.tenants.book import TenantsError, parse_tenants
 from paddler_sync.tenants.rates import LocalRates
-from paddler_sync.tenants.rule import Share, Verdict, admits, rank
+from paddler_sync.tenants.rule import Load, Share, Verdict, admits, rank
 
 GOOD = """
 [tenants.chat]
@@ -68,7 +68,9 @@ def test_the_rule_caps_keeps_reservations_and_ranks() -> None:
     assert admits(batch, {"batch": 1}, 1, rivals) is Verdict.RESERVED  # the last free slot is chat's
     assert admits(chat, {"batch": 1}, 1, rivals) is Verdict.MAY
     assert admits(batch, {"batch": 1, "chat": 1}, 1, rivals) is Verdict.MAY  # chat holds its reservation
-    assert rank(chat, 3) < rank(batch, 0) and rank(Share("x", weight=2), 2) == rank(Share("y"), 1)
+    assert rank(chat, Load({"chat": 3})) < rank(batch, Load())
+    assert rank(Share("x", weight=2), Load({"x": 2})) == rank(Share("y"), Load({"y": 1}))
+    assert rank(Share("x"), Load(turns={"x": 7})) > rank(Share("y"), Load(turns={"y": 3}))  # y was served longer ago
 
 
 def test_a_sliding_minute_admits_counts_and_says_when() -> None:

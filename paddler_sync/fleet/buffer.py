@@ -29,7 +29,7 @@ from paddler_sync.endings import Ending
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Score
 from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, TicketLost
-from paddler_sync.tenants.rule import rank
+from paddler_sync.tenants.rule import Load, rank
 
 DRAIN_WINDOW = 60.0  # seconds of served waiters the drain rate is measured over
 DRAIN_SAMPLES = 4096
@@ -172,10 +172,17 @@ class RequestBuffer:
             reservation = self.ledger.reserve(None, model, need, not self.per_model, score, claim)
             if reservation is not None:
                 return reservation, 0.0
-        if self._count >= self.max_waiting:
-            raise BufferFull(self._full_message())
+        if self._waiting_as(waiter) >= self.max_waiting:
+            raise BufferFull(self._full_message(waiter.tenant))
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         return self._wait(waiter, client, timeout, rank_now=others_wait and claim is not None)
+
+    def _waiting_as(self, waiter: Waiter) -> int:
+        """The requests waiting that count against its room: all of them, or with tenants its tenant's (one
+        tenant's flood must not leave no room for the others)."""
+        if waiter.tenant is None:
+            return self._count
+        return sum(len(queue) for (_, tenant), queue in self._queues.items() if tenant == waiter.tenant)
 
     def _has_waiters(self, queue: str | None) -> bool:
         return any(model == queue for model, _ in self._queues)
@@ -204,8 +211,8 @@ class RequestBuffer:
             heads = [queue[0] for key, queue in self._queues.items() if key not in blocked]
             if not heads:
                 break
-            held = self.ledger.held() if heads[0].claim is not None else {}
-            head = min(heads, key=lambda waiter: _order(waiter, held))
+            load = self.ledger.tenant_load() if heads[0].claim is not None else Load()
+            head = min(heads, key=lambda waiter: _order(waiter, load))
             served = self._serve(head)
             if served is None:
                 return  # the shared ledger is unreachable: the waiters keep waiting; its refresh tries again
@@ -360,15 +367,16 @@ class RequestBuffer:
             self.ledger.waiting_changed(False)
         return True
 
-    def _full_message(self) -> str:
+    def _full_message(self, tenant: str | None = None) -> str:
         if self.max_waiting == 0:
             return "every llama.cpp slot is busy and buffering is off (--max-buffered-requests 0); retry later"
-        return (f"every llama.cpp slot is busy and {self.max_waiting} requests already wait "
-                f"(--max-buffered-requests); retry later")
+        whose = f" of tenant {tenant!r}" if tenant is not None else ""
+        return (f"every llama.cpp slot is busy and {self.max_waiting} requests{whose} already wait "
+                f"(--max-buffered-requests{', per tenant' if whose else ''}); retry later")
 
 
-def _order(waiter: Waiter, held: dict[str, int]) -> tuple[int, float, float]:
+def _order(waiter: Waiter, load: Load) -> tuple[int, float, int, float]:
     """Which head goes first: the tenant rule's rank (none without tenants), then the oldest."""
     if waiter.claim is None:
-        return 0, 0.0, waiter.since
-    return (*rank(waiter.claim.share, held.get(waiter.claim.tenant, 0)), waiter.since)
+        return 0, 0.0, 0, waiter.since
+    return (*rank(waiter.claim.share, load), waiter.since)

@@ -33,6 +33,7 @@ from paddler_sync.fleet.models import ANY, UNLOADED, Serving
 from paddler_sync.fleet.policy import MostFreeSlots, Policy, Score, preference
 from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
 from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, TicketLost, Upstream, as_of_now
+from paddler_sync.tenants.rule import Load
 
 WAIT_SAFETY = 2.0  # a full server's foreseen wait counts this many times over: its requests often run late
 WAIT_MARGIN_SECONDS = 0.1  # and waiting there must save at least this much more than it costs
@@ -73,6 +74,10 @@ class Ledger:
     def held(self) -> dict[str, int]:
         """Slots each tenant holds now (--tenants), as the store has them."""
         return self.store.held()
+
+    def tenant_load(self) -> Load:
+        """The tenants' slots held and turns, as the tenant rule ranks them."""
+        return Load(self.store.held(), self.store.turns())
 
     def return_ticket(self, ticket: Ticket | None) -> None:
         """A waiter left without a slot: its place in the shared queue goes."""

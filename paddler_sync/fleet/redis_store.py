@@ -96,6 +96,7 @@ class RedisStore:
         self.leases: dict[str, str] = {}  # this worker's live leases: lease id -> server key
         self.lease_tenants: dict[str, str] = {}  # and the tenant of each that has one (--tenants)
         self.tenants_held: dict[str, int] = {}  # slots each tenant holds, fleet-wide, as of the last refresh
+        self.tenant_turns: dict[str, int] = {}  # and each one's last take's turn (take.lua ranks by them)
         self.has_waiters = False
         self.unreturned_tickets: set[Ticket] = set()
 
@@ -151,7 +152,7 @@ class RedisStore:
                            ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)]
         if claim is not None:
             self._tenant_arguments(claim, model, pool, keys, args)
-        outcome, total, in_flight, external, draining = self.call("take", keys, args)
+        outcome, total, in_flight, external, draining, *turn = self.call("take", keys, args)
         outcome = TakeOutcome(outcome)
         if outcome in (TakeOutcome.TAKEN, TakeOutcome.FULL, TakeOutcome.UNUSABLE):
             upstream.set_counts(total, in_flight, external, draining)
@@ -161,17 +162,19 @@ class RedisStore:
         if tenant is not None:
             self.lease_tenants[lease] = tenant
             self.tenants_held[tenant] = self.tenants_held.get(tenant, 0) + 1
+            self.tenant_turns[tenant] = int(turn[0])
         return Take(outcome, lease)
 
     def _tenant_arguments(self, claim: Claim, model: str | None, pool: tuple[Upstream, ...], keys: list[str],
                           args: list[Any]) -> None:
         """The tenant rule's inputs for take.lua: every rival's queue, leases and numbers, and the pool."""
         rivals = claim.rivals if claim.share in claim.rivals else (*claim.rivals, claim.share)
+        keys += [f"{self.prefix}:turns", self.turns_key]
         keys += [self.tenant_queue(model, r.name) for r in rivals]
         keys += [self.tenant_leases(r.name) for r in rivals]
         args += [len(rivals), rivals.index(claim.share) + 1]
         for r in rivals:
-            args += [r.priority, repr(r.weight), r.reserved_slots, r.max_slots]
+            args += [r.name, r.priority, repr(r.weight), r.reserved_slots, r.max_slots]
         counted = () if all(r.reserved_slots == 0 for r in rivals) else pool
         args.append(len(counted))
         for server in counted:
@@ -180,19 +183,29 @@ class RedisStore:
     def held(self) -> dict[str, int]:
         return {name: count for name, count in self.tenants_held.items() if count}
 
+    def turns(self) -> dict[str, int]:
+        return self.tenant_turns
+
+    @property
+    def turns_key(self) -> str:
+        return f"{self.prefix}:tenant_turns"
+
     def refresh_held(self, tenants: list[str]) -> None:
         """Every tenant's slots held fleet-wide (all workers and balancers), for ordering and the gauges."""
         if not tenants:
             return
         now_ms = int(self._guarded(self.client.time)[0]) * 1000
 
-        def read() -> list[int]:
+        def read() -> list[Any]:
             with self.client.pipeline(transaction=False) as pipe:
                 for tenant in tenants:
                     pipe.zcount(self.tenant_leases(tenant), now_ms, "+inf")
+                pipe.hgetall(self.turns_key)
                 return pipe.execute()
 
-        self.tenants_held = dict(zip(tenants, self._guarded(read), strict=True))
+        *held, turns = self._guarded(read)
+        self.tenants_held = dict(zip(tenants, held, strict=True))
+        self.tenant_turns = {name: int(turn) for name, turn in turns.items()}
 
     def release(self, reservation: Reservation, draining: bool) -> bool:
         """release.lua; a Redis that cannot be reached lets the lease expire by itself."""

@@ -69,6 +69,10 @@ class SlotStore(Protocol):
         """Slots each tenant holds now (--tenants)."""
         ...
 
+    def turns(self) -> dict[str, int]:
+        """When each tenant last took a slot, as a number that grows with every take (--tenants)."""
+        ...
+
     def release(self, reservation: Reservation, draining: bool) -> bool:
         """True when the slot was still held (and capacity may have grown)."""
         ...
@@ -110,6 +114,8 @@ class LocalStore:
         self.current: dict[str, Upstream] = {}  # the server each key names now (a new address replaces it)
         self.reported_at: dict[str, float] = {}
         self.tenants_held: dict[str, int] = {}
+        self.tenant_turns: dict[str, int] = {}
+        self.turn = 0
 
     def take(self, upstream: Upstream, now: float, ticket: Ticket | None, beyond_slots: bool,
              model: str | None = None, claim: Claim | None = None, pool: tuple[Upstream, ...] = ()) -> Take:
@@ -125,11 +131,16 @@ class LocalStore:
             if verdict is not Verdict.MAY:
                 return Take(REFUSED_BY_RULE[verdict])
             self.tenants_held[claim.tenant] = self.tenants_held.get(claim.tenant, 0) + 1
+            self.turn += 1
+            self.tenant_turns[claim.tenant] = self.turn
         upstream.in_flight += 1
         return Take(TakeOutcome.TAKEN)
 
     def held(self) -> dict[str, int]:
         return {name: count for name, count in self.tenants_held.items() if count}
+
+    def turns(self) -> dict[str, int]:
+        return self.tenant_turns
 
     def release(self, reservation: Reservation, draining: bool) -> bool:
         if reservation.tenant is not None:  # the tenant's count goes down even when the server has gone

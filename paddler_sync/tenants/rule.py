@@ -1,7 +1,9 @@
 """The scheduling rule between tenants, pure: whose waiting request goes next, and who may take a slot now.
 
 When a slot frees, among the requests waiting for it: the highest ``priority`` first; within a priority, the
-tenant holding the fewest slots per unit of ``weight``; first come, first served within a tenant. A tenant at its
+tenant holding the fewest slots per unit of ``weight``; between tenants that tie, the one whose last slot was
+taken longest ago (so a tie does not always go to the tenant with the longest queue: with three slots and two
+tenants, each gets the odd slot in turn); first come, first served within a tenant. A tenant at its
 ``max_slots`` waits. ``reserved_slots`` are kept fleet-wide: a tenant may take a slot only if the slots still free
 after it cover what every other tenant (that may use those servers) holds short of its reservation. No running
 generation is ever cut to make room: the rule only decides who gets the next free slot.
@@ -13,7 +15,7 @@ with the take across every worker and balancer); ``tests/test_tenant_rule.py`` h
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 
@@ -36,9 +38,19 @@ class Verdict(IntEnum):
     RESERVED = 2  # the free slots left are kept for other tenants' reservations
 
 
-def rank(share: Share, held: int) -> tuple[int, float]:
-    """Smaller goes first: higher priority, then fewer slots held per unit of weight (FIFO breaks the tie)."""
-    return (-share.priority, held / share.weight)
+@dataclass(frozen=True)
+class Load:
+    """What the tenants hold now: slots, by tenant, and the turn of each one's last slot taken (a number that
+    grows with every take; absent: never)."""
+
+    held: Mapping[str, int] = field(default_factory=dict)
+    turns: Mapping[str, int] = field(default_factory=dict)
+
+
+def rank(share: Share, load: Load) -> tuple[int, float, int]:
+    """Smaller goes first: higher priority, then fewer slots held per unit of weight, then the tenant served
+    least recently (its own requests then go first come, first served)."""
+    return (-share.priority, load.held.get(share.name, 0) / share.weight, load.turns.get(share.name, 0))
 
 
 def admits(share: Share, held: Mapping[str, int], free: int, rivals: Iterable[Share]) -> Verdict:

@@ -429,3 +429,52 @@ def test_one_balancer_with_two_workers_serves_in_arrival_order(fleet: Fleet, red
                                headers={"Connection": "close"}).json()  # and so do the dashboards' figures
         assert traffic["fleet"]["requests"] == 10 and traffic["fleet"]["tokens"] == 100
         assert [s["requests"] for s in traffic["servers"]] == [10]
+
+
+def test_tenant_caps_and_a_put_hold_across_every_worker_and_balancer(fleet: Fleet, redis_server: RedisServer) -> None:
+    """Two balancers of two workers each, one Redis prefix, one tenants file each: the batch tenant's max_slots = 1
+    holds fleet-wide (take.lua counts its leases), and a PUT on one balancer reaches both of its workers."""
+    tenants = fleet.workdir / "tenants.toml"
+    tenants.write_text('[tenants.batch]\nkeys = ["sk-b"]\nmax_slots = 1\n\n[tenants.chat]\nkeys = ["sk-c"]\n')
+    fleet.redis_url = redis_server.url
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    balancers = [fleet.balancer("--workers", "2", "--tenants", str(tenants), "--buffered-request-timeout", "60",
+                                "--management-token", "tok", prefix=prefix) for _ in range(2)]
+    sims = [fleet.simulator("--parallel", "3", "--decode-tokens-per-second", "80") for _ in range(2)]
+    for i, sim in enumerate(sims):
+        fleet.agent(sim.port, balancers[i].extra["management_port"], "--name", f"s{i}", "--management-token", "tok",
+                    interval=INTERVAL)
+    for balancer in balancers:
+        wait_until(lambda b=balancer: len(agents_with_token(b)) == 2)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], sum(sim_stats(s)["requests_processing"] for s in sims))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: requests.post(balancers[i % 2].extra["proxy"] + "/completion", timeout=60,
+                                                        headers={"Authorization": "Bearer sk-b"},
+                                                        json={"prompt": "x", "n_predict": 12}), range(8)))
+    stop.set()
+    sampler.join(5)
+    assert [a.status_code for a in answers] == [200] * 8 and peak[0] == 1  # never two batch slots at once
+    put = requests.put(balancers[0].extra["management"] + "/api/v1/tenants", headers={"Authorization": "Bearer tok"},
+                       data='[tenants.batch]\nkeys = ["sk-new"]\n', timeout=5)
+    assert put.status_code == 200
+
+    def everywhere() -> bool:  # each new connection may land on either worker
+        new_key = {"Authorization": "Bearer sk-new"}
+        return all(requests.post(balancers[0].extra["proxy"] + "/completion", headers=new_key, timeout=10,
+                                 json={"prompt": "x", "n_predict": 1}).status_code == 200 for _ in range(8))
+
+    wait_until(everywhere, message="the new tenants in both workers")
+    assert "Traceback" not in balancers[0].log()
+
+
+def agents_with_token(balancer: Proc) -> list[dict]:
+    return requests.get(balancer.extra["management"] + "/api/v1/agents", headers={"Authorization": "Bearer tok"},
+                        timeout=5).json()["agents"]

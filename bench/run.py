@@ -5,7 +5,8 @@ HAProxy and nginx; (2) the buffer at scale; (3) fleet efficiency against round r
 least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (3b) two models, per-model queues
 against one shared queue; (3c) multi-turn conversations, prompt-cache affinity against the plain rules; (4) the
 Redis ledger; (5) closed-loop throughput on real llama-servers against
-least-connections and round robin; (6) rolling model swaps under streaming load (the supervisor).
+least-connections and round robin; (6) rolling model swaps under streaming load (the supervisor); (7) many users,
+one fleet: a chat beside batch jobs, first-come-first-served against the tenant rule (real llama-servers).
 Contenders alternate within each repetition and the tables show medians, because this 2-core machine is
 shared and noisy.
 Benchmarks report; tests never assert these timings.
@@ -35,6 +36,7 @@ from bench.real_llamacpp import real_llamacpp
 from bench.report import write_report
 from bench.shared import shared_ledger
 from bench.swap import model_swaps
+from bench.tenants import tenants_bench
 
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = '{"prompt":"hi","n_predict":1}'
@@ -169,7 +171,7 @@ def machine() -> dict[str, str]:
                                if line.startswith("model name")), "unknown")}
 
 
-SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real", "swaps")
+SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real", "swaps", "tenants")
 
 
 def main() -> None:
@@ -183,8 +185,8 @@ def main() -> None:
                                "command": "make bench-quick" if args.quick else "make bench",
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     previous = harness.ROOT / "bench" / "results.json"
-    if args.only and previous.exists():
-        results = {**json.loads(previous.read_text()), **results}
+    if args.only and previous.exists():  # the other sections keep their figures and the date they were measured
+        results = {**results, **json.loads(previous.read_text())}
     def save() -> None:  # after every section, so a failure later loses nothing
         results["elapsed_s"] = time.time() - started
         previous.write_text(json.dumps(results, indent=1, default=str))
@@ -227,6 +229,11 @@ def main() -> None:
     if "swaps" in sections:
         print("model swaps under streaming load", flush=True)
         results["swaps"] = model_swaps()
+        save()
+    if "tenants" in sections:
+        print("many users, one fleet: FIFO against the tenant rule on real llama-servers", flush=True)
+        results["tenants"] = tenants_bench(seconds=20 if args.quick else 45, reps=1 if args.quick else 2)
+        results["tenants"]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         save()
     print(f"wrote bench/RESULTS.md in {results['elapsed_s']:.0f}s", flush=True)
 

@@ -13,7 +13,8 @@ tokens (llama.cpp's ``tokens_predicted``) and the 2-client user's share of them,
 requests, how often a request waited inside llama.cpp (its ``requests_deferred``, sampled every 250 ms) and how
 many slots each decode step ran (``n_busy_slots_per_decode``).
 The two loaded phases run ``reps`` times in turns (fifo, tenants, tenants, fifo...): the machine's speed drifts.
-``python -m bench.tenants [SECONDS [REPS]]`` (default 45 s, 2) writes bench/tenants.json and prints the table.
+``python -m bench.tenants [SECONDS [REPS]]`` (default 45 s, 2) writes bench/out/tenants.json and prints the table;
+``bench/run.py --only tenants`` puts it in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 45.0
     results = tenants_bench(seconds, reps=int(sys.argv[2]) if len(sys.argv) > 2 else 2)
-    (harness.ROOT / "bench" / "tenants.json").write_text(json.dumps(results, indent=2))
+    harness.OUT.mkdir(parents=True, exist_ok=True)
+    (harness.OUT / "tenants.json").write_text(json.dumps(results, indent=2))
     if "phases" in results:
         print(table(results))
 

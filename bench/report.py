@@ -342,8 +342,9 @@ def tenants_section(t: dict[str, Any]) -> list[str]:
             "summed). Time to first token is the chat client's, to its first event. The 2-client user's share is of "
             "the batch users' generated tokens (llama.cpp's `tokens_predicted`). bench/tenants.py.", "",
             table(t), "",
-            "The reserved slot is idle whenever the chat is (1.45 slots busy per decode step with tenants against 1.97 "
-            "without, in this run), yet the tokens per second are within the noise of FIFO's: with one compute "
+            "The reserved slot is idle whenever the chat is ("
+            f"{t['phases']['tenants']['occupancy']:.2f} slots busy per decode step with tenants against "
+            f"{t['phases']['fifo']['occupancy']:.2f} without), yet the tokens per second are about FIFO's: with one compute "
             "thread, the slow model's decode here is compute-bound, and a server makes about as many tokens with one "
             "sequence as with two. Where batching scales (a GPU), an idle reserved slot costs up to its share of "
             "the fleet's throughput while its tenant is idle: that is what `reserved_slots` buys the chat's first "

@@ -11,7 +11,8 @@ from tests.helpers import ROOT
 PACKAGE = ROOT / "paddler_sync"
 PURE_CORE = ("paddler_sync.endings", "paddler_sync.counters", "paddler_sync.fleet.store",
              "paddler_sync.fleet.upstream", "paddler_sync.fleet.policy", "paddler_sync.fleet.ledger",
-             "paddler_sync.fleet.speed", "paddler_sync.traffic")
+             "paddler_sync.fleet.speed", "paddler_sync.traffic", "paddler_sync.tenants.rule",
+             "paddler_sync.tenants.book", "paddler_sync.tenants.rates")
 IO_MODULES = ("gevent", "greenlet", "redis", "requests", "urllib3", "socket", "flask", "gunicorn", "select",
               "threading", "subprocess", "http", "paddler_sync.fleet.redis_store", "paddler_sync.proxy",
               "paddler_sync.management", "paddler_sync.balancer")

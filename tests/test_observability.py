@@ -164,3 +164,21 @@ def test_dashboard_fragment_escapes_agent_names(fleet: Fleet) -> None:
     fragment = requests.get(balancer.extra["management"] + "/dashboard/fleet", timeout=5).text
     assert "<script>alert(1)</script>" not in fragment and "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment
 
+
+
+def test_statsd_says_what_each_tenant_holds_and_used(fleet: Fleet, udp: UdpListener) -> None:
+    tenants = fleet.workdir / "tenants.toml"
+    tenants.write_text('[tenants.chat]\nkeys = ["sk-statsd-chat"]\n\n[tenants.batch]\nkeys = ["sk-statsd-batch"]\n')
+    balancer, _ = start_fleet(fleet, [2], "--statsd-addr", f"127.0.0.1:{udp.port}", "--statsd-reporting-interval",
+                              "0.2", "--tenants", str(tenants))
+    answers = [requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "hi", "n_predict": 6},
+                             headers={"Authorization": f"Bearer {key}"}, timeout=10) for key in
+               ("sk-statsd-chat", "sk-statsd-chat", "sk-wrong")]
+    assert [a.status_code for a in answers] == [200, 200, 401]
+    lines = udp.drain(1.0)
+    assert sum(values(lines, "paddler.tenants.chat.requests.served", "c")) == 2
+    assert sum(values(lines, "paddler.tenants.chat.tokens.generated", "c")) == 12
+    assert sum(values(lines, "paddler.tenants.chat.slot_seconds", "c")) > 0
+    assert values(lines, "paddler.tenants.chat.in_flight", "g")[-1] == 0
+    assert values(lines, "paddler.tenants.batch.waiting", "g")[-1] == 0
+    assert not any("sk-statsd" in line for line in lines)

@@ -220,3 +220,21 @@ def test_one_tenants_flood_leaves_room_in_the_buffer_for_the_others(make_ledger)
     settle()
     assert real.buffer.waiting_by_tenant() == {"flood": 2, "other": 1}
     real.close()
+
+
+def test_a_tenants_backlog_on_one_model_never_delays_another_models_requests(make_ledger) -> None:  # type: ignore[no-untyped-def]
+    """Per-model queues stay: the tenant rule orders the waiters of each model, and a high-priority flood for m1
+    takes nothing from a low-priority request for m2, whose server is free."""
+    from paddler_sync.fleet.models import Serving
+
+    ledger = make_ledger()
+    ledger.report("a", "10.0.0.1:1", 2, 0, True, serving=Serving("m1", frozenset({"m1"})))
+    ledger.report("b", "10.0.0.2:1", 1, 0, True, serving=Serving("m2", frozenset({"m2"})))
+    buffer = RequestBuffer(ledger, max_waiting=100, timeout=100)
+    urgent, slow = Share("urgent", priority=10), Share("slow")
+    flood = [gevent.spawn(buffer.acquire, model="m1", claim=Claim(urgent, (urgent, slow))) for _ in range(5)]
+    settle()
+    assert buffer.waiting_by_tenant() == {"urgent": 3}
+    reservation, waited = buffer.acquire(model="m2", claim=Claim(slow, (urgent, slow)))
+    assert reservation.addr == "10.0.0.2:1" and waited == 0.0
+    gevent.killall(flood)

@@ -24,6 +24,10 @@ models it serves as JSON); sorted sets
 ``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
 waiters → mark expiry); sorted sets ``PREFIX:queue`` (requests naming no model) and ``PREFIX:queue:model:NAME``
 (one per model named; ticket ``WORKER:N`` → N) and counter ``PREFIX:tickets``; channel ``PREFIX:capacity``;
+with tenants (``--tenants``): each queue is one per tenant (``...:tenant:NAME``), sorted sets
+``PREFIX:tenant:NAME:leases`` (the tenant's slots, expiring like the servers' leases), counter ``PREFIX:turns`` and
+hash ``PREFIX:tenant_turns`` (each tenant's last take), and strings ``PREFIX:rate:NAME:KIND:MINUTE``
+(paddler_sync/fleet/redis_rates.py);
 per balancer (``B`` is ``HOST:MASTER_PID``) hash
 ``PREFIX:counts:B`` (its counts, a day's TTL) and hashes ``PREFIX:counts:B:traffic:RANGE:INDEX`` (the dashboards'
 sums per bucket, the range's TTL). Lease expiry uses

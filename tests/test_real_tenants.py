@@ -27,11 +27,12 @@ keys = ["sk-real-batch"]
 """
 
 
-def fleet_with_tenants(fleet: Fleet, build: Build, models: dict[str, Path], slots: int) -> tuple[Proc, Proc]:
+def fleet_with_tenants(fleet: Fleet, build: Build, models: dict[str, Path], slots: int,
+                       model: str = "tiny") -> tuple[Proc, Proc]:
     path = fleet.workdir / "tenants.toml"
     path.write_text(TENANTS)
     balancer = fleet.balancer("--tenants", str(path), "--upstream-api-key", UPSTREAM_KEY)
-    server = spawn_llama_server(fleet, build, models["tiny"], "-np", str(slots), "-c", str(1024 * slots),
+    server = spawn_llama_server(fleet, build, models[model], "-np", str(slots), "-c", str(1024 * slots),
                                 "--api-key", UPSTREAM_KEY, *build.slots_flags())
     fleet.agent(server.port, balancer.extra["management_port"], "--name", "real", "--llamacpp-api-key", UPSTREAM_KEY,
                 interval=0.2)
@@ -67,7 +68,7 @@ def test_keys_stay_at_the_balancer_and_tokens_are_llamacpps(fleet: Fleet, build:
 
 def test_the_reserved_slot_and_priority_decide_with_nothing_queued_inside(fleet: Fleet, build: Build,
                                                                            llamacpp_models) -> None:
-    balancer, server = fleet_with_tenants(fleet, build, llamacpp_models, 2)
+    balancer, server = fleet_with_tenants(fleet, build, llamacpp_models, 2, model="slow")  # batches last seconds
     deferred = [0.0]
     stop = threading.Event()
 

@@ -5,7 +5,7 @@
     _connect      take a slot (or wait in the buffer), open the upstream request; on a refused
                   connection quarantine that server and try another, while nothing was sent;
                   a client that leaves meanwhile cuts the upstream call (llama.cpp stops too)
-    Relay         stream each upstream chunk to the client as it arrives
+    Relay         stream each upstream chunk to the client as it arrives (paddler_sync/proxy/relay.py)
     Relay.close   the one place a slot is given back: normal end, client gone, upstream error
 
 The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot leak.
@@ -14,25 +14,21 @@ The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import json
 import logging
 import math
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import urllib3.exceptions
 from gevent.pool import Group
 
 from paddler_sync.endings import Ending
-from paddler_sync.errors import OWN_ANSWER, error_body, error_bytes, status_line
+from paddler_sync.errors import OWN_ANSWER, error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
-from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate, PromptSeen
-from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
+from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate
+from paddler_sync.fleet.speed import DecodeSpeeds
 from paddler_sync.fleet.upstream import Claim, Reservation
 from paddler_sync.proxy import queue_updates, response_writer
 from paddler_sync.proxy import upstream as up
@@ -41,9 +37,9 @@ from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
 from paddler_sync.proxy.records import Recorder
 from paddler_sync.proxy.refusal import ProxyError
+from paddler_sync.proxy.relay import Relay, client_watch
 from paddler_sync.proxy.routing import ModelRouting, Route
 from paddler_sync.proxy.tenancy import Tenancy
-from paddler_sync.sockets import ClientWatch
 
 if TYPE_CHECKING:
     from paddler_sync.fleet.ledger import Ledger
@@ -53,7 +49,6 @@ logger = logging.getLogger("paddler_sync.proxy")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Any]
 MAX_CONNECT_ATTEMPTS = 16
-HEAD_AFTER = 0.5  # an event stream with no event yet this long after its head: the head goes to the client
 
 
 class ProxyApp:
@@ -304,121 +299,6 @@ class ProxyApp:
     # --- the response ---------------------------------------------------------------------------------
 
 
-class Relay:
-    """The response body: each upstream chunk is passed on as it arrives.
-
-    A WSGI server calls ``close()`` however the response ends (even before the first chunk, when
-    a generator's own ``finally`` would never run), so the slot is given back there, exactly once.
-    """
-
-    def __init__(self, proxy: ProxyApp, environ: dict[str, Any], start_response: StartResponse,
-                 response: UpstreamAnswer, reservation: Reservation, waited: float, started: float,
-                 tokens: int | None = None) -> None:
-        self.proxy = proxy
-        self.environ = environ
-        self.start_response = start_response
-        self.response = response
-        self.reservation = reservation
-        self.waited = waited
-        self.started = started
-        self.sent = 0
-        self.first_byte: float | None = None
-        self.head_out = False  # the head went ahead of the body (an event stream slow to start)
-        self.ending = Ending.CLIENT_GONE
-        self.closed = False
-        self.response_status = response.status
-        self.tokens = tokens  # the generation limit asked for, when --early-dispatch foresees ends
-        self.last_chunk = self.chunk_before = b""  # the final event (with its token count) may precede [DONE]
-        self.streamed = "event-stream" in (response.headers.get("Content-Type") or "")
-        self.seen: PromptSeen | None = None  # the prompt's prefix as the balancer knew it (first-token routing)
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            for chunk in self.response.pieces(head_after=HEAD_AFTER if self.streamed else None):
-                if not chunk:  # the head now, the body when it comes
-                    self.head_out = True
-                    yield chunk
-                    continue
-                if self.first_byte is None:
-                    self.first_byte = time.monotonic()
-                self.sent += len(chunk)
-                self.chunk_before, self.last_chunk = self.last_chunk, chunk
-                yield chunk
-            self.ending = Ending.DONE
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            self.ending = Ending.UPSTREAM_ERROR
-            logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
-                           self.sent, type(exc).__name__)
-            if self.sent == 0 and not self.head_out:  # nothing reached the client yet (the head goes with the body)
-                yield self._replace_with_error()
-            else:
-                if self.streamed:
-                    yield self._stream_error()
-                abort_client_connection(self.environ)
-        finally:
-            self.close()
-
-    def _learn_speed(self, generated: int | None) -> None:
-        """Its time in llama.cpp over the tokens it generated: how fast this server goes at present."""
-        tokens = generated or self.tokens or 0
-        started = self.started + self.waited
-        self.proxy.speeds.learn(self.reservation.addr, time.monotonic() - started, tokens)
-
-    def generated(self) -> int | None:
-        """The tokens llama.cpp says it generated (its final event's usage / timings), once the answer ended."""
-        if self.ending is not Ending.DONE or self.response_status != 200:
-            return None
-        return generated_tokens(self.chunk_before[-4096:] + self.last_chunk[-4096:])
-
-    def prompt(self) -> tuple[int, int] | None:
-        """The prompt's tokens and those llama.cpp's cache held, from its timings; what they teach is learned."""
-        if self.ending is not Ending.DONE or self.response_status != 200 or not self.reservation.uses_slot:
-            return None
-        timings = read_timings(self.chunk_before[-8192:] + self.last_chunk[-8192:])
-        if timings is None:
-            return None
-        if self.proxy.awareness is not None:
-            self.proxy.awareness.answered(self.reservation.upstream.key, self.seen, timings)
-        return timings.prompt_processed + timings.prompt_cached, timings.prompt_cached
-
-    def _stream_error(self) -> bytes:
-        """The reason, as llama.cpp's own mid-stream error line, before the connection is cut: a server out of
-        service (drained for a swap or because its agent stops, or reported down) stopped before this answer
-        ended. The balancer does not know why it stopped, so it does not guess (a timeout, a kill)."""
-        if not self.reservation.upstream.routable:
-            message = (f"the llama.cpp server at {self.reservation.addr} stopped while draining or out of service "
-                       "(a model swap, its agent stopping, or a failure) before this answer ended; send the request "
-                       "again")
-        else:
-            message = f"the llama.cpp server at {self.reservation.addr} broke off its answer"
-        payload = error_body(502, message, "upstream_stopped")
-        payload["error"]["status"] = 502
-        return b"error: " + json.dumps(payload).encode() + b"\n\n"
-
-    def _replace_with_error(self) -> bytes:
-        """PEP 3333 lets an app change its status until the headers are sent: answer 502 instead."""
-        body = error_bytes(502, "the llama.cpp server broke off its answer before sending any of it")
-        self.response_status = 502
-        self.start_response(status_line(502), [("Content-Type", "application/json"),
-                                               ("Content-Length", str(len(body)))], sys.exc_info())
-        return body
-
-    def close(self) -> None:
-        """Close the upstream connection at once (llama.cpp frees its slot too), then give the slot back."""
-        if self.closed:
-            return
-        self.closed = True
-        self.response.close()  # a fully read answer's connection went back to the pool already; this cuts a live one
-        draining = self.ending is Ending.UPSTREAM_ERROR and self.reservation.uses_slot
-        self.proxy.ledger.release(self.reservation, draining=draining)
-        generated = self.generated()
-        if self.tokens is not None and self.ending is Ending.DONE and self.response_status == 200:
-            self._learn_speed(generated)
-        self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
-                          self.first_byte, self.sent, self.ending, self.first_byte if self.streamed else None,
-                          generated, self.prompt())
-
-
 def _headers_sent(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
     """A queued stream's headers went out before llama.cpp answered: its own are not sent."""
 
@@ -427,21 +307,3 @@ def _path_and_query(environ: dict[str, Any]) -> str:
     query = environ.get("QUERY_STRING")
     path = environ.get("PATH_INFO") or "/"
     return f"{path}?{query}" if query else path
-
-
-def client_socket(environ: dict[str, Any]) -> socket.socket | None:
-    return environ.get("gunicorn.socket")
-
-
-def client_watch(environ: dict[str, Any]) -> ClientWatch | None:
-    """Notices a client that closes its connection while its request waits (nothing is written then)."""
-    sock = client_socket(environ)
-    return ClientWatch(sock) if sock is not None else None
-
-
-def abort_client_connection(environ: dict[str, Any]) -> None:
-    """End a response visibly broken (no final chunk) when the upstream broke off mid-stream."""
-    sock = client_socket(environ)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)

@@ -60,6 +60,7 @@ class Counters:
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.quarantines = 0
+        self.retries = 0  # requests llama.cpp never answered, sent again (paddler_sync/proxy/retry.py)
         self.model_loads: dict[str, int] = {}  # requests that made a router load their model, by model id
         self.prompts: dict[str, tuple[int, int]] = {}  # by server address: prompt tokens, of which cached
         self.distributions = {name: Distribution() for name in DISTRIBUTIONS}
@@ -88,6 +89,9 @@ class Counters:
     def quarantined(self) -> None:
         self.quarantines += 1
 
+    def retried(self) -> None:
+        self.retries += 1
+
     def model_load(self, model: str) -> None:
         self.model_loads[model] = self.model_loads.get(model, 0) + 1
 
@@ -99,6 +103,7 @@ class Counters:
         """Every count as one flat map (what a shared store adds up)."""
         out: dict[str, float] = {f"outcome:{name}": count for name, count in self.outcomes.items()}
         out["quarantines"] = self.quarantines
+        out["retries"] = self.retries
         out.update({f"model_load:{model}": count for model, count in self.model_loads.items()})
         for addr, (prompt, cached) in self.prompts.items():
             out[f"prompt:{addr}"], out[f"cached:{addr}"] = prompt, cached
@@ -116,6 +121,7 @@ class Counters:
         for name in OUTCOMES:
             counters.outcomes[name] = int(fields.get(f"outcome:{name}", 0))
         counters.quarantines = int(fields.get("quarantines", 0))
+        counters.retries = int(fields.get("retries", 0))
         counters.model_loads = {key[len("model_load:"):]: int(value) for key, value in fields.items()
                                 if key.startswith("model_load:")}
         counters.prompts = {key[len("prompt:"):]: (int(value), int(fields.get("cached:" + key[len("prompt:"):], 0)))

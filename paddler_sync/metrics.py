@@ -77,6 +77,9 @@ class Metrics:
     def quarantined(self) -> None:
         self.counters.quarantined()
 
+    def retried(self) -> None:
+        self.counters.retried()
+
     def model_load(self, model: str | None) -> None:
         """A request sent to a router whose model was unloaded: it loads first."""
         self.counters.model_load(model or "")
@@ -105,6 +108,8 @@ class CountersCollector(Collector):
         yield requests
         yield CounterMetricFamily("paddler_quarantines", "Servers quarantined after a refused connection.",
                                   value=totals.quarantines)
+        yield CounterMetricFamily("paddler_requests_retried", "Requests llama.cpp never answered (its server failed "
+                                  "before the first byte), sent again.", value=totals.retries)
         prompts = CounterMetricFamily("paddler_agent_prompt_tokens", "Prompt tokens of the answers each server "
                                       "relayed (llama.cpp's timings).", labels=["addr"])
         cached = CounterMetricFamily("paddler_agent_prompt_tokens_cached", "Of those, the tokens its prompt cache "

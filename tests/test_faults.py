@@ -6,6 +6,7 @@ included) come from its Prometheus metrics, and must return to where they were b
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -29,6 +30,7 @@ from tests.helpers import (
     health,
     internals,
     settled,
+    sim_stats,
     start_fleet,
     wait_until,
 )
@@ -299,3 +301,82 @@ def test_processes_paused_and_resumed_like_a_partition(fleet: Fleet) -> None:
     wait_until(lambda: (a := agent_named(balancer, "p1")) and a["state"] == "ready")
     assert health(balancer)["slots_total"] == 4
     settled(balancer, baseline)
+
+
+def two_servers(fleet: Fleet, *sim_args: str) -> tuple[Proc, list[Proc]]:
+    balancer = fleet.balancer()
+    sims = [fleet.simulator("--parallel", "1", *sim_args) for _ in range(2)]
+    for i, sim in enumerate(sims):
+        fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
+    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] == "ready" for a in agents(balancer)))
+    return balancer, sims
+
+
+def kill_the_busy_one(sims: list[Proc], after: float = 0.0) -> Proc:
+    """SIGKILL the simulator that runs the request, ``after`` seconds after it began: it never answers."""
+    busy = wait_until(lambda: next((s for s in sims if sim_stats(s)["requests_processing"]), None),
+                      message="the request running")
+    time.sleep(after)
+    busy.kill()
+    return busy
+
+
+def retried(balancer: Proc) -> float:
+    metrics = requests.get(balancer.extra["management"] + "/metrics", timeout=5).text
+    return float(re.search(r"^paddler_requests_retried_total (\S+)$", metrics, re.M).group(1))
+
+
+def test_a_request_llamacpp_never_answered_goes_to_another_server(fleet: Fleet) -> None:
+    balancer, sims = two_servers(fleet, "--decode-tokens-per-second", "20")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(complete, balancer, 40)
+        killed = kill_the_busy_one(sims, 0.3)
+        result = answer.result(timeout=30)
+    assert result.status_code == 200 and result.json()["tokens_predicted"] == 40
+    survivor = next(s for s in sims if s is not killed)
+    assert sim_stats(survivor)["requests_total"] == 1 and retried(balancer) == 1
+    wait_until(lambda: "retried=1" in balancer.log(), message="the access line")
+    assert re.search(r"failed before answering \(\w+\): quarantined for 10s, sending the request again", balancer.log())
+
+
+@pytest.mark.parametrize("kill_after", [0.1, 1.0], ids=["before-the-head", "head-out-no-event"])
+def test_a_stream_with_no_event_relayed_is_sent_again_invisibly(fleet: Fleet, kill_after: float) -> None:
+    """Killed during prefill: before the balancer sent the head (0.5 s), or after it but before any event: the
+    client gets one whole stream, from the other server."""
+    balancer, sims = two_servers(fleet, "--prefill-ms-per-token", "1500", "--decode-tokens-per-second", "50")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(complete, balancer, 8, True)
+        kill_the_busy_one(sims, kill_after)
+        result = answer.result(timeout=30)
+    assert result.status_code == 200
+    events = [line for line in result.text.splitlines() if line.startswith("data: ")]
+    assert len(events) == 9 and '"stop":true' in events[-1].replace(" ", "")  # 8 tokens and the final event
+    assert retried(balancer) == 1
+
+
+def test_a_stream_already_relaying_is_cut_visibly_not_sent_again(fleet: Fleet) -> None:
+    balancer, sims = two_servers(fleet, "--decode-tokens-per-second", "10")
+    with requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=30,
+                       json={"prompt": "hello", "n_predict": 40, "stream": True}) as answer:
+        lines = answer.iter_lines()
+        assert next(line for line in lines if line.startswith(b"data: "))
+        kill_the_busy_one(sims)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in lines:
+                pass
+    assert retried(balancer) == 0
+
+
+def test_a_request_is_sent_again_once_and_only_to_another_server(fleet: Fleet) -> None:
+    with misbehaving_upstream("close") as first, misbehaving_upstream("close") as second:
+        lone = fleet_behind(fleet, first)
+        assert complete(lone, 1, timeout=10).status_code == 502
+        assert retried(lone) == 0  # no other server: the failure is the answer
+        balancer = fleet.balancer()
+        sim = fleet.simulator("--parallel", "2")
+        for name, port in (("bad1", first), ("bad2", second)):
+            fleet.agent(sim.port, balancer.extra["management_port"], "--name", name, "--external-llamacpp-addr",
+                        f"127.0.0.1:{port}", interval=INTERVAL)
+        wait_until(lambda: [a["state"] for a in agents(balancer)] == ["ready", "ready"])
+        assert complete(balancer, 1, timeout=10).status_code == 502
+        assert retried(balancer) == 1  # the second server's hang-up is answered: no third try

@@ -29,7 +29,7 @@ from paddler_sync.errors import OWN_ANSWER, error_bytes, status_line
 from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate
 from paddler_sync.fleet.speed import DecodeSpeeds
-from paddler_sync.fleet.upstream import Claim, Reservation
+from paddler_sync.fleet.upstream import Claim, Reservation, Upstream
 from paddler_sync.proxy import queue_updates, response_writer
 from paddler_sync.proxy import upstream as up
 from paddler_sync.proxy.answer import UpstreamAnswer
@@ -38,6 +38,7 @@ from paddler_sync.proxy.context_fit import ContextCheck
 from paddler_sync.proxy.records import Recorder
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.relay import Relay, client_watch
+from paddler_sync.proxy.retry import RETRIED, may_send_again
 from paddler_sync.proxy.routing import ModelRouting, Route
 from paddler_sync.proxy.tenancy import Tenancy
 
@@ -121,14 +122,16 @@ class ProxyApp:
                                                       ("Content-Length", str(len(body))), *exc.headers,
                                                       OWN_ANSWER])
             return [body]
-        return self._open_relay(environ, start_response, started, tokens, hashes, estimate, connected)
+        return self._open_relay(environ, start_response, started, tokens, hashes, estimate, connected, connect)
 
     def _open_relay(self, environ: dict[str, Any], start_response: StartResponse, started: float,
                     tokens: int | None, hashes: tuple[str, ...], estimate: FirstTokenEstimate | None,
-                    connected: tuple[Reservation, UpstreamAnswer, float]) -> Relay:
+                    connected: tuple[Reservation, UpstreamAnswer, float],
+                    again: Callable[[], tuple[Reservation, UpstreamAnswer, float]] | None = None) -> Relay:
+        """``again``: connects the request anew, when llama.cpp breaks off before the first byte relayed."""
         reservation, response, waited = connected
         start_response(f"{response.status} {response.reason}", up.response_headers(response))
-        relay = Relay(self, environ, start_response, response, reservation, waited, started, tokens)
+        relay = Relay(self, environ, start_response, response, reservation, waited, started, tokens, again)
         if self.awareness is not None and reservation.uses_slot:
             relay.seen = self.awareness.sent(reservation.upstream, hashes, estimate)
         return relay
@@ -213,9 +216,10 @@ class ProxyApp:
                                  waited=waited) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.release(reservation)
-                if not up.is_connect_failure(exc):
+                if up.is_connect_failure(exc):
+                    self._quarantine(reservation, exc)
+                elif not (may_send_again(environ, takes_slot, exc) and self.send_elsewhere(environ, reservation, exc)):
                     raise self._upstream_error(reservation, exc, waited) from None
-                self._quarantine(reservation, exc)
         raise ProxyError(502, f"no llama.cpp server accepted a connection after {MAX_CONNECT_ATTEMPTS} attempts",
                          ending=Ending.UPSTREAM_REFUSED, waited=waited)
 
@@ -279,6 +283,21 @@ class ProxyApp:
         if expected is not None:
             self.ledger.expect_end(reservation, self.ledger.clock() + expected)
 
+    def send_elsewhere(self, environ: dict[str, Any], reservation: Reservation, exc: BaseException) -> bool:
+        """A request llama.cpp never answered goes again (paddler_sync/proxy/retry.py) if another server could take
+        it: its server is quarantined (a healthy report from its agent lifts that), the retry counted and logged.
+        False, and nothing done, when no other usable server serves its model: the failure is the answer."""
+        failed, now = reservation.upstream, self.ledger.clock()
+        if not any(u is not failed and u.is_usable(now) and _alike(u, failed) for u in self.ledger.upstreams()):
+            return False
+        environ[RETRIED] = 1
+        self.metrics.retried()
+        if self.ledger.quarantine(failed.key, self.quarantine_seconds) is not None:
+            self.metrics.quarantined()
+        logger.warning("llama.cpp at %s failed before answering (%s): quarantined for %gs, sending the request "
+                       "again", reservation.addr, type(exc).__name__, self.quarantine_seconds)
+        return True
+
     def _quarantine(self, reservation: Reservation, exc: Exception) -> None:
         until = self.ledger.quarantine(reservation.upstream.key, self.quarantine_seconds)
         if until is not None:
@@ -297,6 +316,12 @@ class ProxyApp:
                           ending=Ending.UPSTREAM_ERROR, reservation=reservation, waited=waited)
 
     # --- the response ---------------------------------------------------------------------------------
+
+
+def _alike(upstream: Upstream, failed: Upstream) -> bool:
+    """It serves a model the failed server served (or either serves any model)."""
+    names, other = upstream.serving.names, failed.serving.names
+    return not names or not other or bool(names & other)
 
 
 def _headers_sent(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:

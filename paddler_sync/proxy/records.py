@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from paddler_sync.endings import Ending
 from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.proxy.retry import RETRIED
 from paddler_sync.proxy.tenancy import TENANT
 from paddler_sync.tenants.rates import Rates
 
@@ -40,10 +41,10 @@ class Recorder:
             return
         ttfb = f"{(first_byte - started) * 1000:.1f}ms" if first_byte else "-"
         access_log.info('%s "%s %s" %d upstream=%s wait=%.1fms ttfb=%s duration=%.1fms bytes=%d end=%s cached=%s '
-                        'tenant=%s', environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
+                        'tenant=%s retried=%d', environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                         environ.get("PATH_INFO", "/"), status, reservation.addr if reservation else "-",
                         waited * 1000, ttfb, (now - started) * 1000, sent, ending,
-                        f"{prompt[1]}/{prompt[0]}" if prompt else "-", tenant or "-")
+                        f"{prompt[1]}/{prompt[0]}" if prompt else "-", tenant or "-", environ.get(RETRIED, 0))
 
     def _tenant_done(self, tenant: str, status: int, ending: Ending, reservation: Reservation | None, waited: float,
                      duration: float, generated: int | None, prompt: tuple[int, int] | None) -> None:

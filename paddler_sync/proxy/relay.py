@@ -24,11 +24,15 @@ from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
 from paddler_sync.fleet.upstream import Reservation
 from paddler_sync.proxy.answer import UpstreamAnswer
+from paddler_sync.proxy.refusal import ProxyError
+from paddler_sync.proxy.retry import may_send_again
+from paddler_sync.proxy.upstream import response_headers
 from paddler_sync.sockets import ClientWatch
 
 logger = logging.getLogger("paddler_sync.proxy")
 StartResponse = Callable[..., Any]
 HEAD_AFTER = 0.5  # an event stream with no event yet this long after its head: the head goes to the client
+Connect = Callable[[], tuple[Reservation, UpstreamAnswer, float]]
 
 
 class RelayHost(Protocol):
@@ -38,6 +42,8 @@ class RelayHost(Protocol):
     speeds: DecodeSpeeds
     awareness: CacheAwareness | None
     record: Callable[..., None]
+
+    def send_elsewhere(self, environ: dict[str, Any], reservation: Reservation, exc: BaseException) -> bool: ...
 
 
 class Relay:
@@ -49,8 +55,9 @@ class Relay:
 
     def __init__(self, proxy: RelayHost, environ: dict[str, Any], start_response: StartResponse,
                  response: UpstreamAnswer, reservation: Reservation, waited: float, started: float,
-                 tokens: int | None = None) -> None:
+                 tokens: int | None = None, again: Connect | None = None) -> None:
         self.proxy = proxy
+        self.again = again  # the request connected anew (paddler_sync/proxy/retry.py)
         self.environ = environ
         self.start_response = start_response
         self.response = response
@@ -70,29 +77,62 @@ class Relay:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            for chunk in self.response.pieces(head_after=HEAD_AFTER if self.streamed else None):
-                if not chunk:  # the head now, the body when it comes
-                    self.head_out = True
-                    yield chunk
-                    continue
-                if self.first_byte is None:
-                    self.first_byte = time.monotonic()
-                self.sent += len(chunk)
-                self.chunk_before, self.last_chunk = self.last_chunk, chunk
-                yield chunk
-            self.ending = Ending.DONE
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            self.ending = Ending.UPSTREAM_ERROR
-            logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
-                           self.sent, type(exc).__name__)
-            if self.sent == 0 and not self.head_out:  # nothing reached the client yet (the head goes with the body)
-                yield self._replace_with_error()
-            else:
-                if self.streamed:
-                    yield self._stream_error()
-                abort_client_connection(self.environ)
+            while True:
+                try:
+                    yield from self._chunks()
+                    self.ending = Ending.DONE
+                    return
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    if self.sent == 0 and self._send_again(exc):
+                        continue
+                    yield from self._broken_off(exc)
+                    return
         finally:
             self.close()
+
+    def _chunks(self) -> Iterator[bytes]:
+        for chunk in self.response.pieces(head_after=HEAD_AFTER if self.streamed else None):
+            if not chunk:  # the head now, the body when it comes
+                self.head_out = True
+                yield chunk
+                continue
+            if self.first_byte is None:
+                self.first_byte = time.monotonic()
+            self.sent += len(chunk)
+            self.chunk_before, self.last_chunk = self.last_chunk, chunk
+            yield chunk
+
+    def _broken_off(self, exc: BaseException) -> Iterator[bytes]:
+        self.ending = Ending.UPSTREAM_ERROR
+        logger.warning("llama.cpp at %s broke off the response after %d bytes: %s", self.reservation.addr,
+                       self.sent, type(exc).__name__)
+        if self.sent == 0 and not self.head_out:  # nothing reached the client yet (the head goes with the body)
+            yield self._replace_with_error()
+        else:
+            if self.streamed:
+                yield self._stream_error()
+            abort_client_connection(self.environ)
+
+    def _send_again(self, exc: BaseException) -> bool:
+        """No byte of the answer reached the client: the request goes again, once (paddler_sync/proxy/retry.py).
+        Its new answer replaces this one; an event stream whose head went out already takes only another 200."""
+        if self.again is None or not may_send_again(self.environ, self.reservation.uses_slot, exc) \
+                or not self.proxy.send_elsewhere(self.environ, self.reservation, exc):
+            return False
+        self.response.close()
+        self.proxy.ledger.release(self.reservation)
+        try:
+            reservation, response, waited = self.again()
+        except ProxyError:
+            return False  # no slot, no server: the first failure is what the client is told
+        self.reservation, self.response, self.waited = reservation, response, self.waited + waited
+        if self.head_out and response.status != 200:
+            return False
+        self.response_status = response.status
+        self.streamed = "event-stream" in (response.headers.get("Content-Type") or "")
+        if not self.head_out:
+            self.start_response(f"{response.status} {response.reason}", response_headers(response), sys.exc_info())
+        return True
 
     def _learn_speed(self, generated: int | None) -> None:
         """Its time in llama.cpp over the tokens it generated: how fast this server goes at present."""

@@ -9,6 +9,7 @@ serves on the proxy address; the management server runs beside it, in the same w
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import gevent
 from gevent.pool import Group, Pool
 from gevent.pywsgi import WSGIServer
 
-from paddler_sync.fleet.buffer import RequestBuffer
+from paddler_sync.fleet.buffer import HandedOver, RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy, make_policy
 from paddler_sync.fleet.redis_rates import RedisRates
@@ -31,6 +32,7 @@ from paddler_sync.fleet.redis_sync import SharedAffinity, SharedCounts, SharedFl
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.rollout import Controls, LocalControls, Rollout
 from paddler_sync.fleet.status import FleetStatus
+from paddler_sync.handover import RELOAD_BIND_WAIT, RELOAD_MARK
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter
@@ -43,6 +45,7 @@ from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
+MANAGEMENT_HANDOVER_SECONDS = 0.5  # a replaced worker's management requests in progress may end within this
 TRAFFIC_SAMPLE_SECONDS = 1.0
 SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
@@ -62,6 +65,7 @@ class Balancer:
                                     options.per_model_queues)
         self.greenlets = Group()
         self.shutting_down = False
+        self.replaced = False  # a reload replaces this worker (paddler_sync/server.py)
         self.status = FleetStatus(self.ledger, self.registry, self.buffer,
                                   self.shared.store if self.shared else None, lambda: self.shutting_down)
         self.tenants = CurrentTenants(options.tenants)
@@ -123,7 +127,7 @@ class Balancer:
         """``workers_unchecked``: gunicorn runs without our hooks, so a second worker may be what holds the port."""
         addr = self.options.management_addr
         try:
-            listener = management_listener(addr.host, addr.port, shared=self.shared is not None)
+            listener = self._management_listener()
             server = WSGIServer(listener, self.management, log=None, error_log=logger,
                                 spawn=Pool(MANAGEMENT_CONNECTIONS))
             server.start()
@@ -134,6 +138,7 @@ class Balancer:
             sys.exit(WORKER_BOOT_ERROR)
         self.management_server = server
         self._spawn(self._sweep_forever, "registry-sweeper")
+        gevent.signal_handler(signal.SIGUSR2, self._being_replaced)
         if self.tenants.enabled:
             gevent.signal_handler(signal.SIGHUP, lambda: self._spawn(self.tenants.reload, "tenants-reload"))
             logger.info("tenants from %s: %s (SIGHUP reloads them)", self.options.tenants,
@@ -171,14 +176,39 @@ class Balancer:
         self._spawn(watch, "shutdown-watcher")
 
     def begin_shutdown(self, grace: float) -> None:
-        """Stop taking work: waiting requests get 503 + Retry-After now; responses in flight may finish."""
+        """Stop taking work: waiting requests get 503 + Retry-After now; responses in flight may finish. A worker
+        being replaced (a reload: SIGUSR2 came first) hands its waiting requests to the new workers instead, and
+        frees the management port at once, so they take the agents' reports."""
         if self.shutting_down:
             return
         self.shutting_down = True
         waiting, in_flight = self.buffer.waiting, self.ledger.in_flight()
+        if self.replaced:
+            self.buffer.close("handed over to the new workers", HandedOver)
+            if self.management_server is not None:  # agents' kept-alive connections too: they report anew, there
+                self.management_server.stop(timeout=MANAGEMENT_HANDOVER_SECONDS)
+            logger.info("replaced by new workers: %s handed over to them, %s in flight may finish within %gs",
+                        counted(waiting, "waiting request"), counted(in_flight, "request"), grace)
+            return
         self.buffer.close("the balancer is shutting down; retry in a moment (or on another balancer)")
         logger.info("shutting down: %s answered 503, %s in flight may finish within %gs",
                     counted(waiting, "waiting request"), counted(in_flight, "request"), grace)
+
+    def _management_listener(self) -> socket.socket:
+        """The management port; a worker started by a reload waits for the worker it replaces to free it."""
+        addr = self.options.management_addr
+        deadline = time.monotonic() + (RELOAD_BIND_WAIT if os.environ.get(RELOAD_MARK) else 0.0)
+        while True:
+            try:
+                return management_listener(addr.host, addr.port, shared=self.shared is not None)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+                gevent.sleep(0.05)
+
+    def _being_replaced(self) -> None:
+        """SIGUSR2 from gunicorn's master (paddler_sync's reload): the SIGTERM that follows hands work over."""
+        self.replaced = True
 
     def stop(self) -> None:
         self.shutting_down = True

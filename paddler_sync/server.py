@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
+from paddler_sync.handover import RELOAD_MARK
 from paddler_sync.logs import DATE_FORMAT, GUNICORN_FORMAT
 from paddler_sync.settings import parse_settings
 
@@ -116,18 +117,32 @@ def is_default(options: argparse.Namespace, name: str) -> bool:
 
 def on_starting(arbiter: Any, options: argparse.Namespace) -> None:
     refuse_taken_addresses(arbiter, options)
-    if options.tenants:
-        reload_tenants_on_hup(arbiter, options.tenants)
+    reload_safely_on_hup(arbiter, options)
 
 
-def reload_tenants_on_hup(arbiter: Any, path: str) -> None:
-    """With --tenants, SIGHUP to gunicorn's master reloads the tenants file in every worker, in place: no worker
-    restarts, so no request waiting or running is touched (gunicorn's own SIGHUP would replace the workers, and
-    with them the in-process ledger). Each worker checks the file and keeps its tenants when it is wrong."""
+def reload_safely_on_hup(arbiter: Any, options: argparse.Namespace) -> None:
+    """SIGHUP to gunicorn's master: the settings (config files, the tenants file) are read again first, and a
+    mistake keeps the running workers as they are (gunicorn would start new workers that cannot boot, and halt).
+    Then gunicorn's reload: new workers with the new settings; the old ones, told first that they are being
+    replaced (SIGUSR2), hand their waiting requests to the new ones and finish their running answers."""
+    reload = arbiter.handle_hup
+
     def handle_hup() -> None:
-        arbiter.log.info("SIGHUP: every worker reloads the tenants file %s (workers keep running)", path)
+        try:
+            fresh = parse_settings("balancer", args=options.argv)
+        except SystemExit:
+            arbiter.log.error("SIGHUP: not reloaded, the settings have a mistake (said above); the workers keep "
+                              "running as they are")
+            return
+        if isinstance(arbiter.app, BalancerApplication):
+            arbiter.app.options = fresh
         for pid in list(arbiter.WORKERS):
-            arbiter.kill_worker(pid, signal.SIGHUP)
+            arbiter.kill_worker(pid, signal.SIGUSR2)
+        os.environ[RELOAD_MARK] = "1"  # the new workers wait for the old ones' management port
+        try:
+            reload()
+        finally:
+            os.environ.pop(RELOAD_MARK, None)
 
     arbiter.handle_hup = handle_hup
 

@@ -409,6 +409,7 @@ def parse_settings(command: str, args: Sequence[str] | None = None,
     options = parser.parse_args(args=args)
     check_environment(command, dict(os.environ), SETTINGS)
     options.command = command
+    options.argv = list(args) if args is not None else sys.argv[1:]  # to read them again on a reload
     return options
 
 

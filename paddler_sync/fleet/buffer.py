@@ -67,6 +67,10 @@ class BufferClosed(BufferRefusal):
     ending = Ending.SHUTTING_DOWN
 
 
+class HandedOver(BufferClosed):
+    """This worker is being replaced (a reload): the request goes to the new workers instead of waiting here."""
+
+
 class StateUnavailable(BufferRefusal):
     """The shared slot ledger (Redis) cannot be reached: fail closed, the client may retry."""
 
@@ -113,6 +117,7 @@ class RequestBuffer:
         self._count = 0
         self._served_at: deque[float] = deque(maxlen=DRAIN_SAMPLES)  # when waiters got their slots, newest last
         self._closed_reason: str | None = None
+        self._refusal: type[BufferClosed] = BufferClosed
         self._dispatching = False
         self._dispatch_again = False
         self._early_timer: Any = None  # gevent's timer; wakes the buffer when a request may be handed over early
@@ -164,7 +169,7 @@ class RequestBuffer:
         ``timeout``: a shorter wait than the buffer's; ``score``: its first-token estimate per server;
         ``claim``: its tenant (--tenants)."""
         if self._closed_reason:
-            raise BufferClosed(self._closed_reason)
+            raise self._refusal(self._closed_reason)
         self.ledger.check_available()
         waiter = Waiter(model, need, model if self.per_model else None, score, claim=claim)
         others_wait = self._has_waiters(waiter.queue)
@@ -260,14 +265,15 @@ class RequestBuffer:
         self._early_timer = None
         self.dispatch()
 
-    def close(self, reason: str) -> None:
-        """Refuse new requests and send every waiter away (shutdown)."""
+    def close(self, reason: str, refusal: type[BufferClosed] = BufferClosed) -> None:
+        """Refuse new requests and send every waiter away (shutdown); ``HandedOver``: to the next workers."""
         self._closed_reason = reason
+        self._refusal = refusal
         for queue in list(self._queues.values()):
             for waiter in list(queue):
                 self._remove(waiter)
                 self.ledger.return_ticket(waiter.ticket)
-                waiter.result.set_exception(BufferClosed(reason))
+                waiter.result.set_exception(refusal(reason))
 
     def _wait(self, waiter: Waiter, client: Watch | None, timeout: float,
               rank_now: bool = False) -> tuple[Reservation, float]:

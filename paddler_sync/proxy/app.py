@@ -26,7 +26,7 @@ from gevent.pool import Group
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import OWN_ANSWER, error_bytes, status_line
-from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, RequestBuffer, StateUnavailable
+from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, HandedOver, RequestBuffer, StateUnavailable
 from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate
 from paddler_sync.fleet.speed import DecodeSpeeds
 from paddler_sync.fleet.upstream import Claim, Reservation, Upstream
@@ -37,10 +37,10 @@ from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
 from paddler_sync.proxy.records import Recorder
 from paddler_sync.proxy.refusal import ProxyError
-from paddler_sync.proxy.relay import Relay, client_watch
+from paddler_sync.proxy.relay import Relay, client_socket, client_watch
 from paddler_sync.proxy.retry import RETRIED, may_send_again
 from paddler_sync.proxy.routing import ModelRouting, Route
-from paddler_sync.proxy.tenancy import Tenancy
+from paddler_sync.proxy.tenancy import Tenancy, restore_client_key
 
 if TYPE_CHECKING:
     from paddler_sync.fleet.ledger import Ledger
@@ -203,6 +203,8 @@ class ProxyApp:
             except ProxyError as exc:
                 exc.waited += waited  # a retry after a refused connection waited twice
                 raise
+            except HandedOver as exc:
+                return self._hand_over(environ, body, waited + exc.waited)
             waited += wait
             if tokens is not None:
                 self._foresee_end(reservation, tokens)
@@ -236,6 +238,8 @@ class ProxyApp:
             return reservation, 0.0
         try:
             return self._acquire(environ, route, estimate, claim)
+        except HandedOver:
+            raise
         except BufferRefusal as exc:
             raise ProxyError(exc.status, str(exc), self._retry_after(exc), ending=exc.ending,
                              waited=exc.waited) from None
@@ -282,6 +286,30 @@ class ProxyApp:
         expected = self.speeds.expected_seconds(reservation.addr, tokens)
         if expected is not None:
             self.ledger.expect_end(reservation, self.ledger.clock() + expected)
+
+    def _hand_over(self, environ: dict[str, Any], body: bytes, waited: float) \
+            -> tuple[Reservation, UpstreamAnswer, float]:
+        """This worker is being replaced (paddler_sync/handover.py): the request goes to the new workers through
+        the address the client reached (the listening socket they now accept on), with the client's own key."""
+        sock = client_socket(environ)
+        if sock is None:
+            raise ProxyError(503, "the balancer is reloading; retry in a moment", [("Retry-After", "1")],
+                             ending=Ending.SHUTTING_DOWN, waited=waited)
+        host, port = sock.getsockname()[:2]
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        restore_client_key(environ)
+        target = environ.get("RAW_URI") or _path_and_query(environ)
+        headers = up.request_headers(environ, addr, False, len(body))
+        try:
+            answer = self.transport.send(environ["REQUEST_METHOD"], addr, target, headers, body or None,
+                                         client_watch(environ))
+        except up.ClientLeft as exc:
+            raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, waited=waited) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ProxyError(503, f"the balancer is reloading and its new workers did not take the request "
+                                  f"({type(exc).__name__}); retry in a moment", [("Retry-After", "1")],
+                             ending=Ending.SHUTTING_DOWN, waited=waited) from None
+        return Reservation(Upstream(key="next-workers", addr=addr), uses_slot=False), answer, waited
 
     def send_elsewhere(self, environ: dict[str, Any], reservation: Reservation, exc: BaseException) -> bool:
         """A request llama.cpp never answered goes again (paddler_sync/proxy/retry.py) if another server could take

@@ -26,6 +26,7 @@ from paddler_sync.tenants.current import CurrentTenants
 from paddler_sync.tenants.rates import REQUESTS, Rates, Window
 
 TENANT = "paddler_sync.tenant"  # the environ key of the request's tenant's name, for the access log and usage
+CLIENT_KEY = "paddler_sync.client_key"  # the client's own key headers, kept for a hand-over to the next workers
 KEY_HEADERS = ("HTTP_AUTHORIZATION", "HTTP_X_API_KEY")
 PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/models", "/v1/models"})  # llama.cpp's --api-key leaves these open
 
@@ -42,8 +43,7 @@ class Tenancy:
         if book is None:
             return None
         key = presented_key(environ)
-        for header in KEY_HEADERS:
-            environ.pop(header, None)
+        environ[CLIENT_KEY] = {header: environ.pop(header) for header in KEY_HEADERS if header in environ}
         if self.upstream_auth:
             environ["HTTP_AUTHORIZATION"] = self.upstream_auth
         tenant = book.identify(key)
@@ -103,3 +103,13 @@ def _rate_limited(tenant: Tenant, over: Window, windows: list[Window]) -> ProxyE
                            f"{what}_per_minute); retry in {reset_text(over.retry_after)}", headers,
                       ending=Ending.RATE_LIMITED, code="rate_limit_exceeded")
 
+
+
+def restore_client_key(environ: dict[str, Any]) -> None:
+    """The client's own key headers back, in place of llama.cpp's (a request handed over to the next workers)."""
+    kept = environ.pop(CLIENT_KEY, None)
+    if kept is not None:
+        for header in KEY_HEADERS:
+            environ.pop(header, None)
+        environ.update(kept)
+    environ.pop(TENANT, None)  # the next workers count its usage

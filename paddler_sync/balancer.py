@@ -46,6 +46,7 @@ from paddler_sync.words import counted
 logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
 MANAGEMENT_HANDOVER_SECONDS = 0.5  # a replaced worker's management requests in progress may end within this
+LAST_ANSWER_SECONDS = 1.0  # before the graceful timeout ends, requests still waiting are answered 503
 TRAFFIC_SAMPLE_SECONDS = 1.0
 SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
@@ -176,9 +177,13 @@ class Balancer:
         self._spawn(watch, "shutdown-watcher")
 
     def begin_shutdown(self, grace: float) -> None:
-        """Stop taking work: waiting requests get 503 + Retry-After now; responses in flight may finish. A worker
-        being replaced (a reload: SIGUSR2 came first) hands its waiting requests to the new workers instead, and
-        frees the management port at once, so they take the agents' reports."""
+        """Stop taking work (gunicorn closed the listener; /health says 503, so load balancers look elsewhere).
+        What was accepted is served: requests waiting for a slot keep their places and get slots as they free (a
+        request on a kept-alive connection too, its connection closed after), while the responses in flight finish;
+        those still waiting a second before ``grace`` ends get 503 + Retry-After, so every one is answered before
+        the worker is stopped. A worker being replaced (a reload: SIGUSR2 came first)
+        hands its waiting requests to the new workers instead, and frees the management port at once, so they take
+        the agents' reports."""
         if self.shutting_down:
             return
         self.shutting_down = True
@@ -190,8 +195,13 @@ class Balancer:
             logger.info("replaced by new workers: %s handed over to them, %s in flight may finish within %gs",
                         counted(waiting, "waiting request"), counted(in_flight, "request"), grace)
             return
-        self.buffer.close("the balancer is shutting down; retry in a moment (or on another balancer)")
-        logger.info("shutting down: %s answered 503, %s in flight may finish within %gs",
+        reason = "the balancer is shutting down; retry in a moment (or on another balancer)"
+        def answer_the_rest() -> None:
+            gevent.sleep(max(0.0, grace - LAST_ANSWER_SECONDS))
+            self.buffer.close(reason)
+
+        self._spawn(answer_the_rest, "shutdown-deadline")
+        logger.info("shutting down: %s may get a slot and %s in flight may finish within %gs",
                     counted(waiting, "waiting request"), counted(in_flight, "request"), grace)
 
     def _management_listener(self) -> socket.socket:

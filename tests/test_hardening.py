@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -82,7 +83,7 @@ def test_reports_outside_the_allowed_networks_are_refused(fleet: Fleet) -> None:
 
 
 def _graceful_shutdown(fleet: Fleet, balancer) -> None:
-    """One request streams, one waits; SIGTERM: the waiting one gets 503 at once, the stream finishes."""
+    """One request streams, one waits; SIGTERM: the stream finishes, then the waiting one gets its slot."""
     sim = fleet.simulator("--parallel", "1", "--decode-tokens-per-second", "20")
     fleet.agent(sim.port, balancer.extra["management_port"], interval=0.2)
     wait_until(lambda: health(balancer)["agents_ready"] == 1)
@@ -100,13 +101,9 @@ def _graceful_shutdown(fleet: Fleet, balancer) -> None:
     waiter = threading.Thread(target=lambda: waiting.update(response=complete(balancer, 1)))
     waiter.start()
     wait_until(lambda: health(balancer)["requests_buffered"] == 1)
-    stopped = time.monotonic()
     balancer.signal(signal.SIGTERM)
-    waiter.join(10)
-    refused = waiting["response"]
-    assert refused.status_code == 503 and "Retry-After" in refused.headers
-    assert "shutting down" in refused.json()["error"]["message"]
-    assert time.monotonic() - stopped < 3
+    waiter.join(20)
+    assert waiting["response"].status_code == 200  # accepted before the stop: served, not refused
     running.join(20)
     assert streamed["events"] == 41  # 40 tokens and the final event: the stream was not cut
     assert balancer.popen.wait(20) == 0
@@ -127,9 +124,9 @@ def test_graceful_shutdown_with_gunicorn(fleet: Fleet) -> None:
     _graceful_shutdown(fleet, proc)
 
 
-def test_requests_after_shutdown_began_get_503(fleet: Fleet) -> None:
-    """The listener closes at SIGTERM, so a new request can only come on a kept-alive connection: it gets 503
-    with Retry-After (and is logged as such), while the request in flight finishes."""
+def test_a_request_on_a_kept_alive_connection_after_shutdown_began_is_served(fleet: Fleet) -> None:
+    """The listener closes at SIGTERM, so a new request can only come on a kept-alive connection: the balancer
+    accepted it, so it serves it (and closes the connection after), while the request in flight finishes."""
     balancer, _ = start_fleet(fleet, [2], "--graceful-timeout", "5", sim_args=("--decode-tokens-per-second", "10"))
     kept = http.client.HTTPConnection("127.0.0.1", balancer.extra["proxy_port"], timeout=10)
     body = json.dumps({"prompt": "x", "n_predict": 1})
@@ -141,12 +138,27 @@ def test_requests_after_shutdown_began_get_503(fleet: Fleet) -> None:
         wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
         balancer.signal(signal.SIGTERM)
         wait_until(lambda: requests.get(balancer.extra["management"] + "/health", timeout=5).status_code == 503)
-        kept.request("POST", "/completion", body, {"Content-Type": "application/json"})  # a slot is free, still
-        refused = kept.getresponse()
-        answer = json.loads(refused.read())
-        assert refused.status == 503 and refused.getheader("Retry-After")
-        assert "shutting down" in answer["error"]["message"]
+        kept.request("POST", "/completion", body, {"Content-Type": "application/json"})
+        served = kept.getresponse()
+        assert served.status == 200 and json.loads(served.read())["content"]
+        assert served.getheader("Connection", "").lower() == "close"
         assert holder.result().status_code == 200
+
+
+def test_requests_still_waiting_when_the_graceful_time_ends_get_503_before_the_stop(fleet: Fleet) -> None:
+    balancer, _ = start_fleet(fleet, [1], "--graceful-timeout", "3", sim_args=("--decode-tokens-per-second", "5"))
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(complete, balancer, 25)  # 5 s: longer than the graceful time
+        wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
+        waiter = pool.submit(complete, balancer, 1)
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1)
+        stopped = time.monotonic()
+        balancer.signal(signal.SIGTERM)
+        refused = waiter.result(timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert 1.5 < time.monotonic() - stopped < 3  # a second before gunicorn's 3 s are over
+        with pytest.raises(requests.ConnectionError):  # past the graceful time, what still runs is cut
+            holder.result(timeout=10)
     assert re.search(r'"POST /completion" 503 upstream=- .* end=shutting_down', balancer.log())
 
 

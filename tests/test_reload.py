@@ -4,13 +4,18 @@ waits inside llama.cpp meanwhile; a settings mistake keeps the running worker. O
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import socket
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import INTERVAL, Fleet, Proc, agents, sim_stats, streaming_load, wait_until
+from tests.helpers import INTERVAL, Fleet, Proc, RedisServer, agents, free_port, sim_stats, streaming_load, wait_until
 
 pytestmark = pytest.mark.both_stores
 
@@ -53,3 +58,85 @@ def test_a_reload_with_a_settings_mistake_keeps_the_running_worker(fleet: Fleet)
     log = balancer.log()
     assert "line 3: tenant 'a': unknown field 'max_slot'; did you mean 'max_slots'?" in log
     assert "Hang up" not in log and workers_booted(balancer) == 1 and balancer.alive()  # gunicorn's reload never ran
+
+
+class TcpBalancer:
+    """A TCP load balancer in front of balancers, as operators run HAProxy or a cloud one: each connection to the
+    next backend that accepts it, then bytes both ways."""
+
+    def __init__(self, backends: list[int]) -> None:
+        self.backends = backends
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.turn = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        for _ in range(2 * len(self.backends)):
+            self.turn += 1
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.backends[self.turn % len(self.backends)]), 1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            client.close()
+            return
+        threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+        _pipe(client, upstream)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.ledger_agnostic
+def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_request(fleet: Fleet,
+                                                                                    redis_server: RedisServer) -> None:
+    """Two balancers sharing Redis behind a TCP load balancer; each in turn stopped (SIGTERM) and started again on
+    its ports while six clients stream through the front."""
+    fleet.redis_url = redis_server.url
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    balancers = [fleet.balancer("--buffered-request-timeout", "30", proxy_port=p, management_port=m, prefix=prefix)
+                 for p, m in ports]
+    sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "60") for _ in range(2)]
+    for i, sim in enumerate(sims):
+        fleet.agent(sim.port, ports[i][1], "--name", f"s{i}", interval=INTERVAL)
+    wait_until(lambda: len(agents(balancers[0])) == 2 and all(a["state"] == "ready" for a in agents(balancers[0])))
+    front = TcpBalancer([p for p, _ in ports])
+    through_front = Proc("front", balancers[0].popen, balancers[0].log_path,
+                         extra={"proxy": f"http://127.0.0.1:{front.port}"})
+    try:
+        with streaming_load(through_front, 6) as outcomes:
+            for i, (proxy, management) in enumerate(ports):
+                wait_until(lambda n=len(outcomes): len(outcomes) >= n + 6,  # noqa: B008 (the count now)
+                           timeout=30, message="the load running")
+                balancers[i].signal(signal.SIGTERM)
+                assert balancers[i].popen.wait(30) == 0
+                balancers[i] = fleet.balancer("--buffered-request-timeout", "30", proxy_port=proxy,
+                                              management_port=management, prefix=prefix)
+            before = len(outcomes)
+            wait_until(lambda: len(outcomes) >= before + 12, timeout=30, message="both serving again")
+    finally:
+        front.close()
+    assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
+    assert [sim_stats(s)["requests_deferred_total"] for s in sims] == [0, 0]

@@ -93,6 +93,7 @@ class Waiter:
     result: AsyncResult = field(default_factory=AsyncResult)
     ticket: Ticket | None = None  # its place in a shared ledger's queue (None with the in-process ledger)
     claim: Claim | None = None  # its tenant (--tenants)
+    needs_ticket: bool = False  # it came while the shared ledger was away, and has no place in its queue yet
 
     @property
     def tenant(self) -> str | None:
@@ -170,17 +171,26 @@ class RequestBuffer:
         ``claim``: its tenant (--tenants)."""
         if self._closed_reason:
             raise self._refusal(self._closed_reason)
-        self.ledger.check_available()
         waiter = Waiter(model, need, model if self.per_model else None, score, claim=claim)
         others_wait = self._has_waiters(waiter.queue)
         if not others_wait:
-            reservation = self.ledger.reserve(None, model, need, not self.per_model, score, claim)
+            reservation = self._reserve_now(waiter)
             if reservation is not None:
                 return reservation, 0.0
         if self._waiting_as(waiter) >= self.max_waiting:
             raise BufferFull(self._full_message(waiter.tenant))
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         return self._wait(waiter, client, timeout, rank_now=others_wait and claim is not None)
+
+    def _reserve_now(self, waiter: Waiter) -> Reservation | None:
+        """A slot for an arrival nobody waits before; None when there is none now, or the shared ledger cannot be
+        reached (then it waits, as for a slot: a Redis failover costs a wait, not a refusal)."""
+        try:
+            self.ledger.check_available()
+            return self.ledger.reserve(None, waiter.model, waiter.need, not self.per_model, waiter.score,
+                                       waiter.claim)
+        except StateUnavailable:
+            return None
 
     def _waiting_as(self, waiter: Waiter) -> int:
         """The requests waiting that count against its room: all of them, or with tenants its tenant's (one
@@ -233,6 +243,8 @@ class RequestBuffer:
             self._remove(head)
             self.ledger.return_ticket(head.ticket)
             return True
+        if head.needs_ticket:  # it came while the shared ledger was away: its place in the shared queue now
+            return True if self._redraw_ticket(head) else None
         try:
             reservation = self.ledger.reserve(head.ticket, head.model, head.need, not self.per_model, head.score,
                                               head.claim)
@@ -279,7 +291,10 @@ class RequestBuffer:
               rank_now: bool = False) -> tuple[Reservation, float]:
         """Sleep until handed a slot, timed out, or the client leaves; no polling while asleep. ``rank_now``: a
         tenant's request joined others that wait: a dispatch says at once whether it goes before them."""
-        waiter.ticket = self.ledger.take_ticket(waiter.queue, waiter.tenant)
+        try:
+            waiter.ticket = self.ledger.take_ticket(waiter.queue, waiter.tenant)
+        except StateUnavailable:
+            waiter.needs_ticket = True  # it waits all the same; it draws one when the ledger is back
         self._enqueue(waiter)
         if self._count == 1:
             self.ledger.waiting_changed(True)
@@ -292,8 +307,7 @@ class RequestBuffer:
             reservation = waiter.result.get(timeout=timeout)
         except gevent.Timeout:
             self._forget(waiter)
-            refusal = BufferTimeout(f"no llama.cpp slot became free within {timeout:g}s "
-                                    f"(--buffered-request-timeout); retry later or add servers")
+            refusal = self._timed_out(timeout)
             refusal.waited = time.monotonic() - waiter.since
             raise refusal from None
         except BufferRefusal as refusal:
@@ -307,6 +321,15 @@ class RequestBuffer:
             if client is not None:
                 client.stop()
         return reservation, time.monotonic() - waiter.since
+
+    def _timed_out(self, timeout: float) -> BufferRefusal:
+        """504, or 503 when the shared ledger is what stayed away all that time."""
+        try:
+            self.ledger.check_available()
+        except StateUnavailable as unavailable:
+            return unavailable
+        return BufferTimeout(f"no llama.cpp slot became free within {timeout:g}s (--buffered-request-timeout); "
+                             f"retry later or add servers")
 
     def _client_left(self, waiter: Waiter) -> None:
         """Runs in an event-loop callback, where nothing may block (a shared ledger's Redis call would fail
@@ -327,6 +350,7 @@ class RequestBuffer:
             ticket = self.ledger.take_ticket(waiter.queue, waiter.tenant)
         except StateUnavailable:
             return False
+        waiter.needs_ticket = False
         if self._holds(waiter):  # it may have left while Redis answered
             self._queues[waiter.key].remove(waiter)
             waiter.ticket = ticket

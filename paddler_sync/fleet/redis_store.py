@@ -34,11 +34,13 @@ sums per bucket, the range's TTL). Lease expiry uses
 Redis's own clock, so balancer clocks never disagree about it; report times and quarantines use the
 balancers' wall clocks (keep them in NTP sync, as for any fleet).
 
-When Redis cannot be reached the balancer fails closed: a request that needs a slot gets 503 with
-``Retry-After`` (counting locally would let N workers overbook every server, which is what this
-backend exists to prevent); requests already streaming go on; agents' reports get 503 and are
-retried on their next interval. Nothing needs restarting: the next command reconnects, and a Redis
-that lost its data is refilled by the agents' next reports.
+When Redis cannot be reached no slot is taken (counting locally would let N workers overbook every
+server, which is what this backend exists to prevent): a request that needs a slot waits in the buffer
+for Redis as for a slot, and gets 503 with ``Retry-After`` only if its wait ends first; requests already
+streaming go on; agents' reports get 503 and are retried on their next interval. Nothing needs
+restarting: the next command reconnects (to the new master, after a Sentinel failover), a Redis that
+lost its data is refilled by the agents' next reports, and the leases a new master lacks are put back
+by the workers that hold them (``renew.lua``).
 """
 
 from __future__ import annotations
@@ -287,14 +289,19 @@ class RedisStore:
             self.unreturned_tickets.discard(ticket)
 
     def renew_leases(self) -> None:
-        """Each live lease's expiry, in its server's set and in its tenant's."""
-        sets: dict[str, list[str]] = {}
-        for lease, key in list(self.leases.items()):
-            sets.setdefault(self.keys_of(key)[1], []).append(lease)
-        for lease, tenant in list(self.lease_tenants.items()):
-            sets.setdefault(self.tenant_leases(tenant), []).append(lease)
-        for lease_set, leases in sets.items():
-            self.call("renew", [lease_set], [self.lease_ttl_ms, *leases])
+        """Each live lease's expiry, in its server's set and in its tenant's (renew.lua puts back the ones a new
+        master lost). Each set's leases are read just before its call: one given back while an earlier call waited
+        for Redis must not come back."""
+        lease_sets = {self.keys_of(key)[1] for key in self.leases.values()}
+        lease_sets |= {self.tenant_leases(tenant) for tenant in self.lease_tenants.values()}
+        for lease_set in lease_sets:
+            leases = self._leases_in(lease_set)
+            if leases:
+                self.call("renew", [lease_set], [self.lease_ttl_ms, *leases])
+
+    def _leases_in(self, lease_set: str) -> list[str]:
+        return ([lease for lease, key in self.leases.items() if self.keys_of(key)[1] == lease_set]
+                + [lease for lease, tenant in self.lease_tenants.items() if self.tenant_leases(tenant) == lease_set])
 
     # --- the balancer's counts, summed over its workers ------------------------------------------------------
 

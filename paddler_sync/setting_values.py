@@ -121,12 +121,21 @@ def model_specs(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def state_backend(text: str) -> str:
-    """``local`` or a Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+    """``local``, a Redis URL (``redis://``, ``rediss://`` or ``unix://``), or Sentinels and the master they name
+    (``redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME``)."""
     value = text.strip()
+    if value.startswith("redis+sentinel://"):
+        from paddler_sync.fleet.redis_connect import SentinelUrlError, parse_sentinel_url
+
+        try:
+            parse_sentinel_url(value)
+        except SentinelUrlError as exc:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a Sentinel URL: {exc}") from None
+        return value
     if value == "local" or (value.startswith(("redis://", "rediss://", "unix://")) and len(value) > 8):
         return value
-    raise argparse.ArgumentTypeError(f"'{text}' is not a state backend: expected local, or a Redis URL such as "
-                                     f"redis://127.0.0.1:6379/0")
+    raise argparse.ArgumentTypeError(f"'{text}' is not a state backend: expected local, a Redis URL such as "
+                                     f"redis://127.0.0.1:6379/0, or redis+sentinel://HOST:PORT,HOST:PORT/MASTER_NAME")
 
 
 def tenants_file(text: str) -> str:

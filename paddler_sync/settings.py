@@ -189,10 +189,11 @@ SETTINGS: tuple[Setting, ...] = (
             "(waiting requests get 503 at once). Under a bare gunicorn command line, gunicorn's own "
             "--graceful-timeout applies.", B, duration, 30.0, metavar="SECONDS"),
     Setting("max-agents", "Most agents the balancer accepts; reports from more get 429.", B, positive_count, 1024),
-    Setting("state-backend", "Where the slot ledger lives: local (in this process; one gunicorn worker) or a "
-            "Redis URL such as redis://127.0.0.1:6379/0, shared by many workers and balancers. With Redis, a "
-            "request that needs a slot gets 503 while Redis is unreachable.", B, state_backend, "local",
-            metavar="local|URL"),
+    Setting("state-backend", "Where the slot ledger lives: local (in this process; one gunicorn worker), a "
+            "Redis URL such as redis://127.0.0.1:6379/0, or Sentinels and the master they name, "
+            "redis+sentinel://HOST:PORT,HOST:PORT/MASTER_NAME; shared by many workers and balancers. While Redis is "
+            "unreachable (a failover), requests that need a slot wait for it in the buffer.", B, state_backend,
+            "local", metavar="local|URL"),
     Setting("state-prefix", "Prefix of the balancer's keys in Redis; balancers that share a prefix share a "
             "fleet.", B, name, "paddler"),
     Setting("lease-ttl", "With Redis: a slot taken by a balancer that stops renewing it (it died) returns "

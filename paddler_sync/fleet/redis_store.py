@@ -55,6 +55,7 @@ import redis
 
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.models import Serving
+from paddler_sync.fleet.redis_connect import connection_pool
 from paddler_sync.fleet.reports import agent_of
 from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
 from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, Upstream
@@ -89,9 +90,7 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self.lease_ttl_ms = int(lease_ttl * 1000)
-        self.pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT, decode_responses=True)
+        self.pool = connection_pool(url, MAX_CONNECTIONS, SOCKET_TIMEOUT)  # one Redis, or Sentinel's master
         self.client = redis.Redis(connection_pool=self.pool)
         self.channel = f"{prefix}:capacity"
         self.reachable = True

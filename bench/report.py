@@ -353,6 +353,22 @@ def tenants_section(t: dict[str, Any]) -> list[str]:
             "(the rule never holds a slot idle for a tenant that is not waiting).", ""]
 
 
+def faults_section(f: dict[str, Any]) -> list[str]:
+    from bench.faults import table
+
+    return ["## 8. Faults on real llama-servers", "",
+            f"Measured {f.get('measured', '')} (`bench/run.py --only faults`, bench/faults.py), {f['seconds']:g} s per "
+            "build. Two llama-servers (the tiny random-weight model, `-np 2`), their agents, one balancer whose "
+            "ledger is in Redis behind Sentinel (a master, a replica, three Sentinels), 10 clients in closed loops "
+            "(streamed and non-streamed `/completion`, 20 to 80 tokens). Every 12 s one fault, in turn: a "
+            "llama-server killed with SIGKILL (started again 1 s later), one paused 3 s (SIGSTOP), an agent killed "
+            "(started again 1 s later), `kill -HUP` of the balancer, the Redis master killed (Sentinel fails over). "
+            "Each request is counted for the last fault before it ended (`none`: before the first). `cut`: a "
+            "stream that had started on a server that was killed, ended visibly; `failed`: any other error "
+            "answer; `hung`: no answer in 120 s. Whole again: from the fault's start (a pause lasts 3 s, a restart "
+            "waits 1 s) until both agents are ready and Redis answers.", "", table(f), ""]
+
+
 def write_report(results: dict[str, Any], folder: Path) -> None:
     m = results["machine"]
     out = ["# Benchmark results", "",
@@ -428,6 +444,8 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
         out += swaps_section(results["swaps"])
     if "tenants" in results and "phases" in results["tenants"]:
         out += tenants_section(results["tenants"])
+    if "faults" in results and "builds" in results["faults"]:
+        out += faults_section(results["faults"])
     out += LIMITS
     for name in plots(results, folder):
         if f"({name})" not in "\n".join(out):

@@ -6,7 +6,8 @@ least-connections, HAProxy leastconn+maxconn and Paddler 1.x's rule; (3b) two mo
 against one shared queue; (3c) multi-turn conversations, prompt-cache affinity against the plain rules; (4) the
 Redis ledger; (5) closed-loop throughput on real llama-servers against
 least-connections and round robin; (6) rolling model swaps under streaming load (the supervisor); (7) many users,
-one fleet: a chat beside batch jobs, first-come-first-served against the tenant rule (real llama-servers).
+one fleet: a chat beside batch jobs, first-come-first-served against the tenant rule (real llama-servers); (8)
+faults on real llama-servers, Redis behind Sentinel: what each costs the requests that keep coming.
 Contenders alternate within each repetition and the tables show medians, because this 2-core machine is
 shared and noisy.
 Benchmarks report; tests never assert these timings.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 from bench.buffer_scale import buffer_at_scale
+from bench.faults import faults_bench
 from bench.fleet import fleet_efficiency
 from bench.models import model_isolation
 from bench.multiturn import multi_turn
@@ -171,7 +173,8 @@ def machine() -> dict[str, str]:
                                if line.startswith("model name")), "unknown")}
 
 
-SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real", "swaps", "tenants")
+SECTIONS = ("overhead", "stream", "buffer", "fleet", "models", "multiturn", "shared", "real", "swaps", "tenants",
+            "faults")
 
 
 def main() -> None:
@@ -234,6 +237,11 @@ def main() -> None:
         print("many users, one fleet: FIFO against the tenant rule on real llama-servers", flush=True)
         results["tenants"] = tenants_bench(seconds=20 if args.quick else 45, reps=1 if args.quick else 2)
         results["tenants"]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        save()
+    if "faults" in sections:
+        print("faults on real llama-servers", flush=True)
+        results["faults"] = faults_bench(seconds=120 if args.quick else 600)
+        results["faults"]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         save()
     print(f"wrote bench/RESULTS.md in {results['elapsed_s']:.0f}s", flush=True)
 

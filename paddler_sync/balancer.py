@@ -47,6 +47,7 @@ logger = logging.getLogger("paddler_sync.balancer")
 SWEEP_SECONDS = 0.2
 MANAGEMENT_HANDOVER_SECONDS = 0.5  # a replaced worker's management requests in progress may end within this
 LAST_ANSWER_SECONDS = 1.0  # before the graceful timeout ends, requests still waiting are answered 503
+LISTENER_CLOSE_WAIT = 2.0  # gunicorn's gevent worker closes its listener within a second of SIGTERM
 TRAFFIC_SAMPLE_SECONDS = 1.0
 SHUTDOWN_POLL_SECONDS = 0.2
 MANAGEMENT_CONNECTIONS = 1000
@@ -168,10 +169,14 @@ class Balancer:
             logger.info("management API also under %s on the proxy port (token required)", prefix)
 
     def watch_worker(self, worker: Any) -> None:
-        """Under gunicorn: when the worker is told to stop, begin a graceful shutdown."""
+        """Under gunicorn: when the worker is told to stop, and has closed its listener (gunicorn does within a
+        second), begin a graceful shutdown: a request handed over to the next workers must not come back here."""
         def watch() -> None:
             while worker.alive:
                 gevent.sleep(SHUTDOWN_POLL_SECONDS)
+            deadline = time.monotonic() + LISTENER_CLOSE_WAIT
+            while time.monotonic() < deadline and any(listening(s) for s in getattr(worker, "sockets", ())):
+                gevent.sleep(SHUTDOWN_POLL_SECONDS / 4)
             self.begin_shutdown(worker.cfg.graceful_timeout)
 
         self._spawn(watch, "shutdown-watcher")
@@ -251,6 +256,14 @@ class Balancer:
             self.registry.expire()
             self.ledger.lift_expired_quarantines()
             gevent.sleep(SWEEP_SECONDS)
+
+
+def listening(sock: Any) -> bool:
+    """A worker's listener still open (gunicorn's gevent worker holds gevent sockets; closed ones say -1)."""
+    try:
+        return bool(sock.fileno() >= 0)
+    except OSError:
+        return False
 
 
 def management_listener(host: str, port: int, shared: bool) -> socket.socket:

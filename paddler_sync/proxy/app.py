@@ -50,6 +50,8 @@ logger = logging.getLogger("paddler_sync.proxy")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Any]
 MAX_CONNECT_ATTEMPTS = 16
+HANDED_OVER_HEADER = "X-Paddler-Handed-Over"  # on a request a replaced worker sent to the next workers
+HANDED_OVER_ENVIRON = "HTTP_X_PADDLER_HANDED_OVER"
 
 
 class ProxyApp:
@@ -292,14 +294,14 @@ class ProxyApp:
         """This worker is being replaced (paddler_sync/handover.py): the request goes to the new workers through
         the address the client reached (the listening socket they now accept on), with the client's own key."""
         sock = client_socket(environ)
-        if sock is None:
+        if sock is None or environ.get(HANDED_OVER_ENVIRON):  # never twice: it would come back to a closing worker
             raise ProxyError(503, "the balancer is reloading; retry in a moment", [("Retry-After", "1")],
                              ending=Ending.SHUTTING_DOWN, waited=waited)
         host, port = sock.getsockname()[:2]
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         restore_client_key(environ)
         target = environ.get("RAW_URI") or _path_and_query(environ)
-        headers = up.request_headers(environ, addr, False, len(body))
+        headers = {**up.request_headers(environ, addr, False, len(body)), HANDED_OVER_HEADER: "1"}
         try:
             answer = self.transport.send(environ["REQUEST_METHOD"], addr, target, headers, body or None,
                                          client_watch(environ))

@@ -4,17 +4,39 @@ running streams from the agents' reports."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Fleet, agent_named, real_builds, spawn_llama_server, streaming_load, wait_until
+from tests.helpers import Fleet, Proc, agent_named, real_builds, spawn_llama_server, streaming_load, wait_until
 from tests.llamacpp_servers import Build, metric
 
 pytestmark = [pytest.mark.real_llamacpp, pytest.mark.parametrize("build", real_builds())]
+
+
+@contextlib.contextmanager
+def deferred_peak(servers: list[Proc]) -> Iterator[list[float]]:
+    """The most requests waiting inside any llama.cpp at once (``requests_deferred``), sampled every 20 ms."""
+    peak, stop = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max([peak[0], *(metric(s.url, "requests_deferred") for s in servers)])
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join(5)
 
 
 def test_a_reload_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet: Fleet, build: Build,
@@ -28,25 +50,53 @@ def test_a_reload_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet
         servers.append(server)
     wait_until(lambda: all((agent_named(balancer, f"r{i}") or {}).get("state") == "ready" for i in range(2)),
                timeout=15, message="both agents ready")
-    deferred, stop = [0.0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            deferred[0] = max([deferred[0], *(metric(s.url, "requests_deferred") for s in servers)])
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        with streaming_load(balancer, 6) as outcomes:  # four slots: two requests wait in the balancer
-            wait_until(lambda: len(outcomes) >= 6, timeout=60, message="the load running")
-            balancer.signal(signal.SIGHUP)
-            wait_until(lambda: "handed over to them" in balancer.log(), message="the hand-over")
-            before = len(outcomes)
-            wait_until(lambda: len(outcomes) >= before + 12, timeout=60, message="the new worker serving")
-    finally:
-        stop.set()
-        sampler.join(5)
+    with deferred_peak(servers) as deferred, streaming_load(balancer, 6) as outcomes:  # four slots: two wait
+        wait_until(lambda: len(outcomes) >= 6, timeout=60, message="the load running")
+        balancer.signal(signal.SIGHUP)
+        wait_until(lambda: "handed over to them" in balancer.log(), message="the hand-over")
+        before = len(outcomes)
+        wait_until(lambda: len(outcomes) >= before + 12, timeout=60, message="the new worker serving")
     assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
-    assert deferred[0] == 0
+    assert deferred == [0.0]
     assert len(re.findall(r"Booting worker with pid", balancer.log())) == 2 and "Traceback" not in balancer.log()
+
+
+def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet: Fleet, build: Build,
+                                                                                     llamacpp_models,
+                                                                                     redis_server) -> None:
+    """Two balancers sharing Redis behind a TCP load balancer, each stopped (SIGTERM) and started again in turn
+    while six clients stream through the front."""
+    from tests.helpers import free_port
+    from tests.test_reload import TcpBalancer
+
+    fleet.redis_url = redis_server.url
+    prefix = f"r{uuid.uuid4().hex[:12]}"
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    balancers = [fleet.balancer("--buffered-request-timeout", "30", proxy_port=p, management_port=m, prefix=prefix)
+                 for p, m in ports]
+    servers = []
+    for i in range(2):
+        server = spawn_llama_server(fleet, build, llamacpp_models["tiny"], "-np", "2", "-c", "2048",
+                                    *build.slots_flags())
+        fleet.agent(server.port, ports[i][1], "--name", f"r{i}", interval=0.2)
+        servers.append(server)
+    wait_until(lambda: all((agent_named(balancers[0], f"r{i}") or {}).get("state") == "ready" for i in range(2)),
+               timeout=15, message="both agents ready")
+    front = TcpBalancer([p for p, _ in ports])
+    through_front = Proc("front", balancers[0].popen, balancers[0].log_path,
+                         extra={"proxy": f"http://127.0.0.1:{front.port}"})
+    try:
+        with deferred_peak(servers) as deferred, streaming_load(through_front, 6) as outcomes:
+            for i, (proxy, management) in enumerate(ports):
+                wait_until(lambda n=len(outcomes): len(outcomes) >= n + 6,  # noqa: B008 (the count now)
+                           timeout=60, message="the load running")
+                balancers[i].signal(signal.SIGTERM)
+                assert balancers[i].popen.wait(40) == 0
+                balancers[i] = fleet.balancer("--buffered-request-timeout", "30", proxy_port=proxy,
+                                              management_port=management, prefix=prefix)
+            before = len(outcomes)
+            wait_until(lambda: len(outcomes) >= before + 12, timeout=60, message="both serving again")
+    finally:
+        front.close()
+    assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
+    assert deferred == [0.0]

@@ -49,7 +49,7 @@ MANAGEMENT_HANDOVER_SECONDS = 0.5  # a replaced worker's management requests in 
 LAST_ANSWER_SECONDS = 1.0  # before the graceful timeout ends, requests still waiting are answered 503
 LISTENER_CLOSE_WAIT = 2.0  # gunicorn's gevent worker closes its listener within a second of SIGTERM
 TRAFFIC_SAMPLE_SECONDS = 1.0
-SHUTDOWN_POLL_SECONDS = 0.2
+SHUTDOWN_POLL_SECONDS = 0.05
 MANAGEMENT_CONNECTIONS = 1000
 MANAGEMENT_BACKLOG = 256
 WORKER_BOOT_ERROR = 3  # gunicorn halts, instead of respawning, when a worker exits with this
@@ -67,9 +67,10 @@ class Balancer:
                                     options.per_model_queues)
         self.greenlets = Group()
         self.shutting_down = False
+        self.told_to_stop = False  # /health says 503 from the signal on, before the listener closes
         self.replaced = False  # a reload replaces this worker (paddler_sync/server.py)
         self.status = FleetStatus(self.ledger, self.registry, self.buffer,
-                                  self.shared.store if self.shared else None, lambda: self.shutting_down)
+                                  self.shared.store if self.shared else None, lambda: self.shutting_down or self.told_to_stop)
         self.tenants = CurrentTenants(options.tenants)
         self.status.tenants = self.tenants
         if self.shared is not None:
@@ -174,6 +175,7 @@ class Balancer:
         def watch() -> None:
             while worker.alive:
                 gevent.sleep(SHUTDOWN_POLL_SECONDS)
+            self.told_to_stop = True  # a load balancer checking /health stops sending while gunicorn still accepts
             deadline = time.monotonic() + LISTENER_CLOSE_WAIT
             while time.monotonic() < deadline and any(listening(s) for s in getattr(worker, "sockets", ())):
                 gevent.sleep(SHUTDOWN_POLL_SECONDS / 4)

@@ -64,8 +64,8 @@ def test_a_reload_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet
 def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet: Fleet, build: Build,
                                                                                      llamacpp_models,
                                                                                      redis_server) -> None:
-    """Two balancers sharing Redis behind a TCP load balancer, each stopped (SIGTERM) and started again in turn
-    while six clients stream through the front."""
+    """Two balancers sharing Redis behind a TCP load balancer that checks /health, each stopped (SIGTERM) and
+    started again in turn while six clients stream through the front."""
     from tests.helpers import free_port
     from tests.test_reload import TcpBalancer
 
@@ -82,7 +82,7 @@ def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_ins
         servers.append(server)
     wait_until(lambda: all((agent_named(balancers[0], f"r{i}") or {}).get("state") == "ready" for i in range(2)),
                timeout=15, message="both agents ready")
-    front = TcpBalancer([p for p, _ in ports])
+    front = TcpBalancer([p for p, _ in ports], [f"http://127.0.0.1:{m}" for _, m in ports])
     through_front = Proc("front", balancers[0].popen, balancers[0].log_path,
                          extra={"proxy": f"http://127.0.0.1:{front.port}"})
     try:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.helpers import INTERVAL, Fleet, Proc, RedisServer, agents, free_port, sim_stats, streaming_load, wait_until
 
@@ -61,15 +62,27 @@ def test_a_reload_with_a_settings_mistake_keeps_the_running_worker(fleet: Fleet)
 
 
 class TcpBalancer:
-    """A TCP load balancer in front of balancers, as operators run HAProxy or a cloud one: each connection to the
-    next backend that accepts it, then bytes both ways."""
+    """A TCP load balancer in front of balancers, as operators run HAProxy: each connection to the next backend whose
+    /health answers 200 (checked every 50 ms, ``option httpchk``), then bytes both ways."""
 
-    def __init__(self, backends: list[int]) -> None:
+    def __init__(self, backends: list[int], health: list[str]) -> None:
         self.backends = backends
+        self.health = health
+        self.up = [True] * len(backends)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.turn = 0
+        self.closed = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._check, daemon=True).start()
+
+    def _check(self) -> None:
+        while not self.closed.wait(0.05):
+            for i, url in enumerate(self.health):
+                try:
+                    self.up[i] = requests.get(url + "/health", timeout=0.5).status_code == 200
+                except requests.RequestException:
+                    self.up[i] = False
 
     def _accept(self) -> None:
         while True:
@@ -80,21 +93,45 @@ class TcpBalancer:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        for _ in range(2 * len(self.backends)):
-            self.turn += 1
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.backends[self.turn % len(self.backends)]), 1)
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            client.close()
-            return
-        threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
-        _pipe(client, upstream)
+        """The request read whole, then sent to a healthy backend; one that closes or resets before any byte of an
+        answer is tried again elsewhere (HAProxy's ``retry-on conn-failure empty-response`` with redispatch)."""
+        with client:
+            request = _read_request(client)
+            for _ in range(40 * len(self.backends)):
+                self.turn += 1
+                index = self.turn % len(self.backends)
+                if not self.up[index]:
+                    time.sleep(0.005)
+                    continue
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.backends[index]), 1)
+                    upstream.sendall(request)
+                    first = upstream.recv(65536)
+                except OSError:
+                    continue
+                if first:
+                    client.sendall(first)
+                    _pipe(upstream, client)
+                    return
 
     def close(self) -> None:
+        self.closed.set()
         self.server.close()
+
+
+def _read_request(client: socket.socket) -> bytes:
+    """One HTTP request with a Content-Length body (what the clients here send)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = client.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"ontent-" in head else 0
+    while len(body) < length:
+        body += client.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 def _pipe(source: socket.socket, sink: socket.socket) -> None:
@@ -111,8 +148,8 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 @pytest.mark.ledger_agnostic
 def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_request(fleet: Fleet,
                                                                                     redis_server: RedisServer) -> None:
-    """Two balancers sharing Redis behind a TCP load balancer; each in turn stopped (SIGTERM) and started again on
-    its ports while six clients stream through the front."""
+    """Two balancers sharing Redis behind a TCP load balancer that checks /health; each in turn stopped (SIGTERM)
+    and started again on its ports while six clients stream through the front."""
     fleet.redis_url = redis_server.url
     prefix = f"t{uuid.uuid4().hex[:12]}"
     ports = [(free_port(), free_port()) for _ in range(2)]
@@ -122,7 +159,7 @@ def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_reque
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, ports[i][1], "--name", f"s{i}", interval=INTERVAL)
     wait_until(lambda: len(agents(balancers[0])) == 2 and all(a["state"] == "ready" for a in agents(balancers[0])))
-    front = TcpBalancer([p for p, _ in ports])
+    front = TcpBalancer([p for p, _ in ports], [f"http://127.0.0.1:{m}" for _, m in ports])
     through_front = Proc("front", balancers[0].popen, balancers[0].log_path,
                          extra={"proxy": f"http://127.0.0.1:{front.port}"})
     try:

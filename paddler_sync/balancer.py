@@ -69,8 +69,8 @@ class Balancer:
         self.shutting_down = False
         self.told_to_stop = False  # /health says 503 from the signal on, before the listener closes
         self.replaced = False  # a reload replaces this worker (paddler_sync/server.py)
-        self.status = FleetStatus(self.ledger, self.registry, self.buffer,
-                                  self.shared.store if self.shared else None, lambda: self.shutting_down or self.told_to_stop)
+        self.status = FleetStatus(self.ledger, self.registry, self.buffer, self.shared.store if self.shared else None,
+                                  lambda: self.shutting_down or self.told_to_stop)
         self.tenants = CurrentTenants(options.tenants)
         self.status.tenants = self.tenants
         if self.shared is not None:

@@ -9,7 +9,6 @@ import re
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -66,14 +65,9 @@ def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_ins
                                                                                      redis_server) -> None:
     """Two balancers sharing Redis behind a TCP load balancer that checks /health, each stopped (SIGTERM) and
     started again in turn while six clients stream through the front."""
-    from tests.helpers import free_port
-    from tests.test_reload import TcpBalancer
+    from tests.test_reload import balancers_sharing_redis, restart_in_turn
 
-    fleet.redis_url = redis_server.url
-    prefix = f"r{uuid.uuid4().hex[:12]}"
-    ports = [(free_port(), free_port()) for _ in range(2)]
-    balancers = [fleet.balancer("--buffered-request-timeout", "30", proxy_port=p, management_port=m, prefix=prefix)
-                 for p, m in ports]
+    balancers, ports, prefix = balancers_sharing_redis(fleet, redis_server.url)
     servers = []
     for i in range(2):
         server = spawn_llama_server(fleet, build, llamacpp_models["tiny"], "-np", "2", "-c", "2048",
@@ -82,21 +76,7 @@ def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_ins
         servers.append(server)
     wait_until(lambda: all((agent_named(balancers[0], f"r{i}") or {}).get("state") == "ready" for i in range(2)),
                timeout=15, message="both agents ready")
-    front = TcpBalancer([p for p, _ in ports], [f"http://127.0.0.1:{m}" for _, m in ports])
-    through_front = Proc("front", balancers[0].popen, balancers[0].log_path,
-                         extra={"proxy": f"http://127.0.0.1:{front.port}"})
-    try:
-        with deferred_peak(servers) as deferred, streaming_load(through_front, 6) as outcomes:
-            for i, (proxy, management) in enumerate(ports):
-                wait_until(lambda n=len(outcomes): len(outcomes) >= n + 6,  # noqa: B008 (the count now)
-                           timeout=60, message="the load running")
-                balancers[i].signal(signal.SIGTERM)
-                assert balancers[i].popen.wait(40) == 0
-                balancers[i] = fleet.balancer("--buffered-request-timeout", "30", proxy_port=proxy,
-                                              management_port=management, prefix=prefix)
-            before = len(outcomes)
-            wait_until(lambda: len(outcomes) >= before + 12, timeout=60, message="both serving again")
-    finally:
-        front.close()
+    with deferred_peak(servers) as deferred:
+        outcomes = restart_in_turn(fleet, balancers, ports, prefix, patience=60)
     assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
     assert deferred == [0.0]

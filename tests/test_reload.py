@@ -145,20 +145,21 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
             sink.shutdown(socket.SHUT_WR)
 
 
-@pytest.mark.ledger_agnostic
-def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_request(fleet: Fleet,
-                                                                                    redis_server: RedisServer) -> None:
-    """Two balancers sharing Redis behind a TCP load balancer that checks /health; each in turn stopped (SIGTERM)
-    and started again on its ports while six clients stream through the front."""
-    fleet.redis_url = redis_server.url
+def balancers_sharing_redis(fleet: Fleet, redis_url: str) -> tuple[list[Proc], list[tuple[int, int]], str]:
+    """Two balancers on one Redis prefix, each on ports of its own (kept for their restarts): (balancers, their
+    (proxy, management) ports, the prefix)."""
+    fleet.redis_url = redis_url
     prefix = f"t{uuid.uuid4().hex[:12]}"
     ports = [(free_port(), free_port()) for _ in range(2)]
     balancers = [fleet.balancer("--buffered-request-timeout", "30", proxy_port=p, management_port=m, prefix=prefix)
                  for p, m in ports]
-    sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "60") for _ in range(2)]
-    for i, sim in enumerate(sims):
-        fleet.agent(sim.port, ports[i][1], "--name", f"s{i}", interval=INTERVAL)
-    wait_until(lambda: len(agents(balancers[0])) == 2 and all(a["state"] == "ready" for a in agents(balancers[0])))
+    return balancers, ports, prefix
+
+
+def restart_in_turn(fleet: Fleet, balancers: list[Proc], ports: list[tuple[int, int]], prefix: str,
+                    patience: float = 30) -> list[str]:
+    """Six clients stream through a TCP load balancer in front of ``balancers`` while each in turn is stopped
+    (SIGTERM) and started again on its ports; what each request came to."""
     front = TcpBalancer([p for p, _ in ports], [f"http://127.0.0.1:{m}" for _, m in ports])
     through_front = Proc("front", balancers[0].popen, balancers[0].log_path,
                          extra={"proxy": f"http://127.0.0.1:{front.port}"})
@@ -166,14 +167,28 @@ def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_reque
         with streaming_load(through_front, 6) as outcomes:
             for i, (proxy, management) in enumerate(ports):
                 wait_until(lambda n=len(outcomes): len(outcomes) >= n + 6,  # noqa: B008 (the count now)
-                           timeout=30, message="the load running")
+                           timeout=patience, message="the load running")
                 balancers[i].signal(signal.SIGTERM)
-                assert balancers[i].popen.wait(30) == 0
+                assert balancers[i].popen.wait(40) == 0
                 balancers[i] = fleet.balancer("--buffered-request-timeout", "30", proxy_port=proxy,
                                               management_port=management, prefix=prefix)
             before = len(outcomes)
-            wait_until(lambda: len(outcomes) >= before + 12, timeout=30, message="both serving again")
+            wait_until(lambda: len(outcomes) >= before + 12, timeout=patience, message="both serving again")
     finally:
         front.close()
+    return outcomes
+
+
+@pytest.mark.ledger_agnostic
+def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_request(fleet: Fleet,
+                                                                                    redis_server: RedisServer) -> None:
+    """Two balancers sharing Redis behind a TCP load balancer that checks /health; each in turn stopped (SIGTERM)
+    and started again on its ports while six clients stream through the front."""
+    balancers, ports, prefix = balancers_sharing_redis(fleet, redis_server.url)
+    sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "60") for _ in range(2)]
+    for i, sim in enumerate(sims):
+        fleet.agent(sim.port, ports[i][1], "--name", f"s{i}", interval=INTERVAL)
+    wait_until(lambda: len(agents(balancers[0])) == 2 and all(a["state"] == "ready" for a in agents(balancers[0])))
+    outcomes = restart_in_turn(fleet, balancers, ports, prefix)
     assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
     assert [sim_stats(s)["requests_deferred_total"] for s in sims] == [0, 0]

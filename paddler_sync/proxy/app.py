@@ -100,7 +100,8 @@ class ProxyApp:
             takes_slot = up.uses_slot(method, path)
             route = self.routing.route(method, environ, body, takes_slot)
             if tenant is not None:
-                self.tenancy.allow(tenant, route.model, route.ask.named, takes_slot, self._served(route))
+                self.tenancy.allow(tenant, route.model, route.ask.named, takes_slot,
+                                   functools.partial(self._served, route))
             claim = self.tenancy.claim(tenant, route.model) if takes_slot else None
             tokens = route.ask.limit if takes_slot and self.foresee_ends else None
             estimate, hashes = self._estimate(route) if takes_slot else (None, ())

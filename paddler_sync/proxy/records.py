@@ -11,6 +11,7 @@ from paddler_sync.endings import Ending
 from paddler_sync.fleet.upstream import Reservation
 from paddler_sync.proxy.retry import RETRIED
 from paddler_sync.proxy.tenancy import TENANT
+from paddler_sync.tenants.book import Tenant
 from paddler_sync.tenants.rates import Rates
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class Recorder:
         ttfb_seconds = first_byte - started if first_byte else None
         self.metrics.request_done(status, ending, reservation.addr if reservation else None, waited, ttfb_seconds,
                                   now - started, first_token - started if first_token else None, tokens, prompt)
-        tenant = environ.get(TENANT)
+        tenant: Tenant | None = environ.get(TENANT)
         if tenant is not None:
             self._tenant_done(tenant, status, ending, reservation, waited, now - started, tokens, prompt)
         if not access_log.isEnabledFor(logging.INFO):
@@ -44,13 +45,16 @@ class Recorder:
                         'tenant=%s retried=%d', environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                         environ.get("PATH_INFO", "/"), status, reservation.addr if reservation else "-",
                         waited * 1000, ttfb, (now - started) * 1000, sent, ending,
-                        f"{prompt[1]}/{prompt[0]}" if prompt else "-", tenant or "-", environ.get(RETRIED, 0))
+                        f"{prompt[1]}/{prompt[0]}" if prompt else "-", tenant.name if tenant else "-",
+                        environ.get(RETRIED, 0))
 
-    def _tenant_done(self, tenant: str, status: int, ending: Ending, reservation: Reservation | None, waited: float,
-                     duration: float, generated: int | None, prompt: tuple[int, int] | None) -> None:
-        """Its usage, and its tokens into its tokens-per-minute window (llama.cpp's own counts)."""
+    def _tenant_done(self, tenant: Tenant, status: int, ending: Ending, reservation: Reservation | None,
+                     waited: float, duration: float, generated: int | None, prompt: tuple[int, int] | None) -> None:
+        """Its usage, and its tokens into its tokens-per-minute window (llama.cpp's own counts) when it has one:
+        with Redis that is a round trip per request, owed only by tenants whose tokens are limited."""
         slot_seconds = max(0.0, duration - waited) if reservation is not None and reservation.uses_slot else 0.0
         tokens = {"prompt": prompt[0] if prompt else 0, "cached": prompt[1] if prompt else 0,
                   "generated": generated or 0}
-        self.metrics.tenant_done(tenant, status, ending, waited, slot_seconds, tokens)
-        self.rates.add_tokens(tenant, tokens["prompt"] + tokens["generated"])
+        self.metrics.tenant_done(tenant.name, status, ending, waited, slot_seconds, tokens)
+        if tenant.tokens_per_minute:
+            self.rates.add_tokens(tenant.name, tokens["prompt"] + tokens["generated"])

@@ -15,7 +15,7 @@ tenant it was identified as until it ends.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 from paddler_sync.endings import Ending
@@ -25,7 +25,7 @@ from paddler_sync.tenants.book import Tenant
 from paddler_sync.tenants.current import CurrentTenants
 from paddler_sync.tenants.rates import REQUESTS, Rates, Window
 
-TENANT = "paddler_sync.tenant"  # the environ key of the request's tenant's name, for the access log and usage
+TENANT = "paddler_sync.tenant"  # the environ key of the request's Tenant, for the access log and usage
 CLIENT_KEY = "paddler_sync.client_key"  # the client's own key headers, kept for a hand-over to the next workers
 KEY_HEADERS = ("HTTP_AUTHORIZATION", "HTTP_X_API_KEY")
 PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/models", "/v1/models"})  # llama.cpp's --api-key leaves these open
@@ -53,15 +53,15 @@ class Tenancy:
             raise ProxyError(401, "no valid API key: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY') with a "
                                   "key of one of the balancer's tenants (--tenants)", [("WWW-Authenticate", "Bearer")],
                              ending=Ending.UNAUTHORIZED, code="invalid_api_key")
-        environ[TENANT] = tenant.name
+        environ[TENANT] = tenant
         return tenant
 
     def allow(self, tenant: Tenant, model: str | None, named: str | None, takes_slot: bool,
-              served: Iterable[str] = ()) -> None:
-        """403 for a model the tenant may not use (a request naming none: when a model ``served`` by the servers
-        that could take it is outside the tenant's); 429 past its limits (for requests that take a slot)."""
-        served = list(served)
-        if not (tenant.may_use(model) or (model is None and served and all(tenant.may_use(m) for m in served))):
+              served: Callable[[], list[str]] = list) -> None:
+        """403 for a model the tenant may not use (a request naming none: when a model ``served()`` by the servers
+        that could take it is outside the tenant's, asked only then); 429 past its limits (for requests that take a
+        slot)."""
+        if not tenant.may_use(model) and not (model is None and _all_allowed(tenant, served())):
             what = f"model {named or model!r}" if model is not None else "a request that names no model"
             raise ProxyError(403, f"tenant {tenant.name!r} may not use {what}; its models are "
                                   f"{', '.join(tenant.models)} (the tenants file's 'models')",
@@ -77,6 +77,10 @@ class Tenancy:
         if tenant is None or book is None:
             return None
         return Claim(tenant.share, book.shares_for(model))
+
+
+def _all_allowed(tenant: Tenant, models: list[str]) -> bool:
+    return bool(models) and all(tenant.may_use(m) for m in models)
 
 
 def presented_key(environ: dict[str, Any]) -> str | None:

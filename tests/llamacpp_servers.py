@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,10 @@ def make_models(out: Path) -> dict[str, Path]:
     return {"tiny": out / "tiny.gguf", "slow": out / "slow.gguf"}
 
 
-def metric(url: str, name: str, query: str = "") -> float:
+def metric(url: str, name: str, query: str = "", api_key: str | None = None) -> float:
     """One llamacpp:NAME value from a real server's /metrics (``query``: a router's ``?model=``)."""
-    text = requests.get(url + "/metrics" + query, timeout=15).text  # a busy 2-core machine: generous
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = requests.get(url + "/metrics" + query, headers=headers, timeout=15).text  # a busy 2-core machine
     found = re.search(rf"^llamacpp:{name} (\S+)$", text, re.M)
     if found is None:
         raise AssertionError(f"llamacpp:{name} not in /metrics:\n{text}")
@@ -71,3 +73,50 @@ def metric(url: str, name: str, query: str = "") -> float:
 
 def busy_slots(url: str) -> int:
     return sum(slot["is_processing"] for slot in requests.get(url + "/slots", timeout=5).json())
+
+
+class DeferredSampler:
+    """The most requests ever waiting inside any of these llama-servers (``llamacpp:requests_deferred``), sampled
+    every 20 ms while a load runs: through the balancer it must stay 0.
+
+    A sample that fails (a wrong key, a server gone) fails the test at the end of the block instead of dying
+    silently in its thread; ``tolerate_errors`` is for servers that restart on purpose (a model swap)."""
+
+    def __init__(self, urls: list[str], api_key: str | None = None, tolerate_errors: bool = False) -> None:
+        self.urls = urls
+        self.api_key = api_key
+        self.tolerate_errors = tolerate_errors
+        self.peak = 0.0
+        self.samples = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for url in self.urls:
+            try:
+                self.peak = max(self.peak, metric(url, "requests_deferred", api_key=self.api_key))
+            except (requests.RequestException, AssertionError) as error:
+                if not self.tolerate_errors:
+                    raise
+                self.error = self.error or error
+        self.samples += 1
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._sample()
+                self._stop.wait(0.02)
+        except BaseException as error:
+            self.error = error
+
+    def __enter__(self) -> DeferredSampler:
+        self._sample()  # one before the load: the block cannot end before the sampler has looked once
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.error is not None and not self.tolerate_errors:
+            raise AssertionError(f"sampling requests_deferred failed: {self.error}") from self.error

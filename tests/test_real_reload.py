@@ -4,38 +4,15 @@ running streams from the agents' reports."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
-import threading
-import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Fleet, Proc, agent_named, real_builds, spawn_llama_server, streaming_load, wait_until
-from tests.llamacpp_servers import Build, metric
+from tests.helpers import Fleet, agent_named, real_builds, spawn_llama_server, streaming_load, wait_until
+from tests.llamacpp_servers import Build, DeferredSampler
 
 pytestmark = [pytest.mark.real_llamacpp, pytest.mark.parametrize("build", real_builds())]
-
-
-@contextlib.contextmanager
-def deferred_peak(servers: list[Proc]) -> Iterator[list[float]]:
-    """The most requests waiting inside any llama.cpp at once (``requests_deferred``), sampled every 20 ms."""
-    peak, stop = [0.0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max([peak[0], *(metric(s.url, "requests_deferred") for s in servers)])
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        sampler.join(5)
 
 
 def test_a_reload_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet: Fleet, build: Build,
@@ -49,14 +26,15 @@ def test_a_reload_on_real_llamacpp_fails_nothing_and_queues_nothing_inside(fleet
         servers.append(server)
     wait_until(lambda: all((agent_named(balancer, f"r{i}") or {}).get("state") == "ready" for i in range(2)),
                timeout=15, message="both agents ready")
-    with deferred_peak(servers) as deferred, streaming_load(balancer, 6) as outcomes:  # four slots: two wait
+    urls = [s.url for s in servers]
+    with DeferredSampler(urls) as deferred, streaming_load(balancer, 6) as outcomes:  # four slots: two wait
         wait_until(lambda: len(outcomes) >= 6, timeout=60, message="the load running")
         balancer.signal(signal.SIGHUP)
         wait_until(lambda: "handed over to them" in balancer.log(), message="the hand-over")
         before = len(outcomes)
         wait_until(lambda: len(outcomes) >= before + 12, timeout=60, message="the new worker serving")
     assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
-    assert deferred == [0.0]
+    assert deferred.peak == 0 and deferred.samples >= 2
     assert len(re.findall(r"Booting worker with pid", balancer.log())) == 2 and "Traceback" not in balancer.log()
 
 
@@ -76,7 +54,7 @@ def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_ins
         servers.append(server)
     wait_until(lambda: all((agent_named(balancers[0], f"r{i}") or {}).get("state") == "ready" for i in range(2)),
                timeout=15, message="both agents ready")
-    with deferred_peak(servers) as deferred:
+    with DeferredSampler([s.url for s in servers]) as deferred:
         outcomes = restart_in_turn(fleet, balancers, ports, prefix, patience=60)
     assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
-    assert deferred == [0.0]
+    assert deferred.peak == 0 and deferred.samples >= 2

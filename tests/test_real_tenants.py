@@ -4,15 +4,15 @@ decide whose request starts next, and nothing waits inside llama.cpp."""
 
 from __future__ import annotations
 
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.helpers import Fleet, Proc, agent_named, real_builds, spawn_llama_server, wait_until
-from tests.llamacpp_servers import Build, metric
+from tests.llamacpp_servers import Build, DeferredSampler
 
 pytestmark = [pytest.mark.real_llamacpp, pytest.mark.parametrize("build", real_builds())]
 UPSTREAM_KEY = "llama-real-key"
@@ -69,32 +69,20 @@ def test_keys_stay_at_the_balancer_and_tokens_are_llamacpps(fleet: Fleet, build:
 def test_the_reserved_slot_and_priority_decide_with_nothing_queued_inside(fleet: Fleet, build: Build,
                                                                            llamacpp_models) -> None:
     balancer, server = fleet_with_tenants(fleet, build, llamacpp_models, 2, model="slow")  # batches last seconds
-    deferred = [0.0]
-    stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            deferred[0] = max(deferred[0], metric(server.url, "requests_deferred"))
-            time.sleep(0.02)
+    def batch() -> int:
+        return requests.post(balancer.extra["proxy"] + "/completion", timeout=120,
+                             headers={"Authorization": "Bearer sk-real-batch"},
+                             json={"prompt": "Once upon a time", "n_predict": 200, "ignore_eos": True}).status_code
 
-    def batch() -> None:
-        requests.post(balancer.extra["proxy"] + "/completion", headers={"Authorization": "Bearer sk-real-batch"},
-                      json={"prompt": "Once upon a time", "n_predict": 200, "ignore_eos": True}, timeout=120)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    batches = [threading.Thread(target=batch) for _ in range(3)]
-    for thread in batches:
-        thread.start()
-    wait_until(lambda: rows(balancer)["batch"]["waiting"] == 2, message="two batch requests waiting")
-    assert rows(balancer)["batch"]["in_flight"] == 1  # the second slot is chat's
-    asked = time.monotonic()
-    answer = requests.post(balancer.extra["proxy"] + "/completion", headers={"Authorization": "Bearer sk-real-chat"},
-                           json={"prompt": "hi", "n_predict": 2}, timeout=30)
-    assert answer.status_code == 200 and time.monotonic() - asked < 5
-    assert rows(balancer)["chat"]["wait_seconds"] < 0.05  # it waited behind no batch request: the slot was kept
-    for thread in batches:
-        thread.join(120)
-    stop.set()
-    sampler.join(5)
-    assert deferred[0] == 0
+    with DeferredSampler([server.url], api_key=UPSTREAM_KEY) as sampler, ThreadPoolExecutor(3) as pool:
+        batches = [pool.submit(batch) for _ in range(3)]
+        wait_until(lambda: rows(balancer)["batch"]["waiting"] == 2, message="two batch requests waiting")
+        assert rows(balancer)["batch"]["in_flight"] == 1  # the second slot is chat's
+        asked = time.monotonic()
+        answer = requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "hi", "n_predict": 2},
+                               headers={"Authorization": "Bearer sk-real-chat"}, timeout=30)
+        assert answer.status_code == 200 and time.monotonic() - asked < 5
+        assert rows(balancer)["chat"]["wait_seconds"] < 0.05  # it waited behind no batch request: the slot was kept
+        assert [b.result(120) for b in batches] == [200] * 3
+    assert sampler.peak == 0 and sampler.samples >= 2

@@ -312,5 +312,6 @@ def test_a_silent_stream_is_cut_after_the_read_timeout_with_queue_updates_on(
         for chunk in response.iter_content(None):
             received += chunk
     assert time.monotonic() - started < 8
-    assert received.startswith(b'data: {"a":1}\n\n') and b"upstream_stopped" in received
+    events = re.sub(rb"^(: queue position=.*\n\n)*", b"", received)  # a loaded machine may be slower than QUIET_WAIT
+    assert events.startswith(b'data: {"a":1}\n\n') and b"upstream_stopped" in events
     wait_until(lambda: health(balancer)["requests_in_flight"] == 0)

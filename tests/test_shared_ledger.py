@@ -81,8 +81,11 @@ class TwoWorkers(RuleBasedStateMachine):
     @rule(worker=st.integers(0, 1), key=st.sampled_from(KEYS), total=st.integers(0, 4),
           processing=st.integers(0, 4), routable=st.booleans(), port=st.sampled_from([1, 2]))
     def report(self, worker: int, key: str, total: int, processing: int, routable: bool, port: int) -> None:
-        self.workers[worker].report(key, f"10.0.0.1:{port}{ord(key)}", total, min(processing, total), routable)
-        self.held = [(w, r) for w, r in self.held if r.addr == f"10.0.0.1:{port}{ord(key)}" or r.upstream.key != key]
+        addr = f"10.0.0.1:{port}{ord(key)}"
+        known = {row[0]: row[1] for row in self.truth.snapshot()[0]}.get(key)
+        self.workers[worker].report(key, addr, total, min(processing, total), routable)
+        if known is not None and known != addr:  # another server under the key: the old one's leases are void
+            self.held = [(w, r) for w, r in self.held if r.upstream.key != key]
 
     @rule(worker=st.integers(0, 1), fresh=st.booleans())
     def take(self, worker: int, fresh: bool) -> None:
@@ -138,8 +141,8 @@ class TwoWorkers(RuleBasedStateMachine):
 
     @rule(worker=st.integers(0, 1), key=st.sampled_from(KEYS))
     def remove(self, worker: int, key: str) -> None:
+        """Its requests still run: their leases stay, and count again if it comes back (at any address)."""
         self.workers[worker].remove(key)
-        self.held = [(w, r) for w, r in self.held if r.upstream.key != key]
 
     @rule(worker=st.integers(0, 1))
     def refresh(self, worker: int) -> None:
@@ -149,7 +152,7 @@ class TwoWorkers(RuleBasedStateMachine):
 
     @invariant()
     def leases_are_exactly_the_reservations_held(self) -> None:
-        for key, (_, in_flight, _, _) in self.counts().items():
+        for key, (_, in_flight, _, _) in self.counts().items():  # a removed server's are counted when it is back
             assert in_flight == sum(1 for _, r in self.held if r.upstream.key == key), (key, self.counts())
 
 
@@ -378,6 +381,28 @@ def test_the_queue_is_fifo_across_workers_and_skips_dead_ones(redis_server: Redi
     c.store.mark_waiting(False)  # c died: its mark is gone (in life it expires after WAITING_MARK_TTL)
     assert dead.name.startswith(c.store.worker_id)
     assert b.reserve(ticket=alive) is not None  # a dead worker's waiter does not block the queue
+
+
+def test_a_server_removed_while_its_requests_run_keeps_their_leases(redis_server: RedisServer) -> None:
+    """An agent silent for a while (its balancer restarting) is removed while another balancer's requests still run
+    on its server. When it reports again, those requests are still leases: were they counted as someone else's
+    load from the agent's reading instead, a take on one balancer between that reading and its arrival on the other
+    would be missing from both, and llama.cpp would get one request more than it has slots."""
+    prefix = f"r{uuid.uuid4().hex[:10]}"
+    running_here, hearing = (Ledger(store=RedisStore(redis_server.url, prefix, lease_ttl=60)) for _ in range(2))
+    hearing.report("s", "10.0.0.1:1", 2, 0, True)
+    running_here.refresh()
+    running = running_here.reserve()
+    assert running is not None
+    assert hearing.remove_if_silent("s", reported_before=hearing.clock() + 1)
+    hearing.report("s", "10.0.0.1:1", 2, 1, True)  # back: the agent reads the running request
+    running_here.refresh()
+    reading = 1  # the agent reads /slots again: one busy ...
+    taken_meanwhile = running_here.reserve()  # ... and a request starts on the other balancer before it lands
+    assert taken_meanwhile is not None
+    hearing.report("s", "10.0.0.1:1", 2, reading, True)
+    running_here.refresh()
+    assert hearing.reserve() is None and running_here.reserve() is None  # both slots are running
 
 
 def test_a_ticket_survives_redis_losing_its_data(redis_server: RedisServer) -> None:

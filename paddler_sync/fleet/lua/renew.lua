@@ -6,4 +6,6 @@
 -- Returns how many ids were given.
 local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+-- a removed server's set expires with its last lease (remove.lua): a renewed lease moves that moment on
+if redis.call('PTTL', KEYS[1]) > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + 1) end
 return #ARGV - 1

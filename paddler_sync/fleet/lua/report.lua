@@ -4,11 +4,14 @@
 --       5 '1' when it takes requests   6 now on the balancer's clock (s)   7 the agent's record (JSON)
 --       8 the capacity channel   9 '1' when its model is unloaded (sleeping)   10 the model(s) it serves (JSON)
 --       11 the agent id (the record's key: a router's agent has an entry per model, AGENT/MODEL, and one record)
--- A new address starts the server afresh (its leases belonged to another server). Draining slots end here:
+-- A new address starts the server afresh (its leases belonged to another server); a server back after its removal
+-- (no address kept) finds the leases of its requests still running (remove.lua). Draining slots end here:
 -- the reading shows whether llama.cpp still runs them. Returns {in_flight, external}.
 local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('HGET', KEYS[1], 'addr') ~= ARGV[2] then redis.call('DEL', KEYS[2], KEYS[3]) end
+local was = redis.call('HGET', KEYS[1], 'addr')
+if was and was ~= ARGV[2] then redis.call('DEL', KEYS[2], KEYS[3]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('PERSIST', KEYS[2])  -- back after a removal: its leases live as long as their requests again
 redis.call('DEL', KEYS[3])
 local in_flight = redis.call('ZCARD', KEYS[2])
 local external = math.max(0, tonumber(ARGV[4]) - in_flight)

@@ -17,7 +17,6 @@ import socket
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import gevent
 from gevent.pool import Group, Pool
@@ -26,6 +25,7 @@ from gevent.pywsgi import WSGIServer
 from paddler_sync.fleet.buffer import HandedOver, RequestBuffer
 from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.policy import Policy, make_policy
+from paddler_sync.fleet.redis_connect import redacted
 from paddler_sync.fleet.redis_rates import RedisRates
 from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.redis_sync import SharedAffinity, SharedCounts, SharedFleetSync
@@ -151,8 +151,8 @@ class Balancer:
             self._spawn(self.shared.listen_forever, "shared-ledger-wakeups")
             self._spawn(self.shared.renew_forever, "shared-ledger-leases")
             self._spawn(self.shared.flush_counts_forever, "shared-counts")
-            logger.info("slot ledger shared in %s (prefix %s, lease TTL %gs)", _redacted(self.options.state_backend),
-                        self.options.state_prefix, self.options.lease_ttl)
+            logger.info("slot ledger shared in %s (keys %s:*, lease TTL %gs)", redacted(self.options.state_backend),
+                        self.shared.store.prefix, self.options.lease_ttl)
         self._spawn(self._sample_traffic_forever, "traffic-sampler")
         if self.options.statsd_addr is not None:
             self._spawn(self._report_statsd_forever, "statsd-reporter")
@@ -283,11 +283,3 @@ def management_listener(host: str, port: int, shared: bool) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-def _redacted(url: str) -> str:
-    """A Redis URL without its password, for the log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)

@@ -121,21 +121,31 @@ def model_specs(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def state_backend(text: str) -> str:
-    """``local``, a Redis URL (``redis://``, ``rediss://`` or ``unix://``), or Sentinels and the master they name
-    (``redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME``)."""
-    value = text.strip()
-    if value.startswith("redis+sentinel://"):
-        from paddler_sync.fleet.redis_connect import SentinelUrlError, parse_sentinel_url
+    """``local``, a Redis URL (``redis://``, ``rediss://`` or ``unix://``), Sentinels and the master they name
+    (``redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME``), or nodes of a Redis Cluster
+    (``redis+cluster://HOST:PORT[,HOST:PORT...]``)."""
+    from paddler_sync.fleet.redis_connect import (
+        CLUSTER_SCHEME,
+        SENTINEL_SCHEME,
+        RedisUrlError,
+        parse_cluster_url,
+        parse_sentinel_url,
+    )
 
-        try:
-            parse_sentinel_url(value)
-        except SentinelUrlError as exc:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a Sentinel URL: {exc}") from None
-        return value
+    value = text.strip()
+    for scheme, parse, what in ((SENTINEL_SCHEME, parse_sentinel_url, "Sentinel"),
+                                (CLUSTER_SCHEME, parse_cluster_url, "Redis Cluster")):
+        if value.startswith(scheme):
+            try:
+                parse(value)
+            except RedisUrlError as exc:
+                raise argparse.ArgumentTypeError(f"'{text}' is not a {what} URL: {exc}") from None
+            return value
     if value == "local" or (value.startswith(("redis://", "rediss://", "unix://")) and len(value) > 8):
         return value
     raise argparse.ArgumentTypeError(f"'{text}' is not a state backend: expected local, a Redis URL such as "
-                                     f"redis://127.0.0.1:6379/0, or redis+sentinel://HOST:PORT,HOST:PORT/MASTER_NAME")
+                                     f"redis://127.0.0.1:6379/0, redis+sentinel://HOST:PORT,HOST:PORT/MASTER_NAME "
+                                     f"or redis+cluster://HOST:PORT,HOST:PORT")
 
 
 def tenants_file(text: str) -> str:

@@ -190,8 +190,9 @@ SETTINGS: tuple[Setting, ...] = (
             "--graceful-timeout applies.", B, duration, 30.0, metavar="SECONDS"),
     Setting("max-agents", "Most agents the balancer accepts; reports from more get 429.", B, positive_count, 1024),
     Setting("state-backend", "Where the slot ledger lives: local (in this process; one gunicorn worker), a "
-            "Redis URL such as redis://127.0.0.1:6379/0, or Sentinels and the master they name, "
-            "redis+sentinel://HOST:PORT,HOST:PORT/MASTER_NAME; shared by many workers and balancers. While Redis is "
+            "Redis URL such as redis://127.0.0.1:6379/0, Sentinels and the master they name, "
+            "redis+sentinel://HOST:PORT,HOST:PORT/MASTER_NAME, or nodes of a Redis Cluster, "
+            "redis+cluster://HOST:PORT,HOST:PORT; shared by many workers and balancers. While Redis is "
             "unreachable (a failover), requests that need a slot wait for it in the buffer.", B, state_backend,
             "local", metavar="local|URL"),
     Setting("state-prefix", "Prefix of the balancer's keys in Redis; balancers that share a prefix share a "

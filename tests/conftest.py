@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Fleet, RedisServer
+from tests.redis_cluster import RedisClusterSet
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSet]:
+    """Three masters and three replicas, shared by the tests that only read and write (none kills a node)."""
+    cluster = RedisClusterSet(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

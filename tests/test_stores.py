@@ -1,5 +1,6 @@
-"""One contract, both slot stores: every store operation, through the ledger, answers the same in-process and in
-Redis. What only a shared store does (leases that expire, a queue across workers) is in test_shared_ledger.py."""
+"""One contract, both slot stores: every store operation, through the ledger, answers the same in-process, in one
+Redis and in a Redis Cluster (three masters, three replicas). What only a shared store does (leases that expire, a
+queue across workers) is in test_shared_ledger.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.store import LocalStore
 from paddler_sync.fleet.upstream import Reservation
 from tests.helpers import RedisServer
+from tests.redis_cluster import RedisClusterSet
 
 
 class Clock:
@@ -29,13 +31,14 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "cluster"])
 def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
     clock = Clock()
     if request.param == "local":
         yield Ledger(store=LocalStore(), clock=clock)
         return
-    server: RedisServer = request.getfixturevalue("redis_server")
+    server: RedisServer | RedisClusterSet = request.getfixturevalue(
+        "redis_server" if request.param == "redis" else "redis_cluster")
     store = RedisStore(server.url, f"c{uuid.uuid4().hex[:10]}", lease_ttl=60)
     yield Ledger(store=store, clock=clock)
     store.client.close()

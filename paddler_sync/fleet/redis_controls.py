@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from paddler_sync.fleet.redis_store import RedisStore, lua_source
+from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.rollout import AgentControl
 from paddler_sync.fleet.supervision import DesiredState, SupervisionError, parse_desired, parse_drain
 
@@ -23,7 +23,6 @@ class RedisControls:
         self.store = store
         self.key = f"{store.prefix}:control"
         self.grants_key = f"{store.prefix}:control:grants"
-        self.grant_script = store.client.register_script(lua_source("grant"))
 
     def agent(self, agent_id: str) -> AgentControl:
         raw = self.store._guarded(self.store.client.hget, self.key, agent_id)
@@ -57,7 +56,7 @@ class RedisControls:
     def grant(self, agent_id: str, desired_id: str, limit: int | None, busy: set[str], now: float,
               ttl: float) -> bool:
         args = [agent_id, desired_id, -1 if limit is None else limit, now, ttl, *sorted(busy)]
-        return bool(self.store._guarded(self.grant_script, keys=[self.grants_key], args=args))
+        return bool(self.store.call("grant", [self.grants_key], args))
 
     def release(self, agent_id: str) -> None:
         self.store._guarded(self.store.client.hdel, self.grants_key, agent_id)

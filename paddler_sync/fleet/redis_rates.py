@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.redis_store import RedisStore, lua_source
+from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.tenants.rates import MINUTE, REQUESTS, TOKENS, Window, window
 
 logger = logging.getLogger("paddler_sync.tenants")
@@ -21,7 +21,6 @@ class RedisRates:
     def __init__(self, store: RedisStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
-        self.script = store.client.register_script(lua_source("rate"))
 
     def _key(self, tenant: str, kind: str, minute: int) -> str:
         return f"{self.store.prefix}:rate:{tenant}:{kind}:{minute}"
@@ -31,8 +30,7 @@ class RedisRates:
         minute, into = int(now // MINUTE), now % MINUTE
         keys = [self._key(tenant, kind, m) for kind in (REQUESTS, TOKENS) for m in (minute, minute - 1)]
         try:
-            rb, rn, tb, tn, _ = self.store._guarded(self.script, keys=keys,
-                                                    args=[requests_per_minute, tokens_per_minute, into])
+            rb, rn, tb, tn, _ = self.store.call("rate", keys, [requests_per_minute, tokens_per_minute, into])
         except StateUnavailable:
             return []
         figures = {REQUESTS: (requests_per_minute, float(rb), float(rn)),

@@ -17,7 +17,8 @@ so it is atomic across workers and hosts:
   in ``PREFIX:waiting`` lives (renewed every 0.2 s): a dead worker's waiters never block the queue.
 
 The scripts are ``paddler_sync/fleet/lua/*.lua``, each with its keys, arguments and answer in its header.
-Layout (``PREFIX`` is ``--state-prefix``): set ``PREFIX:upstreams`` of server keys; hash
+Layout (``PREFIX`` is ``--state-prefix``; on a Redis Cluster, ``{PREFIX}``: one hash slot for the whole fleet, see
+redis_connect.py): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at, serving: the
 models it serves as JSON); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
@@ -45,7 +46,9 @@ by the workers that hold them (``renew.lua``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from importlib import resources
@@ -55,7 +58,7 @@ import redis
 
 from paddler_sync.fleet.buffer import StateUnavailable
 from paddler_sync.fleet.models import Serving
-from paddler_sync.fleet.redis_connect import connection_pool
+from paddler_sync.fleet.redis_connect import Client, cluster_prefix, connect, is_cluster, open_connections, redacted
 from paddler_sync.fleet.reports import agent_of
 from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
 from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, Upstream
@@ -63,7 +66,8 @@ from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, Upstream
 logger = logging.getLogger("paddler_sync.shared")
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError,
-                ConnectionError, OSError)
+                redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.SlotNotCoveredError,
+                redis.exceptions.RedisClusterUnreachableError, ConnectionError, OSError)
 SOCKET_TIMEOUT = 1.0
 WAITING_MARK_TTL = 2.0  # renewed by the worker's refresh loop every 0.2 s while it has waiters
 MAX_CONNECTIONS = 64  # each script takes well under a millisecond: 64 serve thousands of greenlets
@@ -72,7 +76,6 @@ COUNTS_TTL = 86_400  # seconds: a stopped balancer's counts go a day after its l
 COUNTS_FLUSH_SECONDS = 1.0
 AFFINITY_KEPT = 20_000  # prompts routed, fleet-wide, that a new worker can still learn from
 AFFINITY_READ = 5_000
-SCRIPTS = ("take", "enqueue", "release", "waiting", "renew", "report", "remove", "quarantine", "snapshot")
 
 
 def lua_source(name: str) -> str:
@@ -88,32 +91,64 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str, lease_ttl: float) -> None:
         self.url = url
-        self.prefix = prefix
+        self.prefix = cluster_prefix(prefix) if is_cluster(url) else prefix  # a cluster: one slot for the fleet
         self.lease_ttl_ms = int(lease_ttl * 1000)
-        self.pool = connection_pool(url, MAX_CONNECTIONS, SOCKET_TIMEOUT)  # one Redis, or Sentinel's master
-        self.client = redis.Redis(connection_pool=self.pool)
-        self.channel = f"{prefix}:capacity"
+        self._client: Client | None = None
+        self._scripts: dict[str, Any] = {}
+        self._connect_failed_at = float("-inf")
+        self.channel = f"{self.prefix}:capacity"
         self.reachable = True
-        self.scripts = {name: self.client.register_script(lua_source(name)) for name in SCRIPTS}
-        self.queue_key = f"{prefix}:queue"
+        self.queue_key = f"{self.prefix}:queue"
         self.worker_id = uuid.uuid4().hex
-        self.waiting_key = f"{prefix}:waiting"
+        self.waiting_key = f"{self.prefix}:waiting"
         self.leases: dict[str, str] = {}  # this worker's live leases: lease id -> server key
         self.lease_tenants: dict[str, str] = {}  # and the tenant of each that has one (--tenants)
         self.tenants_held: dict[str, int] = {}  # slots each tenant holds, fleet-wide, as of the last refresh
         self.tenant_turns: dict[str, int] = {}  # and each one's last take's turn (take.lua ranks by them)
         self.has_waiters = False
         self.unreturned_tickets: set[Ticket] = set()
+        with contextlib.suppress(StateUnavailable):
+            self.client  # noqa: B018 - connect now when it can (a cluster asks for its slots), or on first use
+
+    @property
+    def client(self) -> Client:
+        """The connection, made on first use: a cluster that cannot be reached at start is asked again (at most
+        every RETRY_PAUSE) instead of failing the balancer's start."""
+        if self._client is None:
+            if time.monotonic() - self._connect_failed_at < RETRY_PAUSE:
+                raise self.unavailable()
+            try:
+                self._client = connect(self.url, MAX_CONNECTIONS, SOCKET_TIMEOUT)
+            except REDIS_ERRORS as exc:
+                self._connect_failed_at = time.monotonic()
+                self._mark(False, exc)
+                raise self.unavailable() from None
+            self._scripts = {}
+        return self._client
+
+    def script(self, name: str) -> Any:
+        """``lua/NAME.lua``, registered once with the client (it loads itself where it runs)."""
+        client = self.client
+        if name not in self._scripts:
+            self._scripts[name] = client.register_script(lua_source(name))
+        return self._scripts[name]
 
     def connections(self) -> int:
         """Connections open now (idle in the pool or in use), besides the pub/sub one."""
-        return sum(1 for c in self.pool._connections if c is not None and c._sock is not None)
+        return open_connections(self._client) if self._client is not None else 0
+
+    def server_time(self) -> int:
+        """Redis's clock (s), from the node that holds the fleet's keys (lease expiries are on its clock)."""
+        client = self.client
+        if isinstance(client, redis.Redis):
+            return int(self._guarded(client.time)[0])
+        return int(self._guarded(client.time, target_nodes=client.get_node_from_key(self.queue_key))[0])
 
     def keys_of(self, key: str) -> list[str]:
         return [f"{self.prefix}:up:{key}", f"{self.prefix}:leases:{key}", f"{self.prefix}:draining:{key}"]
 
     def call(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return self._guarded(self.scripts[script], keys=keys, args=args)
+        return self._guarded(lambda: self.script(script)(keys=keys, args=args))
 
     def _guarded(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a command; an unreachable Redis becomes StateUnavailable, which callers answer with 503."""
@@ -199,7 +234,7 @@ class RedisStore:
         """Every tenant's slots held fleet-wide (all workers and balancers), for ordering and the gauges."""
         if not tenants:
             return
-        now_ms = int(self._guarded(self.client.time)[0]) * 1000
+        now_ms = self.server_time() * 1000
 
         def read() -> list[Any]:
             with self.client.pipeline(transaction=False) as pipe:
@@ -338,8 +373,8 @@ class RedisStore:
     def _mark(self, reachable: bool, exc: BaseException | None = None) -> None:
         if reachable != self.reachable:
             if reachable:
-                logger.info("the shared slot ledger at %s is reachable again", self.url)
+                logger.info("the shared slot ledger at %s is reachable again", redacted(self.url))
             else:
-                logger.error("the shared slot ledger at %s is unreachable (%s): requests that need a slot get 503 "
-                             "until it is back", self.url, exc)
+                logger.error("the shared slot ledger at %s is unreachable (%s): requests that need a slot wait for "
+                             "it (503 when their wait ends first)", redacted(self.url), exc)
         self.reachable = reachable

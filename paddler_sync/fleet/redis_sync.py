@@ -93,7 +93,11 @@ class SharedFleetSync:
     def listen_forever(self) -> None:
         """Subscribe to capacity messages; reconnect whenever Redis goes away."""
         while True:
-            pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+            except StateUnavailable:  # not connected yet (a cluster that was down at start)
+                gevent.sleep(RETRY_PAUSE)
+                continue
             try:
                 pubsub.subscribe(self.store.channel)
                 self.wake.set()  # refresh after (re)subscribing: messages may have been missed

@@ -22,17 +22,18 @@ import gevent
 from gevent.pool import Group, Pool
 from gevent.pywsgi import WSGIServer
 
-from paddler_sync.fleet.buffer import HandedOver, RequestBuffer
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.policy import Policy, make_policy
-from paddler_sync.fleet.redis_connect import redacted
-from paddler_sync.fleet.redis_rates import RedisRates
-from paddler_sync.fleet.redis_store import RedisStore
-from paddler_sync.fleet.redis_sync import SharedAffinity, SharedCounts, SharedFleetSync
 from paddler_sync.fleet.registry import Registry
 from paddler_sync.fleet.rollout import Controls, LocalControls, Rollout
+from paddler_sync.fleet.shared import SharedAffinity, SharedCounts, SharedFleetSync
 from paddler_sync.fleet.status import FleetStatus
 from paddler_sync.handover import RELOAD_BIND_WAIT, RELOAD_MARK
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.policy import Policy, make_policy
+from paddler_sync.ledger.refusals import HandedOver
+from paddler_sync.ledger.stores.redis.connect import redacted
+from paddler_sync.ledger.stores.redis.rates import RedisRates
+from paddler_sync.ledger.stores.redis.store import RedisStore
 from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.management.app import create_management_app
 from paddler_sync.metrics import FleetCollector, Metrics, StatsdReporter

@@ -1,6 +1,6 @@
 """How a request ended: one name per fate, shared by the access log, the metrics and the dashboards.
 
-A ``StrEnum``, so an ending prints and serializes as its name (``end=timed_out``) and the README's
+A ``StrEnum``, so an ending prints and serializes as its name (``end=timed_out``) and the documentation's
 table, the log and the JSON all say the same word.
 """
 

@@ -11,7 +11,6 @@ it); ``/v1/models`` gives a single-model server's id and aliases. Every poll sen
 
 from __future__ import annotations
 
-import enum
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -23,31 +22,7 @@ from urllib3.util.retry import Retry
 
 from paddler_sync.addresses import Address
 from paddler_sync.errors import OWN_ANSWER_HEADER
-
-
-class ServerState(enum.StrEnum):
-    READY = "ready"
-    UNREACHABLE = "unreachable"
-    UNAUTHORIZED = "unauthorized"
-    SLOTS_DISABLED = "slots_disabled"
-    LOADING = "loading"
-    MALFORMED = "malformed"
-    UNEXPECTED_STATUS = "unexpected_status"
-    BALANCER_PORT = "balancer_port"  # a paddler-sync balancer answered, not llama.cpp
-
-
-HINTS: dict[ServerState, str] = {
-    ServerState.UNREACHABLE: "check that llama-server is running and listening on the agent's "
-                             "--local-llamacpp-addr",
-    ServerState.UNAUTHORIZED: "llama.cpp wants an API key: pass it to the agent with --llamacpp-api-key=YOURKEY",
-    ServerState.SLOTS_DISABLED: "the slots endpoint is off: start llama-server with --slots (builds since "
-                                "mid-2025 serve it unless started with --no-slots)",
-    ServerState.LOADING: "llama.cpp is still loading its model",
-    ServerState.MALFORMED: "llama.cpp's /slots answer could not be read: is this a llama.cpp server?",
-    ServerState.UNEXPECTED_STATUS: "llama.cpp answered /slots with an unexpected status",
-    ServerState.BALANCER_PORT: "give the agent the llama-server's own address (--local-llamacpp-addr), not the "
-                               "balancer's",
-}
+from paddler_sync.protocol.states import ServerState
 
 
 @dataclass(frozen=True)

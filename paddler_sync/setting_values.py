@@ -124,7 +124,7 @@ def state_backend(text: str) -> str:
     """``local``, a Redis URL (``redis://``, ``rediss://`` or ``unix://``), Sentinels and the master they name
     (``redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME``), or nodes of a Redis Cluster
     (``redis+cluster://HOST:PORT[,HOST:PORT...]``)."""
-    from paddler_sync.fleet.redis_connect import (
+    from paddler_sync.ledger.stores.redis.connect import (
         CLUSTER_SCHEME,
         SENTINEL_SCHEME,
         RedisUrlError,

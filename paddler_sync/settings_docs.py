@@ -1,14 +1,14 @@
-"""The settings' documentation, generated from their one declaration (paddler_sync/settings.py): the README's
-settings table and the example config files in ``conf/``. Tests keep both in step with the code.
+"""The settings' documentation, generated from their one declaration (paddler_sync/settings.py): the settings
+reference page of the documentation (docs/reference/settings.md, one table per section, as ``--help`` groups them)
+and the example config files in ``conf/``. Tests keep both in step with the code.
 
-    python -m paddler_sync.settings_docs table          # print the README's table
+    python -m paddler_sync.settings_docs page           # print the settings reference page
     python -m paddler_sync.settings_docs conf balancer  # print conf/balancer.conf
-    python -m paddler_sync.settings_docs write          # rewrite conf/*.conf and the README's table
+    python -m paddler_sync.settings_docs write          # rewrite conf/*.conf and docs/reference/settings.md
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import textwrap
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 from paddler_sync.settings import ALL, ENV_PREFIX, SETTINGS, Setting, settings_for
 
 CONF_COMMANDS = ("balancer", "agent")
+SETTINGS_PAGE = Path("docs/reference/settings.md")
 CONF_WIDTH = 110
 
 
@@ -31,16 +32,40 @@ def docs_default(setting: Setting) -> str:
     return str(setting.default)
 
 
-def markdown_table() -> str:
-    """The README's settings table."""
+def markdown_table(settings: list[Setting]) -> str:
+    """One section's table."""
     lines = ["| setting | environment | commands | default | meaning |", "|---|---|---|---|---|"]
-    for s in SETTINGS:
+    for s in settings:
         flag = f"`{s.flag}`" if not s.switch else f"`{s.flag}` / `--no-{s.name}`"
         if s.aliases:
             flag += " (also " + ", ".join(f"`{a}`" for a in s.aliases) + ")"
         commands = ", ".join(s.commands) if s.commands != ALL else "all"
         lines.append(f"| {flag} | `{s.env}` | {commands} | `{docs_default(s)}` | {s.help} |")
     return "\n".join(lines)
+
+
+def settings_page() -> str:
+    """docs/reference/settings.md: every setting, one table per section."""
+    sections: dict[str, list[Setting]] = {}
+    for setting in SETTINGS:
+        sections.setdefault(setting.section, []).append(setting)
+    parts = [PAGE_HEAD]
+    for title, settings in sections.items():
+        parts.append(f"## {title}\n\n{markdown_table(settings)}\n")
+    return "\n".join(parts)
+
+
+PAGE_HEAD = f"""# Settings
+
+<!-- Generated from paddler_sync/settings.py by `python -m paddler_sync.settings_docs write`; a test keeps it
+true to the code. Edit the declarations, not this page. -->
+
+Every setting has three spellings: a command-line flag, a `{ENV_PREFIX}*` environment variable, and a line of a
+config file (`name = value`, read from `conf/COMMAND.conf` below the working directory or from `--config FILE`).
+Precedence: defaults < config file < environment < command line. `paddler-sync COMMAND --help` lists the same
+settings under the same headings. A wrong value stops the command with one line naming the setting, where it came
+from and what it expects.
+"""
 
 
 def conf_value(setting: Setting) -> str:
@@ -58,7 +83,11 @@ def conf_file(command: str) -> str:
              f"# Precedence: defaults < this file < {ENV_PREFIX}* environment variables < command line.",
              f"# Read from conf/{command}.conf below the working directory, or the file given by --config / "
              f"{ENV_PREFIX}CONFIG."]
+    section = None
     for setting in settings_for(command):
+        if setting.section != section:
+            section = setting.section
+            lines += ["", f"# --- {section} ---"]
         lines.append("")
         lines += textwrap.wrap(setting.help, CONF_WIDTH - 2, initial_indent="# ", subsequent_indent="# ")
         lines.append(f"# {setting.name} = {conf_value(setting)}".rstrip())
@@ -70,22 +99,19 @@ def write_conf_files(folder: Path) -> None:
         (folder / f"{command}.conf").write_text(conf_file(command))
 
 
-def write_readme_table(readme: Path) -> None:
-    """The table between the README's ``<!-- settings:start -->`` and ``<!-- settings:end -->`` markers."""
-    text = readme.read_text()
-    table = markdown_table()
-    readme.write_text(re.sub(r"(<!-- settings:start -->\n).*?(\n<!-- settings:end -->)",
-                             lambda m: m.group(1) + table + m.group(2), text, flags=re.S))
+def write_settings_page(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(settings_page())
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["table"]:
-        print(markdown_table())
+    if argv[:1] == ["page"]:
+        sys.stdout.write(settings_page())
     elif argv[:1] == ["conf"] and len(argv) == 2:
         sys.stdout.write(conf_file(argv[1]))
     elif argv[:1] == ["write"]:
         write_conf_files(Path("conf"))
-        write_readme_table(Path("README.md"))
+        write_settings_page(SETTINGS_PAGE)
     else:
         print(__doc__, file=sys.stderr)
         return 2

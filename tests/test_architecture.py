@@ -9,13 +9,25 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 PACKAGE = ROOT / "paddler_sync"
-PURE_CORE = ("paddler_sync.endings", "paddler_sync.counters", "paddler_sync.fleet.store",
-             "paddler_sync.fleet.upstream", "paddler_sync.fleet.policy", "paddler_sync.fleet.ledger",
-             "paddler_sync.fleet.speed", "paddler_sync.traffic", "paddler_sync.tenants.rule",
-             "paddler_sync.tenants.book", "paddler_sync.tenants.rates")
+PURE_CORE = ("paddler_sync.endings", "paddler_sync.counters", "paddler_sync.ledger.stores.base",
+             "paddler_sync.ledger.stores.local", "paddler_sync.ledger.slots", "paddler_sync.ledger.policy",
+             "paddler_sync.ledger.ledger", "paddler_sync.ledger.refusals", "paddler_sync.routing.speed",
+             "paddler_sync.routing.prefixes", "paddler_sync.traffic", "paddler_sync.tenants.rule",
+             "paddler_sync.tenants.book", "paddler_sync.tenants.rates", "paddler_sync.protocol.models",
+             "paddler_sync.protocol.states")
 IO_MODULES = ("gevent", "greenlet", "redis", "requests", "urllib3", "socket", "flask", "gunicorn", "select",
-              "threading", "subprocess", "http", "paddler_sync.fleet.redis_store", "paddler_sync.proxy",
+              "threading", "subprocess", "http", "paddler_sync.ledger.stores.redis", "paddler_sync.proxy",
               "paddler_sync.management", "paddler_sync.balancer")
+# The packages of the balancer's core, lowest first: each imports only from the ones before it (and from the
+# top-level helpers: errors, endings, addresses, ...). Everything that serves (proxy, management, balancer,
+# server) sits above them all; the agent and the simulator speak only the protocol.
+LAYERS = ("paddler_sync.protocol", "paddler_sync.tenants", "paddler_sync.ledger", "paddler_sync.routing",
+          "paddler_sync.fleet")
+SERVING = ("paddler_sync.proxy", "paddler_sync.management", "paddler_sync.balancer", "paddler_sync.server",
+           "paddler_sync.agent", "paddler_sync.simulator")
+# inside the ledger: the stores below the ledger and the buffer
+LEDGER_LAYERS = ("paddler_sync.ledger.refusals", "paddler_sync.ledger.slots", "paddler_sync.ledger.stores",
+                 "paddler_sync.ledger.policy", "paddler_sync.ledger.ledger", "paddler_sync.ledger.buffer")
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 50
 
@@ -110,6 +122,39 @@ def test_no_function_is_too_long_to_read() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long[f"{name}.{node.name}"] = lines
     assert long == {}
+
+
+def layer_of(module: str, layers: tuple[str, ...]) -> int | None:
+    return next((i for i, top in enumerate(layers) if module == top or module.startswith(top + ".")), None)
+
+
+def upward_imports(layers: tuple[str, ...]) -> list[str]:
+    """Imports from a module of one layer into a higher one (or into the serving packages)."""
+    found = []
+    for name, imported in internal_graph().items():
+        mine = layer_of(name, layers)
+        if mine is None:
+            continue
+        for other in imported:
+            theirs = layer_of(other, layers)
+            if (theirs is not None and theirs > mine) or any(other.startswith(s) for s in SERVING):
+                found.append(f"{name} -> {other}")
+    return sorted(found)
+
+
+def test_the_core_packages_point_down_only() -> None:
+    assert all(any(m == top or m.startswith(top + ".") for m in MODULES) for top in LAYERS + LEDGER_LAYERS)
+    assert upward_imports(LAYERS) == []
+    assert upward_imports(LEDGER_LAYERS) == []
+
+
+def test_the_agent_and_the_simulator_speak_only_the_protocol() -> None:
+    core = ("paddler_sync.tenants", "paddler_sync.ledger", "paddler_sync.routing", "paddler_sync.fleet",
+            "paddler_sync.proxy", "paddler_sync.management", "paddler_sync.balancer")
+    leaks = sorted(f"{name} -> {other}" for name, imported in internal_graph().items()
+                   if name.startswith(("paddler_sync.agent", "paddler_sync.simulator"))
+                   for other in imported if other.startswith(core))
+    assert leaks == []
 
 
 def test_the_graph_check_sees_cycles() -> None:

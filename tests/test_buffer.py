@@ -5,8 +5,9 @@ from __future__ import annotations
 import gevent
 import pytest
 
-from paddler_sync.fleet.buffer import BufferFull, BufferTimeout, ClientGone, RequestBuffer
-from paddler_sync.fleet.ledger import Ledger
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.refusals import BufferFull, BufferTimeout, ClientGone
 
 
 def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[Ledger, RequestBuffer]:

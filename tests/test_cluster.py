@@ -11,7 +11,7 @@ import pytest
 import redis
 import requests
 
-from paddler_sync.fleet.redis_connect import cluster_prefix, redacted
+from paddler_sync.ledger.stores.redis.connect import cluster_prefix, redacted
 from tests.helpers import INTERVAL, Fleet, agents, health, run_cli, sim_stats, streaming_load, wait_until
 from tests.redis_cluster import RedisClusterSet, free_node_port
 

@@ -3,13 +3,13 @@ the first-token estimate, and the ledger weighing a free server against a full o
 
 from __future__ import annotations
 
-from paddler_sync.fleet.affinity import PrefixIndex
-from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.policy import FirstToken
-from paddler_sync.fleet.prefixes import BLOCK_BYTES, block_hashes, prompt_text, request_hashes
-from paddler_sync.fleet.speed import ServerSpeeds, Timings, read_timings
-from paddler_sync.fleet.upstream import Upstream
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.policy import FirstToken
+from paddler_sync.ledger.slots import Upstream
+from paddler_sync.routing.affinity import PrefixIndex
+from paddler_sync.routing.first_token import CacheAwareness, FirstTokenEstimate
+from paddler_sync.routing.prefixes import BLOCK_BYTES, block_hashes, prompt_text, request_hashes
+from paddler_sync.routing.speed import ServerSpeeds, Timings, read_timings
 
 SYSTEM = "You are a patient assistant who answers about rivers. " * 20
 

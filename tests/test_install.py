@@ -45,9 +45,11 @@ def test_the_wheel_builds_without_warnings_and_carries_its_data_files(installed:
     assert "Warning" not in BUILD_OUTPUT[0], BUILD_OUTPUT[0]
     probe = subprocess.run([str(installed / "python"), "-c", "import importlib.resources as r; print(sorted(p.name "
                             "for p in r.files('paddler_sync.management.templates').iterdir()), "
+                            "sorted(p.name for p in (r.files('paddler_sync.ledger.stores.redis') / 'lua').iterdir()), "
                             "sorted(p.name for p in (r.files('paddler_sync.fleet') / 'lua').iterdir()))"],
                            capture_output=True, text=True)
     assert "dashboard.html" in probe.stdout and "take.lua" in probe.stdout, probe.stderr
+    assert "grant.lua" in probe.stdout, probe.stdout
 
 
 def streamed_completion(proxy_port: int) -> list[dict]:

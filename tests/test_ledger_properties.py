@@ -13,9 +13,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.models import Serving
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.slots import Reservation
+from paddler_sync.protocol.models import Serving
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])
 SERVINGS = st.sampled_from([Serving("m1", frozenset({"m1"})), Serving("m2", frozenset({"m2", "alias2"})),
@@ -130,7 +130,7 @@ def test_ties_go_to_fewer_in_flight_then_the_lower_address() -> None:
 
 
 def test_a_sleeping_server_gets_requests_only_when_no_awake_server_has_a_free_slot() -> None:
-    from paddler_sync.fleet.ledger import Ledger
+    from paddler_sync.ledger.ledger import Ledger
 
     ledger = Ledger(clock=lambda: 0.0)
     ledger.report("sleepy", "10.0.0.1:1", total=4, processing=0, routable=True, sleeping=True)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.models import ANY, LOADED, UNLOADED, Serving, names_for
-from paddler_sync.fleet.reports import AgentReport, ModelReport, ReportError, parse_report
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.protocol.models import ANY, LOADED, UNLOADED, Serving, names_for
+from paddler_sync.protocol.reports import AgentReport, ModelReport, ReportError, parse_report
 from paddler_sync.proxy.ask import BadAsk, Fit, judge, read_ask
 from tests.helpers import good_report
 

@@ -12,11 +12,11 @@ import pytest
 from paddler_sync.addresses import Address
 from paddler_sync.agent.launch import CommandLine, monitoring_flags, option_value, program, without_options
 from paddler_sync.cli import supervised_command
-from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.registry import Registry
-from paddler_sync.fleet.reports import ReportError, parse_report
 from paddler_sync.fleet.rollout import LocalControls, Rollout
-from paddler_sync.fleet.supervision import DesiredState, SupervisionError, desired_from_request
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.protocol.reports import ReportError, parse_report
+from paddler_sync.protocol.supervision import DesiredState, SupervisionError, desired_from_request
 from paddler_sync.settings import parse_settings
 from tests.helpers import PADDLER_SYNC, good_report, real_builds, run_cli
 

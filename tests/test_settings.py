@@ -1,4 +1,4 @@
-"""Settings: one declaration feeds CLI, config file, environment and README; bad values fail in one line."""
+"""Settings: one declaration feeds CLI, config file, environment and the reference; bad values fail in one line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from paddler_sync.addresses import AddressError, parse_address
 from paddler_sync.settings import SETTINGS, parse_settings
-from paddler_sync.settings_docs import conf_file, markdown_table
+from paddler_sync.settings_docs import conf_file, settings_page
 from tests.helpers import ROOT, run_cli
 
 
@@ -155,12 +155,20 @@ def test_every_setting_has_help_and_an_environment_variable() -> None:
         assert setting.help and setting.env == "PADDLER_" + setting.name.replace("-", "_").upper()
 
 
-def test_readme_settings_table_is_generated_from_the_declarations() -> None:
-    readme = (ROOT / "README.md").read_text()
-    table = re.search(r"<!-- settings:start -->\n(.*?)\n<!-- settings:end -->", readme, re.S)
-    assert table, "README.md lacks the settings table markers"
-    assert table.group(1).strip() == markdown_table().strip(), \
-        "README settings table is stale: run python -m paddler_sync.settings_docs write"
+def test_the_settings_reference_is_generated_from_the_declarations() -> None:
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    assert page == settings_page(), "docs/reference/settings.md is stale: python -m paddler_sync.settings_docs write"
+    for setting in SETTINGS:
+        assert f"`{setting.env}`" in page
+
+
+def test_help_groups_the_settings_under_the_reference_headings() -> None:
+    shown = run_cli("balancer", "--help").stdout
+    headings = [line.removeprefix("## ") for line in settings_page().splitlines() if line.startswith("## ")]
+    balancer_headings = [h for h in headings if h.startswith(("Every", "Balancer"))]
+    assert [h for h in balancer_headings if f"\n{h}:\n" in shown] == balancer_headings
+    buffering = shown[shown.index("\nBalancer: buffering:"):shown.index("\nBalancer: routing and models:")]
+    assert "  --max-buffered-requests" in buffering and "  --policy" not in buffering
 
 
 @pytest.mark.parametrize("command", ["balancer", "agent"])

@@ -22,10 +22,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from paddler_sync.fleet import redis_store
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.redis_store import RedisStore
-from paddler_sync.fleet.upstream import Reservation, Ticket, TicketLost
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.slots import Reservation, Ticket, TicketLost
+from paddler_sync.ledger.stores.redis import store as redis_store
+from paddler_sync.ledger.stores.redis.store import RedisStore
 from tests.helpers import (
     PYTHON,
     ROOT,

@@ -13,12 +13,12 @@ from gevent.pool import Group
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paddler_sync.fleet.buffer import RequestBuffer
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.models import Serving
-from paddler_sync.fleet.redis_store import RedisStore
-from paddler_sync.fleet.store import LocalStore
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.slots import Reservation
+from paddler_sync.ledger.stores.local import LocalStore
+from paddler_sync.ledger.stores.redis.store import RedisStore
+from paddler_sync.protocol.models import Serving
 from tests.helpers import RedisServer
 from tests.redis_cluster import RedisClusterSet
 

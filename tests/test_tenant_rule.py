@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paddler_sync.fleet.buffer import BufferFull, RequestBuffer
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.redis_store import RedisStore
-from paddler_sync.fleet.store import LocalStore
-from paddler_sync.fleet.upstream import Claim, Reservation
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.refusals import BufferFull
+from paddler_sync.ledger.slots import Claim, Reservation
+from paddler_sync.ledger.stores.local import LocalStore
+from paddler_sync.ledger.stores.redis.store import RedisStore
 from paddler_sync.tenants.rule import Share, Verdict, admits
 from tests.helpers import RedisServer
 
@@ -225,7 +226,7 @@ def test_one_tenants_flood_leaves_room_in_the_buffer_for_the_others(make_ledger)
 def test_a_tenants_backlog_on_one_model_never_delays_another_models_requests(make_ledger) -> None:  # type: ignore[no-untyped-def]
     """Per-model queues stay: the tenant rule orders the waiters of each model, and a high-priority flood for m1
     takes nothing from a low-priority request for m2, whose server is free."""
-    from paddler_sync.fleet.models import Serving
+    from paddler_sync.protocol.models import Serving
 
     ledger = make_ledger()
     ledger.report("a", "10.0.0.1:1", 2, 0, True, serving=Serving("m1", frozenset({"m1"})))

@@ -23,9 +23,10 @@ from paddler_sync.agent.aws import MetadataError, fetch_local_ipv4
 from paddler_sync.agent.launch import CommandLine
 from paddler_sync.agent.monitor import Agent, BalancerClient
 from paddler_sync.agent.supervisor import RestartPolicy, Supervisor
-from paddler_sync.fleet.supervision import Control, DrainMark, SupervisionError
-from paddler_sync.llamacpp import LlamaCppClient, ServerState
+from paddler_sync.llamacpp import LlamaCppClient
 from paddler_sync.logs import log_greenlet_exception
+from paddler_sync.protocol.states import ServerState
+from paddler_sync.protocol.supervision import Control, DrainMark, SupervisionError
 from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.agent")

@@ -15,10 +15,11 @@ from gevent.event import Event
 
 from paddler_sync.addresses import Address
 from paddler_sync.agent.supervisor import Supervisor
-from paddler_sync.fleet.models import FAILED, LOAD_STATES, LOADED
-from paddler_sync.fleet.reports import AgentReport, ModelReport
-from paddler_sync.fleet.supervision import Control, DrainMark
-from paddler_sync.llamacpp import HINTS, ListedModel, LlamaCppClient, Props, ServerState, SlotsReading
+from paddler_sync.llamacpp import ListedModel, LlamaCppClient, Props, SlotsReading
+from paddler_sync.protocol.models import FAILED, LOAD_STATES, LOADED
+from paddler_sync.protocol.reports import AgentReport, ModelReport
+from paddler_sync.protocol.states import HINTS, ServerState
+from paddler_sync.protocol.supervision import Control, DrainMark
 from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.agent")

@@ -29,7 +29,10 @@ from gevent import subprocess as gsubprocess
 from gevent.pool import Group
 
 from paddler_sync.agent.launch import CommandLine
-from paddler_sync.fleet.supervision import (
+from paddler_sync.llamacpp import SlotsReading
+from paddler_sync.logs import log_greenlet_exception
+from paddler_sync.protocol.states import ServerState
+from paddler_sync.protocol.supervision import (
     BACKING_OFF,
     CRASHED,
     LOADING,
@@ -42,8 +45,6 @@ from paddler_sync.fleet.supervision import (
     DesiredState,
     SupervisorReport,
 )
-from paddler_sync.llamacpp import ServerState, SlotsReading
-from paddler_sync.logs import log_greenlet_exception
 from paddler_sync.words import counted
 
 logger = logging.getLogger("paddler_sync.supervisor")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 
-from paddler_sync.fleet.redis_store import RedisStore
 from paddler_sync.fleet.rollout import AgentControl
-from paddler_sync.fleet.supervision import DesiredState, SupervisionError, parse_desired, parse_drain
+from paddler_sync.ledger.stores.redis.store import RedisStore
+from paddler_sync.protocol.supervision import DesiredState, SupervisionError, parse_desired, parse_drain
 
 logger = logging.getLogger("paddler_sync.shared")
 FLEET_FIELD = "*fleet*"  # agent ids cannot hold '*'
@@ -56,7 +56,7 @@ class RedisControls:
     def grant(self, agent_id: str, desired_id: str, limit: int | None, busy: set[str], now: float,
               ttl: float) -> bool:
         args = [agent_id, desired_id, -1 if limit is None else limit, now, ttl, *sorted(busy)]
-        return bool(self.store.call("grant", [self.grants_key], args))
+        return bool(self.store.call("grant", [self.grants_key], args, package=__package__))
 
     def release(self, agent_id: str) -> None:
         self.store._guarded(self.store.client.hdel, self.grants_key, agent_id)

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.reports import AgentReport, Pool, ReportError, owned_by
-from paddler_sync.llamacpp import HINTS, ServerState
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.refusals import StateUnavailable
+from paddler_sync.protocol.reports import AgentReport, Pool, ReportError, owned_by
+from paddler_sync.protocol.states import HINTS, ServerState
 
 logger = logging.getLogger("paddler_sync.registry")
 TAKEOVER_AFTER_MISSED = 1.5  # a silent agent's address may be claimed by a new agent after this many intervals

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from paddler_sync.fleet.ledger import Ledger
 from paddler_sync.fleet.registry import AgentRecord, Registry
-from paddler_sync.fleet.reports import AgentReport, owned_by
-from paddler_sync.fleet.supervision import Control, DesiredState, DrainMark, SupervisorReport, newer
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.protocol.reports import AgentReport, owned_by
+from paddler_sync.protocol.supervision import Control, DesiredState, DrainMark, SupervisorReport, newer
 
 GRANT_MIN_SECONDS = 30.0
 GRANT_INTERVALS = 10  # a grant lapses when its agent is silent for this many intervals (or 30 s)

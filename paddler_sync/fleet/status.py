@@ -10,20 +10,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from paddler_sync.counters import OUTCOMES, TOKEN_KINDS, Counters
-from paddler_sync.fleet.buffer import RequestBuffer
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.models import LOADED
 from paddler_sync.fleet.registry import AgentRecord, Registry
-from paddler_sync.fleet.reports import owned_by
-from paddler_sync.fleet.upstream import Upstream
-from paddler_sync.llamacpp import HINTS, ServerState
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.slots import Upstream
+from paddler_sync.protocol.models import LOADED
+from paddler_sync.protocol.reports import owned_by
+from paddler_sync.protocol.states import HINTS, ServerState
 from paddler_sync.tenants.current import CurrentTenants
 
 DRAINING_HINT = ("draining: no new requests go to this server while the ones it runs finish (a model swap, or "
                  "POST /api/v1/agents/ID/drain; /undrain ends it)")
 
 if TYPE_CHECKING:
-    from paddler_sync.fleet.redis_store import RedisStore
+    from paddler_sync.ledger.stores.redis.store import RedisStore
 
 
 def system_time(seconds: float | None) -> dict[str, int] | None:

@@ -1,7 +1,7 @@
 """The management server: agent reports in, the fleet's state out (JSON API, health).
 
 Routes:
-    POST   /api/v1/agents/<agent_id>/report   an agent report (paddler_sync.fleet.reports)
+    POST   /api/v1/agents/<agent_id>/report   an agent report (paddler_sync.protocol.reports)
     DELETE /api/v1/agents/<agent_id>          deregister
     drains and desired states                 paddler_sync/management/supervision.py
     GET    /api/v1/agents                     {"agents": [...]} with Paddler's field names and ours
@@ -24,14 +24,14 @@ from werkzeug.exceptions import HTTPException
 
 from paddler_sync.counters import Counters
 from paddler_sync.errors import OWN_ANSWER, error_body
-from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
 from paddler_sync.fleet.rollout import Rollout
 from paddler_sync.fleet.status import FleetStatus
+from paddler_sync.ledger.refusals import StateUnavailable
 from paddler_sync.management import views
 from paddler_sync.management.dashboard import create_dashboard
 from paddler_sync.management.guard import READ, WRITE, Guard, presented_token
 from paddler_sync.management.supervision import add_supervision_routes
+from paddler_sync.protocol.reports import MAX_REPORT_BYTES, ReportError, check_agent_id, parse_report
 from paddler_sync.tenants.book import TenantBook, TenantsError
 from paddler_sync.traffic import DEFAULT_RANGE, RANGES, Traffic
 

@@ -18,7 +18,7 @@ from flask import Flask, Response, jsonify, request
 
 from paddler_sync.errors import error_body
 from paddler_sync.fleet.rollout import Rollout
-from paddler_sync.fleet.supervision import SupervisionError, desired_from_request
+from paddler_sync.protocol.supervision import SupervisionError, desired_from_request
 
 
 def add_supervision_routes(app: Flask, rollout: Rollout, options: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """The reverse proxy: where a request goes, where its slot is taken, and where it is given back.
 
     __call__      read the (bounded) body; decide whether the path takes a slot, and for which model
-                  (paddler_sync/proxy/routing.py)
+                  (paddler_sync/proxy/model_routing.py)
     _connect      take a slot (or wait in the buffer), open the upstream request; on a refused
                   connection quarantine that server and try another, while nothing was sent;
                   a client that leaves meanwhile cuts the upstream call (llama.cpp stops too)
@@ -26,24 +26,25 @@ from gevent.pool import Group
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import OWN_ANSWER, error_bytes, status_line
-from paddler_sync.fleet.buffer import BufferRefusal, BufferTimeout, HandedOver, RequestBuffer, StateUnavailable
-from paddler_sync.fleet.first_token import CacheAwareness, FirstTokenEstimate
-from paddler_sync.fleet.speed import DecodeSpeeds
-from paddler_sync.fleet.upstream import Claim, Reservation, Upstream
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.refusals import BufferRefusal, BufferTimeout, HandedOver, StateUnavailable
+from paddler_sync.ledger.slots import Claim, Reservation, Upstream
 from paddler_sync.proxy import queue_updates, response_writer
 from paddler_sync.proxy import upstream as up
 from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
+from paddler_sync.proxy.model_routing import ModelRouting, Route
 from paddler_sync.proxy.records import Recorder
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.relay import Relay, client_socket, client_watch
 from paddler_sync.proxy.retry import RETRIED, may_send_again
-from paddler_sync.proxy.routing import ModelRouting, Route
 from paddler_sync.proxy.tenancy import Tenancy, restore_client_key
+from paddler_sync.routing.first_token import CacheAwareness, FirstTokenEstimate
+from paddler_sync.routing.speed import DecodeSpeeds
 
 if TYPE_CHECKING:
-    from paddler_sync.fleet.ledger import Ledger
+    from paddler_sync.ledger.ledger import Ledger
     from paddler_sync.metrics import Metrics
 
 logger = logging.getLogger("paddler_sync.proxy")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from paddler_sync.fleet.models import normalize
+from paddler_sync.protocol.models import normalize
 
 LIMIT_KEYS = ("n_predict", "max_tokens", "max_completion_tokens", "max_output_tokens")
 PROMPT_KEYS = ("prompt", "input", "system", "input_prefix", "input_suffix", "input_extra", "query", "documents")
@@ -47,7 +47,7 @@ class Ask:
 
     @property
     def model(self) -> str | None:
-        """The model, normalized for matching (paddler_sync/fleet/models.py)."""
+        """The model, normalized for matching (paddler_sync/protocol/models.py)."""
         return normalize(self.named) if self.named is not None else None
 
 

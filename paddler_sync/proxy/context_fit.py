@@ -27,7 +27,7 @@ from paddler_sync.proxy.ask import Ask, Fit, judge
 from paddler_sync.proxy.upstream import Transport
 
 if TYPE_CHECKING:
-    from paddler_sync.fleet.ledger import Ledger
+    from paddler_sync.ledger.ledger import Ledger
 
 
 class ContextTooLong(Exception):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gevent import Greenlet
 
 from paddler_sync.errors import error_body
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.slots import Reservation
 from paddler_sync.proxy.refusal import ProxyError
 
 if TYPE_CHECKING:

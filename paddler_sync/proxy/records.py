@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from paddler_sync.endings import Ending
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.slots import Reservation
 from paddler_sync.proxy.retry import RETRIED
 from paddler_sync.proxy.tenancy import TENANT
 from paddler_sync.tenants.book import Tenant

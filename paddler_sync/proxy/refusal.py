@@ -6,7 +6,7 @@ from typing import Any
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_bytes
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.slots import Reservation
 
 
 class ProxyError(Exception):

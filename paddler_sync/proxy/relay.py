@@ -19,14 +19,14 @@ import urllib3.exceptions
 
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_body, error_bytes, status_line
-from paddler_sync.fleet.first_token import CacheAwareness, PromptSeen
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.speed import DecodeSpeeds, generated_tokens, read_timings
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.slots import Reservation
 from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.retry import may_send_again
 from paddler_sync.proxy.upstream import response_headers
+from paddler_sync.routing.first_token import CacheAwareness, PromptSeen
+from paddler_sync.routing.speed import DecodeSpeeds, generated_tokens, read_timings
 from paddler_sync.sockets import ClientWatch
 
 logger = logging.getLogger("paddler_sync.proxy")

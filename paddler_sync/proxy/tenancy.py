@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from paddler_sync.endings import Ending
-from paddler_sync.fleet.upstream import Claim
+from paddler_sync.ledger.slots import Claim
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.tenants.book import Tenant
 from paddler_sync.tenants.current import CurrentTenants

@@ -27,7 +27,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ClosedPoolError, ConnectTimeoutError, NewConnectionError, ProtocolError
 from urllib3.util.url import _encode_target
 
-from paddler_sync.fleet.buffer import Watch
+from paddler_sync.ledger.buffer import Watch
 from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.sockets import send_all
 

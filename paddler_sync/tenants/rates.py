@@ -6,7 +6,7 @@ request is admitted while the tenant's requests, this one included, stay within 
 its tokens (prompt + generated, counted when each answer ends) are below ``tokens_per_minute``: a request's tokens
 are known only once llama.cpp has answered it, so the last one admitted may go past the limit by its own size.
 
-:class:`LocalRates` keeps the buckets in this process; the Redis store's (paddler_sync/fleet/redis_rates.py)
+:class:`LocalRates` keeps the buckets in this process; the Redis store's (paddler_sync/ledger/stores/redis/rates.py)
 keeps them in Redis for every worker and balancer, checked and counted in one script.
 """
 

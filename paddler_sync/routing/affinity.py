@@ -9,7 +9,7 @@ the index did not expect raises it, a miss it promised lowers it). All entries t
 (``--prefix-cache-entries`` block hashes, least recently used first out).
 
 One owner per worker. With the Redis store, every worker and balancer shares what it learns through a
-Redis stream (paddler_sync/fleet/redis_sync.py, ``SharedAffinity``), applied here like its own. Pure:
+Redis stream (paddler_sync/fleet/shared.py, ``SharedAffinity``), applied here like its own. Pure:
 no I/O.
 """
 

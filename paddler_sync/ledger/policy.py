@@ -2,7 +2,7 @@
 
 The default, ``first-token`` (:class:`FirstToken`), sends each request to the awake server with a free slot
 where its first token is expected soonest: the prompt's uncached part over the server's prefill speed
-(and, for long generations, its decode time), as ``score`` estimates it (paddler_sync/fleet/first_token.py).
+(and, for long generations, its decode time), as ``score`` estimates it (paddler_sync/routing/first_token.py).
 ``slots`` (:class:`MostFreeSlots`) is the plain rule it refines: the awake server with the most free
 slots (a sleeping server, whose model must be loaded again, only when no awake one has a free slot);
 ties go to the one with fewer requests in flight from this balancer, then to the lowest address, so the
@@ -16,11 +16,11 @@ import itertools
 from collections.abc import Sequence
 from typing import Protocol
 
-from paddler_sync.fleet.upstream import Upstream
+from paddler_sync.ledger.slots import Upstream
 
 
 class Score(Protocol):
-    """A request's estimate per server (paddler_sync/fleet/first_token.py)."""
+    """A request's estimate per server (paddler_sync/routing/first_token.py)."""
 
     def __call__(self, upstream: Upstream) -> float:
         """Expected seconds to its first token there (with its decode time, for a long generation)."""

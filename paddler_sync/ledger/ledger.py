@@ -17,7 +17,7 @@ of its running requests is expected to end (:meth:`Ledger.expect_end`): llama.cp
 step the slot frees, instead of after the round trip a hand-off through the balancer costs. How many it
 holds beyond its slots is derived (``overbooked``), never counted apart, and is at most one.
 
-The ledger itself does no I/O: what must be exact goes through its *store* (paddler_sync/fleet/store.py).
+The ledger itself does no I/O: what must be exact goes through its *store* (paddler_sync/ledger/stores/local.py).
 With the in-process store nothing yields to the gevent hub, so each method is atomic without locks and
 property tests drive it directly; with the Redis store the same methods keep a mirror that Redis
 confirms. Reservations hold the record they were taken from, so a release after the server was
@@ -29,10 +29,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from paddler_sync.fleet.models import ANY, UNLOADED, Serving
-from paddler_sync.fleet.policy import MostFreeSlots, Policy, Score, preference
-from paddler_sync.fleet.store import LocalStore, SlotStore, TakeOutcome
-from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, TicketLost, Upstream, as_of_now
+from paddler_sync.ledger.policy import MostFreeSlots, Policy, Score, preference
+from paddler_sync.ledger.slots import Claim, Reservation, Ticket, TicketLost, Upstream, as_of_now
+from paddler_sync.ledger.stores.base import SlotStore, TakeOutcome
+from paddler_sync.ledger.stores.local import LocalStore
+from paddler_sync.protocol.models import ANY, UNLOADED, Serving
 from paddler_sync.tenants.rule import Load
 
 WAIT_SAFETY = 2.0  # a full server's foreseen wait counts this many times over: its requests often run late
@@ -181,7 +182,7 @@ class Ledger:
         ``ticket``: the waiter's place in a shared store's queue. ``model``: the (normalized) model the request
         names, None when it names none; ``need``: the context it needs, in tokens, when known; ``one_queue``: the
         buffer keeps one queue for all models (a new arrival keeps that queue's order, not its model's);
-        ``score``: the request's expected seconds to its first token on a server (paddler_sync/fleet/first_token.py).
+        ``score``: the request's expected seconds to its first token on a server (paddler_sync/routing/first_token.py).
         A server the store finds full (another worker took its last slot) or gone is skipped, and the next
         choice tried. ``claim``: the tenant asking (--tenants): the store holds it to the tenant rule."""
         self.check_available()

@@ -25,10 +25,17 @@ from typing import Any, Protocol
 import gevent
 from gevent.event import AsyncResult
 
-from paddler_sync.endings import Ending
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.policy import Score
-from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, TicketLost
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.policy import Score
+from paddler_sync.ledger.refusals import (
+    BufferClosed,
+    BufferFull,
+    BufferRefusal,
+    BufferTimeout,
+    ClientGone,
+    StateUnavailable,
+)
+from paddler_sync.ledger.slots import Claim, Reservation, Ticket, TicketLost
 from paddler_sync.tenants.rule import Load, rank
 
 DRAIN_WINDOW = 60.0  # seconds of served waiters the drain rate is measured over
@@ -41,46 +48,6 @@ class Watch(Protocol):
     def start(self, on_gone: Callable[[], None]) -> None: ...
 
     def stop(self) -> None: ...
-
-
-class BufferRefusal(Exception):
-    """The request gets no slot; ``status`` and the message say what to answer, ``ending`` names it in the
-    access log and metrics, and ``waited`` is how long it waited first (a timeout waited longest of all)."""
-
-    status = 503
-    ending = Ending.REFUSED
-    waited = 0.0
-
-
-class BufferFull(BufferRefusal):
-    status = 429
-    ending = Ending.QUEUE_FULL
-
-
-class BufferTimeout(BufferRefusal):
-    status = 504
-    ending = Ending.TIMED_OUT
-
-
-class BufferClosed(BufferRefusal):
-    status = 503
-    ending = Ending.SHUTTING_DOWN
-
-
-class HandedOver(BufferClosed):
-    """This worker is being replaced (a reload): the request goes to the new workers instead of waiting here."""
-
-
-class StateUnavailable(BufferRefusal):
-    """The shared slot ledger (Redis) cannot be reached: fail closed, the client may retry."""
-
-    status = 503
-    ending = Ending.STATE_UNAVAILABLE
-
-
-class ClientGone(BufferRefusal):
-    status = 499
-    ending = Ending.CLIENT_GONE
 
 
 @dataclass(eq=False)

@@ -1,6 +1,6 @@
 """The agent report: the one message agents send, defined once for both sides.
 
-Protocol (documented in the README): every ``--monitoring-interval`` the agent sends
+Protocol (documented in docs/reference/protocol.md): every ``--monitoring-interval`` the agent sends
 ``POST /api/v1/agents/<agent_id>/report`` with this JSON; ``DELETE /api/v1/agents/<agent_id>``
 deregisters it. Reports are stateless, so a restarted balancer learns the whole fleet again within
 one interval, and an agent that stops reporting is dropped after ``--agent-missed-reports``
@@ -17,15 +17,15 @@ from typing import Any
 
 from paddler_sync.addresses import AddressError, parse_address
 from paddler_sync.errors import Refused
-from paddler_sync.fleet.models import LOAD_STATES, LOADED, UNLOADED, Serving, names_for
-from paddler_sync.fleet.supervision import (
+from paddler_sync.protocol.models import LOAD_STATES, LOADED, UNLOADED, Serving, names_for
+from paddler_sync.protocol.states import ServerState
+from paddler_sync.protocol.supervision import (
     DrainMark,
     SupervisionError,
     SupervisorReport,
     parse_drain,
     parse_supervisor,
 )
-from paddler_sync.llamacpp import ServerState
 
 MAX_REPORT_BYTES = 64 * 1024
 MAX_MODELS = 64

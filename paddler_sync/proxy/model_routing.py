@@ -10,7 +10,7 @@
     models_answer  GET /v1/models and /models: the fleet's models, answered by the balancer itself
     named_body     a request that named no model, sent to a router under --default-model, gets it added
 
-Matching ignores case; paddler_sync/fleet/models.py says exactly what a server answers to. For the first
+Matching ignores case; paddler_sync/protocol/models.py says exactly what a server answers to. For the first
 --models-discovery-time seconds after start, before every agent has reported, a request for a model not
 seen yet waits (up to that time) instead of getting 404.
 """
@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from paddler_sync.endings import Ending
-from paddler_sync.fleet.models import normalize
 from paddler_sync.fleet.status import fleet_models
-from paddler_sync.fleet.upstream import Reservation
+from paddler_sync.ledger.slots import Reservation
+from paddler_sync.protocol.models import normalize
 from paddler_sync.proxy.ask import Ask, BadAsk, json_mistake, read_ask
 from paddler_sync.proxy.context_fit import ContextCheck, ContextTooLong
 from paddler_sync.proxy.refusal import ProxyError
 
 if TYPE_CHECKING:
-    from paddler_sync.fleet.ledger import Ledger
+    from paddler_sync.ledger.ledger import Ledger
 
 MODEL_LIST_PATHS = frozenset({"/v1/models", "/models"})
 LISTED_IN_ERRORS = 20

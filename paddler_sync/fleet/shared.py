@@ -1,4 +1,4 @@
-"""The worker's loops around the Redis store (paddler_sync/fleet/redis_store.py): what keeps its mirror current,
+"""The worker's loops around the Redis store (paddler_sync/ledger/stores/redis/store.py): what keeps its mirror current,
 its leases alive, its counts summed and its first-token routing shared with every other worker and balancer."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import gevent
 from gevent.event import Event
 
 from paddler_sync.counters import Counters, increments
-from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.first_token import CacheAwareness
-from paddler_sync.fleet.ledger import Ledger
-from paddler_sync.fleet.redis_store import (
+from paddler_sync.fleet.registry import Registry
+from paddler_sync.ledger.ledger import Ledger
+from paddler_sync.ledger.refusals import StateUnavailable
+from paddler_sync.ledger.stores.redis.store import (
     AFFINITY_KEPT,
     AFFINITY_READ,
     COUNTS_FLUSH_SECONDS,
@@ -25,7 +25,7 @@ from paddler_sync.fleet.redis_store import (
     SOCKET_TIMEOUT,
     RedisStore,
 )
-from paddler_sync.fleet.registry import Registry
+from paddler_sync.routing.first_token import CacheAwareness
 from paddler_sync.traffic import RANGES as TRAFFIC_RANGES
 from paddler_sync.traffic import Traffic
 

@@ -2,7 +2,7 @@
 requests).
 
 :class:`ServerSpeeds` keeps each server's prefill and decode speed from llama.cpp's own ``timings``: the
-first-token routing (paddler_sync/fleet/first_token.py) weighs them. :class:`DecodeSpeeds` is coarser on
+first-token routing (paddler_sync/routing/first_token.py) weighs them. :class:`DecodeSpeeds` is coarser on
 purpose: it foresees when a running request will end, so that a waiting one can be handed to that server a
 moment before its slot frees (``--early-dispatch``, and the first-token rule's weighing of a full server).
 Per server, a smoothed time per generated token for one request at the concurrency the server has been

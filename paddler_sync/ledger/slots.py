@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from paddler_sync.fleet.models import ANY, Serving
+from paddler_sync.protocol.models import ANY, Serving
 from paddler_sync.tenants.rule import Share
 
 MOVES_KEPT = 1024  # a server's recent takes and releases: seconds of them at any realistic rate
@@ -27,7 +27,7 @@ class Upstream:
     routable: bool = False
     quarantined_until: float | None = None
     sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
-    serving: Serving = ANY  # the model(s) it serves, and whether loaded (paddler_sync/fleet/models.py)
+    serving: Serving = ANY  # the model(s) it serves, and whether loaded (paddler_sync/protocol/models.py)
     moves: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=MOVES_KEPT), repr=False)
     ends: dict[Reservation, float] = field(default_factory=dict, repr=False)  # when running requests should end
 

@@ -16,7 +16,7 @@ so it is atomic across workers and hosts:
   across every worker and balancer that shares the prefix. A worker's tickets count while its mark
   in ``PREFIX:waiting`` lives (renewed every 0.2 s): a dead worker's waiters never block the queue.
 
-The scripts are ``paddler_sync/fleet/lua/*.lua``, each with its keys, arguments and answer in its header.
+The scripts are ``paddler_sync/ledger/stores/redis/lua/*.lua``, each with its keys, arguments and answer in its header.
 Layout (``PREFIX`` is ``--state-prefix``; on a Redis Cluster, ``{PREFIX}``: one hash slot for the whole fleet, see
 redis_connect.py): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at, serving: the
@@ -28,7 +28,7 @@ waiters → mark expiry); sorted sets ``PREFIX:queue`` (requests naming no model
 with tenants (``--tenants``): each queue is one per tenant (``...:tenant:NAME``), sorted sets
 ``PREFIX:tenant:NAME:leases`` (the tenant's slots, expiring like the servers' leases), counter ``PREFIX:turns`` and
 hash ``PREFIX:tenant_turns`` (each tenant's last take), and strings ``PREFIX:rate:NAME:KIND:MINUTE``
-(paddler_sync/fleet/redis_rates.py);
+(paddler_sync/ledger/stores/redis/rates.py);
 per balancer (``B`` is ``HOST:MASTER_PID``) hash
 ``PREFIX:counts:B`` (its counts, a day's TTL) and hashes ``PREFIX:counts:B:traffic:RANGE:INDEX`` (the dashboards'
 sums per bucket, the range's TTL). Lease expiry uses
@@ -56,12 +56,19 @@ from typing import Any
 
 import redis
 
-from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.models import Serving
-from paddler_sync.fleet.redis_connect import Client, cluster_prefix, connect, is_cluster, open_connections, redacted
-from paddler_sync.fleet.reports import agent_of
-from paddler_sync.fleet.store import Snapshot, Take, TakeOutcome
-from paddler_sync.fleet.upstream import Claim, Reservation, Ticket, Upstream
+from paddler_sync.ledger.refusals import StateUnavailable
+from paddler_sync.ledger.slots import Claim, Reservation, Ticket, Upstream
+from paddler_sync.ledger.stores.base import Snapshot, Take, TakeOutcome
+from paddler_sync.ledger.stores.redis.connect import (
+    Client,
+    cluster_prefix,
+    connect,
+    is_cluster,
+    open_connections,
+    redacted,
+)
+from paddler_sync.protocol.models import Serving
+from paddler_sync.protocol.reports import agent_of
 
 logger = logging.getLogger("paddler_sync.shared")
 
@@ -78,9 +85,9 @@ AFFINITY_KEPT = 20_000  # prompts routed, fleet-wide, that a new worker can stil
 AFFINITY_READ = 5_000
 
 
-def lua_source(name: str) -> str:
-    """A script of ``paddler_sync/fleet/lua/``: each file's header documents its keys, arguments and answer."""
-    return (resources.files("paddler_sync.fleet") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+def lua_source(name: str, package: str = __package__) -> str:
+    """A script of ``PACKAGE/lua/`` (the slot scripts: this package's); its header says keys, arguments, answer."""
+    return (resources.files(package) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 class RedisStore:
@@ -94,7 +101,7 @@ class RedisStore:
         self.prefix = cluster_prefix(prefix) if is_cluster(url) else prefix  # a cluster: one slot for the fleet
         self.lease_ttl_ms = int(lease_ttl * 1000)
         self._client: Client | None = None
-        self._scripts: dict[str, Any] = {}
+        self._scripts: dict[tuple[str, str], Any] = {}
         self._connect_failed_at = float("-inf")
         self.channel = f"{self.prefix}:capacity"
         self.reachable = True
@@ -126,12 +133,13 @@ class RedisStore:
             self._scripts = {}
         return self._client
 
-    def script(self, name: str) -> Any:
-        """``lua/NAME.lua``, registered once with the client (it loads itself where it runs)."""
+    def script(self, name: str, package: str = __package__) -> Any:
+        """``lua/NAME.lua`` of ``package`` (the slot scripts are this one's), registered once with the client (it
+        loads itself where it runs)."""
         client = self.client
-        if name not in self._scripts:
-            self._scripts[name] = client.register_script(lua_source(name))
-        return self._scripts[name]
+        if (package, name) not in self._scripts:
+            self._scripts[package, name] = client.register_script(lua_source(name, package))
+        return self._scripts[package, name]
 
     def connections(self) -> int:
         """Connections open now (idle in the pool or in use), besides the pub/sub one."""
@@ -147,8 +155,8 @@ class RedisStore:
     def keys_of(self, key: str) -> list[str]:
         return [f"{self.prefix}:up:{key}", f"{self.prefix}:leases:{key}", f"{self.prefix}:draining:{key}"]
 
-    def call(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return self._guarded(lambda: self.script(script)(keys=keys, args=args))
+    def call(self, script: str, keys: list[str], args: list[Any], package: str = __package__) -> Any:
+        return self._guarded(lambda: self.script(script, package)(keys=keys, args=args))
 
     def _guarded(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a command; an unreachable Redis becomes StateUnavailable, which callers answer with 503."""

@@ -9,9 +9,9 @@ On a server with a free slot, the first token comes after the prefill of the pro
 
 The cached part comes from where the balancer sent this prompt's prefix before (paddler_sync/fleet/
 affinity.py); the speeds from llama.cpp's timings of the answers that passed through
-(paddler_sync/fleet/speed.py). The ledger weighs a full server too, on prefill alone: twice its expected
+(paddler_sync/routing/speed.py). The ledger weighs a full server too, on prefill alone: twice its expected
 wait (until the soonest of its running requests ends; foreseen ends are often early) plus its prefill must
-beat the best free server's prefill by 0.1 s (paddler_sync/fleet/ledger.py).
+beat the best free server's prefill by 0.1 s (paddler_sync/ledger/ledger.py).
 
 :class:`CacheAwareness` is the one owner of what this learns, per worker: the prefix index and the
 speeds. Pure: no I/O.
@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from paddler_sync.fleet.affinity import PrefixIndex
-from paddler_sync.fleet.prefixes import request_hashes, tokens_in
-from paddler_sync.fleet.speed import ServerSpeeds, Timings
-from paddler_sync.fleet.upstream import Upstream
+from paddler_sync.ledger.slots import Upstream
+from paddler_sync.routing.affinity import PrefixIndex
+from paddler_sync.routing.prefixes import request_hashes, tokens_in
+from paddler_sync.routing.speed import ServerSpeeds, Timings
 
 LONG_GENERATION = 64
 

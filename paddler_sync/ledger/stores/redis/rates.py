@@ -9,8 +9,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from paddler_sync.fleet.buffer import StateUnavailable
-from paddler_sync.fleet.redis_store import RedisStore
+from paddler_sync.ledger.refusals import StateUnavailable
+from paddler_sync.ledger.stores.redis.store import RedisStore
 from paddler_sync.tenants.rates import MINUTE, REQUESTS, TOKENS, Window, window
 
 logger = logging.getLogger("paddler_sync.tenants")

@@ -3,7 +3,7 @@
 llama.cpp keeps each slot's last prompt in its KV cache (``cache_prompt``, on by default) and the
 2026 builds keep more in host memory (``--cache-ram``): a request whose prompt begins like one a server
 processed recently skips that part of the prefill. The balancer cannot see those caches; it remembers
-what it sent where (paddler_sync/fleet/affinity.py), as hashes of the prompt cut into fixed blocks,
+what it sent where (paddler_sync/routing/affinity.py), as hashes of the prompt cut into fixed blocks,
 each hash covering every block before it too: two prompts share their first k hashes exactly when they
 share their first k blocks.
 

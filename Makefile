@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint compat bench bench-quick soak clean
+.PHONY: demo test test-unit docs lint compat bench bench-quick soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,9 +18,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/system-packages.sh
-	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench
+	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench docs
 	$(PY) -m mypy
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest -n 2 --dist loadfile
+
+# the documentation site, into build/site (a broken link or a page missing from the nav fails)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # llama.cpp's own server test suites, directly and through the balancer (a few minutes; tests/compat/RESULTS.md)
 compat: $(STAMP)
@@ -38,7 +43,7 @@ soak: $(STAMP)
 	$(PY) bench/soak.py --seconds $${SOAK_SECONDS:-600}
 
 lint: $(STAMP)
-	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench
+	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench docs
 	$(PY) -m mypy
 
 clean:

@@ -478,7 +478,7 @@ LIMITS = """## What limits paddler_sync here, and what it would take
   (`leastconn`: fewest connections, which favours the small, fast servers) can show a lower TTFT p99 and more
   tokens/s, while near and above capacity the two are level and both keep every request out of llama.cpp's queue.
   A speed-aware policy (send to the free slot expected to finish soonest, from the agents' or the responses'
-  timings) is the next step, through the `Policy` seam in `paddler_sync/fleet/policy.py`.
+  timings) is the next step, through the `Policy` seam in `paddler_sync/ledger/policy.py`.
 - **This machine.** Two cores run the load generator, the simulators and the proxy: at high rates the simulators
   (gevent's pywsgi) take more CPU than the proxy, and `direct` is the simulators' own ceiling.
 """.splitlines()

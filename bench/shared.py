@@ -29,8 +29,8 @@ def redis_server() -> tuple[subprocess.Popen, str]:
 
 def round_trip_us(url: str, n: int = 2000) -> dict[str, float]:
     """One request's Redis work, alone: take a slot and give it back (two scripts, two round trips)."""
-    from paddler_sync.fleet.ledger import Ledger
-    from paddler_sync.fleet.redis_store import RedisStore
+    from paddler_sync.ledger.ledger import Ledger
+    from paddler_sync.ledger.stores.redis.store import RedisStore
 
     ledger = Ledger(store=RedisStore(url, f"rt{uuid.uuid4().hex[:8]}", lease_ttl=15))
     ledger.report("a", "127.0.0.1:1", 4, 0, True)

@@ -64,6 +64,8 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
     from paddler_sync.logs import setup_logging
 
     setup_logging(options.log_level)
+    if not libraries_fit():
+        sys.exit(APP_LOAD_ERROR)  # gunicorn's master stops instead of respawning a worker that cannot work
     worker = ThisWorker.worker
     unchecked = worker is None and "gunicorn.workers.base" in sys.modules  # a gunicorn worker, without our hooks
     if worker is not None:
@@ -75,6 +77,19 @@ def create_balancer(options: argparse.Namespace | None = None) -> Balancer:
     if worker is not None:
         balancer.watch_worker(worker)
     return balancer
+
+
+def libraries_fit() -> bool:
+    """The private parts of libraries the proxy leans on are there (paddler_sync/library_checks.py); each missing
+    one is logged with the release to install, each unverified release warned about."""
+    from paddler_sync.library_checks import problems
+
+    errors, warnings = problems()
+    for warning in warnings:
+        logger.warning(warning)
+    for error in errors:
+        logger.error(error)
+    return not errors
 
 
 def settings_from_environment() -> argparse.Namespace:
@@ -258,6 +273,12 @@ class BalancerApplication(BaseApplication):
 
 
 def run_balancer(options: argparse.Namespace) -> int:
+    from paddler_sync.library_checks import problems
+
+    errors, _ = problems()  # (warnings: each worker logs them)
+    if errors:
+        print("\n".join(f"paddler-sync balancer: error: {e}" for e in errors), file=sys.stderr)
+        return 2
     if options.workers > 1 and options.state_backend == "local":
         print(f"paddler-sync balancer: --workers {options.workers} needs a shared ledger: add --state-backend "
               f"redis://HOST:6379/0, or run --workers 1", file=sys.stderr)

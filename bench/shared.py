@@ -38,7 +38,7 @@ def round_trip_us(url: str, n: int = 2000) -> dict[str, float]:
     for _ in range(n):
         started = time.perf_counter()
         reservation = ledger.reserve()
-        ledger.release(reservation)
+        ledger.give_back(reservation)
         samples.append((time.perf_counter() - started) * 1e6)
     samples.sort()
     return {"p50_us": statistics.median(samples), "p99_us": samples[int(0.99 * len(samples))]}

@@ -2,7 +2,8 @@
 
     slots     a server's slot counts (Upstream), a taken slot (Reservation), a place in the queue (Ticket)
     policy    which server with a free slot gets the next request (first-token, most-free, round robin, ...)
-    ledger    Ledger.reserve takes a slot, Ledger.release gives it back; agents' reports reconcile the counts
+    ledger    Ledger.reserve takes a slot, Ledger.give_back gives it back (saying why: slots.GiveBack); agents'
+              reports reconcile the counts
     buffer    requests that found no free slot wait here, in order, never inside llama.cpp
     refusals  why a request gets no slot, with the status its client gets
     stores/   where the counts are kept: base (the interface), local (this process), redis/ (many workers
@@ -10,5 +11,5 @@
               redis/rates)
 
 Nothing here imports the routing estimators (paddler_sync.routing), the fleet's state (paddler_sync.fleet), the
-proxy or a server; tests/test_architecture.py holds every layer to that.
+proxy or a server; tests/unit/test_architecture.py holds every layer to that.
 """

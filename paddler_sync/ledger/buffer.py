@@ -35,7 +35,7 @@ from paddler_sync.ledger.refusals import (
     ClientGone,
     StateUnavailable,
 )
-from paddler_sync.ledger.slots import Claim, Reservation, Ticket, TicketLost
+from paddler_sync.ledger.slots import Claim, GiveBack, Reservation, Ticket, TicketLost
 from paddler_sync.tenants.rule import Load, rank
 
 DRAIN_WINDOW = 60.0  # seconds of served waiters the drain rate is measured over
@@ -222,7 +222,7 @@ class RequestBuffer:
         if reservation is None:
             return False
         if not self._remove(head):  # it left while a shared ledger answered: the slot goes back
-            self.ledger.release(reservation)
+            self.ledger.give_back(reservation, GiveBack.WAITER_LEFT)
             return True
         head.result.set(reservation)
         self._served_at.append(time.monotonic())
@@ -309,7 +309,7 @@ class RequestBuffer:
         if self._remove(waiter):
             self.ledger.return_ticket(waiter.ticket)
         elif waiter.result.successful():
-            self.ledger.release(waiter.result.value)
+            self.ledger.give_back(waiter.result.value, GiveBack.WAITER_LEFT)
 
     def _redraw_ticket(self, waiter: Waiter) -> bool:
         """A new place at the end of the shared queue for a waiter whose ticket was lost."""

@@ -1,6 +1,7 @@
 """The slot ledger: how many slots each llama.cpp server has free, right now. The heart of the balancer.
 
-A slot is taken in :meth:`Ledger.reserve` and given back in :meth:`Ledger.release`; nothing else
+A slot is taken in :meth:`Ledger.reserve` and given back in :meth:`Ledger.give_back` (which names why: see
+``GiveBack``); nothing else
 changes ``in_flight``. Agent reports (:meth:`Ledger.report`) bring the load this balancer did not
 send (another client, another balancer, a request llama.cpp still runs after its client left):
 
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from paddler_sync.ledger.policy import MostFreeSlots, Policy, Score, preference
-from paddler_sync.ledger.slots import Claim, Reservation, Ticket, TicketLost, Upstream, as_of_now
+from paddler_sync.ledger.slots import Claim, GiveBack, Reservation, Ticket, TicketLost, Upstream, as_of_now
 from paddler_sync.ledger.stores.base import SlotStore, TakeOutcome
 from paddler_sync.ledger.stores.local import LocalStore
 from paddler_sync.protocol.models import ANY, UNLOADED, Serving
@@ -310,9 +311,11 @@ class Ledger:
             return None
         return Reservation(min(usable, key=lambda u: preference(u, now)), uses_slot=False)
 
-    def release(self, reservation: Reservation, draining: bool = False) -> bool:
-        """Give the slot back (idempotent); the one method that does. ``draining``: llama.cpp may still run it
-        (client left a non-streaming request), so keep the slot counted busy until the next report shows it."""
+    def give_back(self, reservation: Reservation, why: GiveBack = GiveBack.ANSWERED) -> bool:
+        """Give the slot back (idempotent); the one way a slot goes back. ``why`` names the path; where llama.cpp
+        may still run the slot (``why.may_still_run``), it stays counted busy ("draining") until the next report
+        shows it free."""
+        draining = why.may_still_run and reservation.uses_slot
         if reservation.released:
             return False
         reservation.released = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import NamedTuple
 
 from paddler_sync.protocol.models import ANY, Serving
@@ -68,6 +69,31 @@ class Upstream:
     def busy(self) -> int:
         """Slots the balancer believes are busy, capped at the total (for display and gauges)."""
         return min(self.total, self.in_flight + self.external + self.draining)
+
+
+class GiveBack(StrEnum):
+    """Why a slot goes back: every path that gives one back names itself to ``Ledger.give_back``, the one way.
+
+    ANSWERED       Relay.close: the answer ended (whole, or its client left mid-answer: the upstream connection is
+                   closed at once, so llama.cpp frees the slot in the same moment)
+    BROKE_OFF      Relay.close: llama.cpp broke off its answer; it may still run the slot (draining)
+    CLIENT_LEFT    ProxyApp._connect: the client left before any answer (a non-streaming request): the upstream
+                   call is cut, llama.cpp notices within about a second (draining until a report shows it free)
+    NOT_ANSWERED   ProxyApp._connect and Relay._send_again: llama.cpp refused the connection or failed before any
+                   byte reached the client; the request goes to another server (a slot of its own) or fails
+    WAITER_LEFT    RequestBuffer and QueuedStream: a slot handed to a waiter at the moment its client left
+    """
+
+    ANSWERED = "answered"
+    BROKE_OFF = "broke_off"
+    CLIENT_LEFT = "client_left"
+    NOT_ANSWERED = "not_answered"
+    WAITER_LEFT = "waiter_left"
+
+    @property
+    def may_still_run(self) -> bool:
+        """llama.cpp may still be generating in the slot: it stays counted busy until the next report."""
+        return self in (GiveBack.BROKE_OFF, GiveBack.CLIENT_LEFT)
 
 
 class TicketLost(Exception):

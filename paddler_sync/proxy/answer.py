@@ -83,7 +83,7 @@ class SocketReader:
     is the whole read timeout (a relay busy writing to a slow client is not waiting for llama.cpp).
 
     It uses two attributes of gevent's socket (``_sock``, the OS socket, and ``_read_event``, its read
-    watcher, which gevent cancels when another greenlet closes the socket); tests/test_relay_wire.py checks
+    watcher, which gevent cancels when another greenlet closes the socket); tests/live/test_relay_wire.py checks
     that they are there."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:

@@ -6,9 +6,10 @@
                   connection quarantine that server and try another, while nothing was sent;
                   a client that leaves meanwhile cuts the upstream call (llama.cpp stops too)
     Relay         stream each upstream chunk to the client as it arrives (paddler_sync/proxy/relay.py)
-    Relay.close   the one place a slot is given back: normal end, client gone, upstream error
+    Relay.close   the slot given back once the answer began: normal end, client gone, upstream error
 
-The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot leak.
+A slot goes back only through ``Ledger.give_back``, each path naming why (``GiveBack`` lists the five, with where
+each is given back). The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot leak.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from paddler_sync.endings import Ending
 from paddler_sync.errors import OWN_ANSWER, error_bytes, status_line
 from paddler_sync.ledger.buffer import RequestBuffer
 from paddler_sync.ledger.refusals import BufferRefusal, BufferTimeout, HandedOver, StateUnavailable
-from paddler_sync.ledger.slots import Claim, Reservation, Upstream
+from paddler_sync.ledger.slots import Claim, GiveBack, Reservation, Upstream
 from paddler_sync.proxy import queue_updates, response_writer
 from paddler_sync.proxy import upstream as up
 from paddler_sync.proxy.answer import UpstreamAnswer
@@ -217,11 +218,11 @@ class ProxyApp:
             try:
                 return reservation, self._send(environ, body, reservation, route), waited
             except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
-                self.ledger.release(reservation, draining=reservation.uses_slot)
+                self.ledger.give_back(reservation, GiveBack.CLIENT_LEFT)
                 raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, reservation=reservation,
                                  waited=waited) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                self.ledger.release(reservation)
+                self.ledger.give_back(reservation, GiveBack.NOT_ANSWERED)
                 if up.is_connect_failure(exc):
                     self._quarantine(reservation, exc)
                 elif not (may_send_again(environ, takes_slot, exc) and self.send_elsewhere(environ, reservation, exc)):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gevent import Greenlet
 
 from paddler_sync.errors import error_body
-from paddler_sync.ledger.slots import Reservation
+from paddler_sync.ledger.slots import GiveBack, Reservation
 from paddler_sync.proxy.refusal import ProxyError
 
 if TYPE_CHECKING:
@@ -103,4 +103,4 @@ class QueuedStream:
         elif self.job.successful():
             reservation, response, _ = self.job.value
             response.close()
-            self.proxy.ledger.release(reservation)
+            self.proxy.ledger.give_back(reservation, GiveBack.WAITER_LEFT)

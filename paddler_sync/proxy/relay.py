@@ -20,7 +20,7 @@ import urllib3.exceptions
 from paddler_sync.endings import Ending
 from paddler_sync.errors import error_body, error_bytes, status_line
 from paddler_sync.ledger.ledger import Ledger
-from paddler_sync.ledger.slots import Reservation
+from paddler_sync.ledger.slots import GiveBack, Reservation
 from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.retry import may_send_again
@@ -120,7 +120,7 @@ class Relay:
                 or not self.proxy.send_elsewhere(self.environ, self.reservation, exc):
             return False
         self.response.close()
-        self.proxy.ledger.release(self.reservation)
+        self.proxy.ledger.give_back(self.reservation, GiveBack.NOT_ANSWERED)
         try:
             reservation, response, waited = self.again()
         except ProxyError:
@@ -185,8 +185,8 @@ class Relay:
             return
         self.closed = True
         self.response.close()  # a fully read answer's connection went back to the pool already; this cuts a live one
-        draining = self.ending is Ending.UPSTREAM_ERROR and self.reservation.uses_slot
-        self.proxy.ledger.release(self.reservation, draining=draining)
+        broke_off = self.ending is Ending.UPSTREAM_ERROR
+        self.proxy.ledger.give_back(self.reservation, GiveBack.BROKE_OFF if broke_off else GiveBack.ANSWERED)
         generated = self.generated()
         if self.tokens is not None and self.ending is Ending.DONE and self.response_status == 200:
             self._learn_speed(generated)

@@ -1,7 +1,7 @@
 """Talking to llama.cpp: which requests take a slot, header rules, and the pooled connections.
 
 The session trusts no environment (no proxy, netrc or CA-bundle lookups on every request: a free
-+29 % in shared/reference/proxy-anchors.md), sends only the client's headers, forwards bodies byte
++29 % in requests per second, measured on loopback), sends only the client's headers, forwards bodies byte
 for byte (no decoding), so Content-Length and Content-Encoding stay true, and retries a request only
 when no server can have seen it: a refused connection (elsewhere, by the proxy) or a kept-alive
 connection that llama.cpp had already closed (here, on a fresh connection to the same server).
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection
 
 # Which POSTs become a llama.cpp task (generation, embedding, reranking, transcription) and so take a
-# slot: read off both real builds in ../shared/llamacpp (with every slot busy, these wait inside
-# llama.cpp; everything else answers at once) and checked by tests/test_real_llamacpp.py. Both the
+# slot: read off both real builds the tests run, b4748 and a 2026 one (with every slot busy, these wait inside
+# llama.cpp; everything else answers at once) and checked by tests/real/test_real_llamacpp.py. Both the
 # native names and the OpenAI/Anthropic-compatible ones, with and without /v1, as llama-server routes them.
 SLOT_PATHS = frozenset({
     "/completion", "/completions", "/v1/completions",           # text completion

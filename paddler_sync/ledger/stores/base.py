@@ -11,7 +11,7 @@ needs to know which store it has:
 - ``RedisStore`` (redis/store.py) keeps them in Redis for many workers and balancers, each operation one
   atomic Lua script, the view a mirror refreshed from a snapshot.
 
-``tests/test_stores.py`` runs one contract over both.
+``tests/live/test_stores.py`` runs one contract over both.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit docs lint compat bench bench-quick soak clean
+.PHONY: demo test test-unit test-newest docs lint compat bench bench-quick soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,14 @@ test: $(STAMP)
 	$(PY) -m mypy
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest -n 2 --dist loadfile
+
+# the tests that start no process, open no socket and never sleep (tests/unit/): seconds
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+# the newest releases of urllib3, gevent, gunicorn and redis (past setup.cfg's bounds) against the relay's tests
+test-newest:
+	scripts/newest_releases.sh
 
 # the documentation site, into build/site (a broken link or a page missing from the nav fails)
 docs: $(STAMP)
@@ -47,4 +55,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .venv-suites build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-suites .venv-newest build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -44,7 +44,7 @@ MASTER = "bench-ledger"
 
 
 def builds() -> list[Path]:
-    folder = harness.ROOT.parent / "shared" / "llamacpp" / "bin"
+    folder = harness.LLAMACPP_DIR / "bin"
     return sorted(p for p in folder.glob("llama-server-*") if p.is_file())
 
 
@@ -253,7 +253,7 @@ def run_build(binary: Path, seconds: float) -> dict[str, Any]:
 def faults_bench(seconds: float = 600.0) -> dict[str, Any]:
     found = builds()
     if not found:
-        return {"skipped": "no llama-server build in ../shared/llamacpp/bin"}
+        return {"skipped": "no llama-server build in LLAMACPP_DIR/bin"}
     return {"seconds": seconds, "builds": [run_build(binary, seconds) for binary in found]}
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+LLAMACPP_DIR = Path(os.environ.get("LLAMACPP_DIR") or ROOT.parent / "shared" / "llamacpp")  # real builds, model maker
 SOURCE = {"path": ROOT}  # where paddler_sync is imported from (bench/revisions.py points it at another revision)
 OUT = ROOT / "bench" / "out"
 PYTHON = sys.executable

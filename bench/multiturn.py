@@ -9,7 +9,7 @@ p50/p99, and tokens/s over the whole run. Contenders: paddler_sync's default ``f
 the same balancer, in turns, on the same servers, restarted for each (empty caches).
 
 On the simulator: 3 servers of 2 slots, 2 ms of prefill per uncached prompt token, 60 tokens/s of decode,
-prompt cache on. On real llama-servers (when ../shared/llamacpp has them): 2 b4748 servers of 4 slots
+prompt cache on. On real llama-servers (when LLAMACPP_DIR has them): 2 b4748 servers of 4 slots
 (-c 4096), the slow random-weight model (prefill ~135-240 tokens/s on these cores).
 """
 
@@ -85,7 +85,7 @@ def multi_turn(reps: int, real: bool) -> dict[str, Any]:
         if find_build() is not None:
             results["real"] = table(real_fleet, REAL, reps)
         else:
-            results["real_skipped"] = "no llama-server-b4748 in ../shared/llamacpp (or LLAMA_SERVER_BINARIES)"
+            results["real_skipped"] = "no llama-server-b4748 in LLAMACPP_DIR (or LLAMA_SERVER_BINARIES)"
     return results
 
 

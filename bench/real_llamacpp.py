@@ -1,7 +1,7 @@
 """Throughput on real llama-servers: paddler_sync against slot-blind least-connections and round robin.
 
-Two real llama-servers (b4748 by default: ``LLAMA_SERVER_BINARIES`` or ../shared/llamacpp/bin), ``-np 4
--t 1 --threads-http 80``, the random-weight models from ../shared/llamacpp/make_models.py; closed-loop
+Two real llama-servers (b4748 by default: ``LLAMA_SERVER_BINARIES`` or LLAMACPP_DIR/bin), ``-np 4
+-t 1 --threads-http 80``, the random-weight models from LLAMACPP_DIR's make_models.py; closed-loop
 clients (bench/closed_loop_client.py) send non-streaming ``/completion`` with ``ignore_eos``. Contenders
 alternate within each repetition; the tables show medians. While each run lasts, every server's
 ``/metrics`` is sampled every 250 ms: ``requests_deferred`` (requests waiting inside llama.cpp, which
@@ -35,12 +35,12 @@ def find_build() -> harness.Path | None:
 
     listed = os.environ.get("LLAMA_SERVER_BINARIES")
     candidates = [harness.Path(p) for p in listed.split(":")] if listed else \
-        sorted((harness.ROOT.parent / "shared" / "llamacpp" / "bin").glob("llama-server-b4748"))
+        sorted((harness.LLAMACPP_DIR / "bin").glob("llama-server-b4748"))
     return next((p for p in candidates if p.exists()), None)
 
 
 def make_models() -> dict[str, harness.Path]:
-    shared = harness.ROOT.parent / "shared" / "llamacpp"
+    shared = harness.LLAMACPP_DIR
     out = harness.OUT / "models"
     if not (out / "slow.gguf").exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def closed_loop(service: harness.Service, servers: list[harness.Service], client
 def real_llamacpp(reps: int, seconds: float) -> dict[str, Any]:
     binary = find_build()
     if binary is None:
-        return {"skipped": "no llama-server-b4748 (set LLAMA_SERVER_BINARIES or put ../shared/llamacpp beside)"}
+        return {"skipped": "no llama-server-b4748 (set LLAMA_SERVER_BINARIES or set LLAMACPP_DIR)"}
     models = make_models()
     results: dict[str, Any] = {"build": binary.name, "seconds": seconds, "reps": reps, "scenarios": {}}
     for model, clients, n_predict in SCENARIOS:

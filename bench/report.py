@@ -429,7 +429,7 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
         r = results["real"]
         out += ["## 5. Real llama-servers: throughput against least-connections and round robin", "",
                 f"Two real `llama-server` ({r['build']}) with `-np 4 -t 1 --threads-http 80`, the random-weight "
-                "models of ../shared/llamacpp/make_models.py (tiny: ~2,000 tokens/s for one stream; slow: ~115); "
+                "models of llama.cpp's make_models.py (tiny: ~2,000 tokens/s for one stream; slow: ~115); "
                 "closed-loop clients (bench/closed_loop_client.py) send non-streaming `/completion` with n_predict 64 "
                 f"and `ignore_eos`, {r['seconds']:g} s per run, {r['reps']} interleaved runs, medians. "
                 "least_connections is the naive gevent proxy of section 1 (slot-blind: llama.cpp queues the excess); "
@@ -455,7 +455,7 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
 
 LIMITS = """## What limits paddler_sync here, and what it would take
 
-- **Per-request CPU and the relay (issue 17).** Before, a profile of the worker (py-spy, 200 Hz) showed, per relayed
+- **Per-request CPU and the relay.** Before, a profile of the worker (py-spy, 200 Hz) showed, per relayed
   SSE event, urllib3's chunked reader (`read_chunked`, `_update_chunk_length`: each chunk parsed line by line in
   Python) at about a quarter of the time, gevent's `sendall` (a `getsockopt` and a clock read on every call) and its
   `recv` (a first read that fails between two events, then a new timer per wait) most of the rest; per small
@@ -472,7 +472,7 @@ LIMITS = """## What limits paddler_sync here, and what it would take
   off gunicorn's `chunked` flag mid-answer, which also decides keep-alive and the final marker, for a saving this
   machine's run-to-run noise cannot show.
 - **Streaming.** Each relayed event is one wait, one read and one write; HAProxy and nginx do the same in C. Beyond
-  one core, the balancer needs more processes, which the shared Redis ledger (issue 7) makes possible.
+  one core, the balancer needs more processes, which the shared Redis ledger makes possible.
 - **Which server.** The default rule (the issue's: most free slots, then fewest in flight) fills the servers with the
   most slots first. In this fleet those are the slowest per slot, so at moderate load slot-aware HAProxy
   (`leastconn`: fewest connections, which favours the small, fast servers) can show a lower TTFT p99 and more

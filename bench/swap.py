@@ -8,7 +8,7 @@ side: time to first token before the swaps (the baseline) and during them, the l
 request saw, failed requests, requests deferred inside llama.cpp (its ``requests_deferred``, sampled every
 0.1 s on both servers), how long each swap took, and, after the load, how long a server killed with
 SIGKILL takes to be serving again. On the simulator (models are empty files; ``--startup-time 2`` stands
-for loading) and on each real llama-server build found in ../shared/llamacpp (the random-weight models).
+for loading) and on each real llama-server build found in LLAMACPP_DIR (the random-weight models).
 """
 
 from __future__ import annotations
@@ -191,14 +191,14 @@ def simulated() -> dict[str, Any]:
 def builds() -> list[Path]:
     listed = os.environ.get("LLAMA_SERVER_BINARIES")
     candidates = [Path(p) for p in listed.split(":")] if listed else \
-        sorted((harness.ROOT.parent / "shared" / "llamacpp" / "bin").glob("llama-server-*"))
+        sorted((harness.LLAMACPP_DIR / "bin").glob("llama-server-*"))
     return [p for p in candidates if os.access(p, os.X_OK)]
 
 
 def real() -> dict[str, Any]:
     found = builds()
     if not found:
-        return {"skipped": "no llama-server in ../shared/llamacpp/bin"}
+        return {"skipped": "no llama-server in LLAMACPP_DIR/bin"}
     models = make_models()
     out: dict[str, Any] = {}
     for build in found:

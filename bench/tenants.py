@@ -145,7 +145,7 @@ def tenants_bench(seconds: float = 45.0, reps: int = 2) -> dict[str, Any]:
     pair ran back to back); the table shows medians, ``runs`` every run."""
     binary = find_build()
     if binary is None:
-        return {"skipped": "no llama-server-b4748 (set LLAMA_SERVER_BINARIES or put ../shared/llamacpp beside)"}
+        return {"skipped": "no llama-server-b4748 (set LLAMA_SERVER_BINARIES or set LLAMACPP_DIR)"}
     model = make_models()["slow"]
     servers = [llama_server(binary, model, f"llama-slow{i}", parallel=2) for i in range(2)]
     results: dict[str, Any] = {"build": binary.name, "seconds": seconds, "reps": reps, "runs": {}}

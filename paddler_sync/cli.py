@@ -1,7 +1,8 @@
 """``paddler-sync agent | balancer | dashboard | simulate``: dispatch by hand, one flat parser each.
 
 configargparse mis-routes config and environment values between subparsers, so each command gets
-its own parser (see shared/reference/python-stack.md §F). Gevent commands patch the standard
+its own parser (values given in a config file or the environment for one subcommand reached
+another's). Gevent commands patch the standard
 library here, before anything that opens sockets is imported; the dashboard never patches.
 """
 

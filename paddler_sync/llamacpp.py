@@ -6,7 +6,8 @@ and whether the server is a *router* (2026 builds started without a model: ``/mo
 with their status, and each GET names one with ``?model=``; ``autoload=false`` keeps a poll from loading
 it); ``/v1/models`` gives a single-model server's id and aliases. Every poll sends
 ``Connection: close``: a kept-alive poller would pin one of llama.cpp's few HTTP threads
-(shared/reference/proxy-anchors.md, observation 8).
+(b4748 serves HTTP from a small thread pool, `--threads-http`, and keeps a connection's thread
+while it lives).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Under ``gunicorn -k gevent`` the worker patches before it imports the application, so only the
 urllib3 fix below is needed; the command line calls :func:`patch` before importing anything that
 touches sockets, ssl or threads. Patching late (after ssl or a lock was imported) leaves unpatched
-objects behind, hence the import-order test in tests/test_patching.py.
+objects behind, hence the import-order test in tests/live/test_patching.py.
 """
 
 from __future__ import annotations

@@ -285,6 +285,19 @@ def complete(balancer: Proc, n_predict: int, stream: bool = False, timeout: floa
                          json={"prompt": "hello", "n_predict": n_predict, "stream": stream}, timeout=timeout)
 
 
+def serve_simulator(fleet: Fleet, balancer: Proc, name: str, *sim_args: str) -> Proc:
+    """A simulator with its agent, named ``name``, reporting to ``balancer``."""
+    sim = fleet.simulator(*sim_args)
+    fleet.agent(sim.port, balancer.extra["management_port"], "--name", name)
+    return sim
+
+
+def agents_ready(balancer: Proc, count: int) -> None:
+    """Wait until ``count`` agents report and every one is ready."""
+    wait_until(lambda: len(agents(balancer)) == count and all(a["state"] == "ready" for a in agents(balancer)),
+               message=f"{count} agents ready")
+
+
 def health(balancer: Proc) -> dict:
     return requests.get(balancer.extra["management"] + "/health", timeout=5).json()
 
@@ -407,10 +420,11 @@ def fake_http(routes: dict[tuple[str, str], tuple[int, str]]) -> Iterator[tuple[
         server.shutdown()
 
 
-# --- supervised servers (tests/test_supervisor.py, tests/test_real_supervisor.py) ----------------------------
+# --- supervised servers (tests/live/test_supervisor.py, tests/real/test_real_supervisor.py) --------------------
 
 
-def ready(balancer: Proc, name: str) -> dict[str, Any] | None:
+def supervised_ready(balancer: Proc, name: str) -> dict[str, Any] | None:
+    """The agent ``name`` and the llama-server it runs both ready (its record), else None."""
     agent = agent_named(balancer, name)
     if agent and agent["state"] == "ready" and agent["supervisor"]["state"] == "ready":
         return agent

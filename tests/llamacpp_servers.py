@@ -1,9 +1,10 @@
 """Real llama-server builds for the tests that must hold against llama.cpp itself, not our simulator.
 
-The binaries come from ``LLAMA_SERVER_BINARIES`` (paths separated by ':'), else from
-``../shared/llamacpp/bin/llama-server-*`` beside the checkout. Models are made once per test run
-by ``make_models.py`` (random weights, real tokenizer, a few seconds). Where no binary or no model
-maker is found, every real-server test skips and says why: a fresh clone without shared/ has none.
+The binaries come from ``LLAMA_SERVER_BINARIES`` (paths separated by ':'), else from ``bin/llama-server-*`` of
+the llama.cpp folder ``LLAMACPP_DIR`` (by default ``shared/llamacpp`` beside the checkout, where this project's
+machines keep two builds, a model maker and llama.cpp's own server test suites). Models are made once per test
+run by its ``make_models.py`` (random weights, real tokenizer, a few seconds). Where no binary or no model maker is
+found, every real-server test skips and says why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_LLAMACPP = ROOT.parent / "shared" / "llamacpp"
+SHARED_LLAMACPP = Path(os.environ.get("LLAMACPP_DIR") or ROOT.parent / "shared" / "llamacpp")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The simulated llama.cpp server's HTTP side: routes, headers, status codes and SSE framing.
 
-Everything a client sees follows the b4748 captures in shared/reference/llamacpp/captures: the
+Everything a client sees follows the captures of a real b4748 server (tests/captures/): the
 common headers, ``{"error": {...}}`` bodies, loading and API-key rules, and streams whose headers
 go out at once, even when the request then waits for a slot (as llama.cpp's deferred tasks do).
 """

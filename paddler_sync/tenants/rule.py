@@ -9,7 +9,7 @@ after it cover what every other tenant (that may use those servers) holds short 
 generation is ever cut to make room: the rule only decides who gets the next free slot.
 
 The in-process store applies :func:`admits` in Python, the Redis store in ``take.lua`` (the same arithmetic, atomic
-with the take across every worker and balancer); ``tests/test_tenant_rule.py`` holds both to the same decisions.
+with the take across every worker and balancer); ``tests/live/test_tenant_rule.py`` holds both to the same decisions.
 """
 
 from __future__ import annotations

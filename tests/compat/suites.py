@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """llama.cpp's own server test suites, run twice: against llama-server directly, and through paddler-sync.
 
-For each build (``../shared/llamacpp/bin/llama-server-*``, or ``--binary``), the suite of that build
-(``../shared/llamacpp/suites/BUILD``) is copied to a scratch folder and run with pytest twice, each run in
+For each build (``$LLAMACPP_DIR/bin/llama-server-*``, or ``--binary``), the suite of that build
+(``$LLAMACPP_DIR/suites/BUILD``) is copied to a scratch folder and run with pytest twice, each run in
 a network namespace of its own (the suites use the fixed ports 8080 and 8081), with ``LLAMA_SERVER_BIN_PATH``
 pointing at ``tests/compat/standin.py``: once in ``direct`` mode (the real llama-server, local models in
 place of the ones the suites download), once in ``balancer`` mode (llama-server on a hidden port, an agent,
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "llamacpp"
+SHARED = Path(os.environ.get("LLAMACPP_DIR") or ROOT.parent / "shared" / "llamacpp")
 STANDIN = Path(__file__).resolve().parent / "standin.py"
 SUITE_DIRS = {"b4748": "b4748/examples/server/tests", "2026": "2026/tools/server/tests"}
 

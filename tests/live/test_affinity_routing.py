@@ -12,19 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import Fleet, Proc, agents, health, wait_until
+from tests.helpers import Fleet, agents_ready, health, serve_simulator, wait_until
 
 pytestmark = pytest.mark.both_stores
-
-
-def serve(fleet: Fleet, balancer: Proc, name: str, *sim_args: str) -> Proc:
-    sim = fleet.simulator(*sim_args)
-    fleet.agent(sim.port, balancer.extra["management_port"], "--name", name)
-    return sim
-
-
-def ready(balancer: Proc, count: int) -> None:
-    wait_until(lambda: len(agents(balancer)) == count and all(a["state"] == "ready" for a in agents(balancer)))
 
 
 def converse(proxy: str, topic: int, turns: int) -> list[dict]:
@@ -43,9 +33,9 @@ def converse(proxy: str, topic: int, turns: int) -> list[dict]:
 def test_each_conversation_comes_back_to_the_server_that_holds_its_prompt(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0")
     for i in range(3):  # a slot more than the conversations need, so a report late under load leaves room
-        serve(fleet, balancer, f"s{i}", "--parallel", "3", "--prefill-ms-per-token", "0.5",
+        serve_simulator(fleet, balancer, f"s{i}", "--parallel", "3", "--prefill-ms-per-token", "0.5",
               "--decode-tokens-per-second", "0")
-    ready(balancer, 3)
+    agents_ready(balancer, 3)
     with ThreadPoolExecutor(4) as pool:
         conversations = list(pool.map(lambda topic: converse(balancer.extra["proxy"], topic, 4), range(4)))
     later = [answer for answers in conversations for answer in answers[1:]]
@@ -67,8 +57,8 @@ def test_each_conversation_comes_back_to_the_server_that_holds_its_prompt(fleet:
 def test_retry_after_follows_how_fast_the_queue_drains(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--max-buffered-requests", "2",
                               "--buffered-request-timeout", "60")
-    serve(fleet, balancer, "one", "--parallel", "1", "--decode-tokens-per-second", "40")
-    ready(balancer, 1)
+    serve_simulator(fleet, balancer, "one", "--parallel", "1", "--decode-tokens-per-second", "40")
+    agents_ready(balancer, 1)
     proxy = balancer.extra["proxy"]
 
     def complete() -> requests.Response:
@@ -92,8 +82,8 @@ def test_retry_after_follows_how_fast_the_queue_drains(fleet: Fleet) -> None:
 
 def test_a_waiting_stream_hears_its_place_in_the_queue_when_it_asks(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--queue-updates", "--buffered-request-timeout", "30")
-    serve(fleet, balancer, "one", "--parallel", "1", "--decode-tokens-per-second", "20")
-    ready(balancer, 1)
+    serve_simulator(fleet, balancer, "one", "--parallel", "1", "--decode-tokens-per-second", "20")
+    agents_ready(balancer, 1)
     proxy = balancer.extra["proxy"]
     body = {"prompt": "x", "n_predict": 30, "stream": True}
     busy = requests.post(proxy + "/completion", json=body, stream=True, timeout=30)
@@ -116,8 +106,8 @@ def test_a_waiting_stream_hears_its_place_in_the_queue_when_it_asks(fleet: Fleet
 
 def test_a_waiting_stream_that_times_out_gets_an_error_line(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--queue-updates", "--buffered-request-timeout", "1")
-    serve(fleet, balancer, "one", "--parallel", "1", "--decode-tokens-per-second", "10")
-    ready(balancer, 1)
+    serve_simulator(fleet, balancer, "one", "--parallel", "1", "--decode-tokens-per-second", "10")
+    agents_ready(balancer, 1)
     proxy = balancer.extra["proxy"]
     busy = requests.post(proxy + "/completion", json={"prompt": "x", "n_predict": 40, "stream": True},
                          stream=True, timeout=30)

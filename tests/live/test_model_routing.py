@@ -10,16 +10,10 @@ import time
 import pytest
 import requests
 
-from tests.helpers import Fleet, Proc, agents, sim_stats, wait_until
+from tests.helpers import Fleet, Proc, agents, serve_simulator, sim_stats, wait_until
 
 pytestmark = pytest.mark.both_stores
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-def serve(fleet: Fleet, balancer: Proc, name: str, *sim_args: str) -> Proc:
-    sim = fleet.simulator(*sim_args)
-    fleet.agent(sim.port, balancer.extra["management_port"], "--name", name)
-    return sim
 
 
 def wait_for_models(balancer: Proc, count: int) -> None:
@@ -41,8 +35,8 @@ def chat(balancer: Proc, model: str | None, max_tokens: int = 4, timeout: float 
 def test_each_request_lands_only_on_a_server_of_its_model(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0")
     modern = ("--dialect", "modern", "--parallel", "2", "--decode-tokens-per-second", "0")
-    chats = [serve(fleet, balancer, f"chat{i}", *modern, "--alias", "chat,assistant") for i in range(2)]
-    coder = serve(fleet, balancer, "coder", "--parallel", "2", "--decode-tokens-per-second", "0",
+    chats = [serve_simulator(fleet, balancer, f"chat{i}", *modern, "--alias", "chat,assistant") for i in range(2)]
+    coder = serve_simulator(fleet, balancer, "coder", "--parallel", "2", "--decode-tokens-per-second", "0",
                   "--alias", "/srv/models/Coder-7B.gguf")
     wait_for_models(balancer, 3)
     for model in ["chat", "Assistant", " CHAT ", "coder-7b", "coder-7b.gguf", "/srv/models/Coder-7B.gguf"] * 2:
@@ -74,8 +68,9 @@ def test_each_request_lands_only_on_a_server_of_its_model(fleet: Fleet) -> None:
 
 def test_a_saturated_model_never_delays_another_models_request(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--buffered-request-timeout", "30")
-    slow = serve(fleet, balancer, "slow", "--parallel", "1", "--alias", "slow", "--decode-tokens-per-second", "50")
-    serve(fleet, balancer, "fast", "--parallel", "1", "--alias", "fast", "--decode-tokens-per-second", "0")
+    slow = serve_simulator(fleet, balancer, "slow", "--parallel", "1", "--alias", "slow",
+                           "--decode-tokens-per-second", "50")
+    serve_simulator(fleet, balancer, "fast", "--parallel", "1", "--alias", "fast", "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 2)
     results: list[int] = []
     threads = [threading.Thread(target=lambda: results.append(chat(balancer, "slow", max_tokens=60).status_code))
@@ -98,7 +93,7 @@ def test_a_saturated_model_never_delays_another_models_request(fleet: Fleet) -> 
 
 def test_a_router_loads_a_model_on_demand_and_the_default_model_fills_in(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--default-model", "tiny")
-    router = serve(fleet, balancer, "router", "--router-models", "tiny slow=big", "--load-time", "0.3",
+    router = serve_simulator(fleet, balancer, "router", "--router-models", "tiny slow=big", "--load-time", "0.3",
                    "--parallel", "2", "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 1)
     [agent] = agents(balancer)
@@ -122,7 +117,7 @@ def test_a_router_loads_a_model_on_demand_and_the_default_model_fills_in(fleet: 
 
 def test_prompt_and_limit_answers_a_request_too_long_for_its_model_400_with_the_numbers(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--context-check", "prompt-and-limit")
-    sim = serve(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "small",
+    sim = serve_simulator(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "small",
                 "--decode-tokens-per-second", "0")  # 512 tokens per slot
     wait_for_models(balancer, 1)
     proxy = balancer.extra["proxy"]
@@ -151,7 +146,7 @@ def test_a_model_not_reported_yet_waits_for_its_agent_while_the_balancer_starts(
     waiting = threading.Thread(target=lambda: answers.append(chat(balancer, "late")))
     waiting.start()
     time.sleep(0.5)
-    serve(fleet, balancer, "late", "--alias", "late", "--decode-tokens-per-second", "0")
+    serve_simulator(fleet, balancer, "late", "--alias", "late", "--decode-tokens-per-second", "0")
     waiting.join(20)
     assert answers and answers[0].status_code == 200
 
@@ -159,14 +154,14 @@ def test_a_model_not_reported_yet_waits_for_its_agent_while_the_balancer_starts(
 def test_buffer_unknown_models_lets_a_request_wait_for_servers_still_starting(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0", "--buffer-unknown-models",
                               "--buffered-request-timeout", "20")
-    serve(fleet, balancer, "other", "--alias", "other", "--decode-tokens-per-second", "0")
+    serve_simulator(fleet, balancer, "other", "--alias", "other", "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 1)
     answers: list[requests.Response] = []
     waiting = threading.Thread(target=lambda: answers.append(chat(balancer, "later")))
     waiting.start()
     time.sleep(0.5)
     assert not answers  # it waits (no 404) while no server serves it
-    serve(fleet, balancer, "later", "--alias", "later", "--decode-tokens-per-second", "0")
+    serve_simulator(fleet, balancer, "later", "--alias", "later", "--decode-tokens-per-second", "0")
     waiting.join(20)
     assert answers and answers[0].status_code == 200
 
@@ -175,9 +170,9 @@ def test_by_default_llamacpp_judges_a_request_as_it_would_directly(fleet: Fleet)
     """llama.cpp's rule: a limit past the context is llama.cpp's to stop at; a prompt that fits no slot goes to the
     largest slots, whose llama.cpp answers (b4748, as simulated: truncates it and answers 200)."""
     balancer = fleet.balancer("--models-discovery-time", "0")
-    small = serve(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "m",
+    small = serve_simulator(fleet, balancer, "small", "--parallel", "2", "--ctx-size", "1024", "--alias", "m",
                   "--decode-tokens-per-second", "0")
-    large = serve(fleet, balancer, "large", "--parallel", "2", "--ctx-size", "4096", "--alias", "m",
+    large = serve_simulator(fleet, balancer, "large", "--parallel", "2", "--ctx-size", "4096", "--alias", "m",
                   "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 2)
     proxy = balancer.extra["proxy"]
@@ -197,8 +192,8 @@ def test_a_name_llamacpp_would_ignore_is_ignored_where_every_server_that_could_t
     """A llama-server that is no router ignores 'model': so does a fleet of one model, or --default-model's servers.
     Where the name decides between models, or a router would refuse it, it keeps the 404."""
     balancer = fleet.balancer("--models-discovery-time", "0")
-    one = serve(fleet, balancer, "one", "--dialect", "modern", "--alias", "tinyllama-2,fim", "--tags", "chat,small",
-                "--parallel", "2", "--decode-tokens-per-second", "0")
+    one = serve_simulator(fleet, balancer, "one", "--dialect", "modern", "--alias", "tinyllama-2,fim",
+                          "--tags", "chat,small", "--parallel", "2", "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 1)
     for name in ("gpt-3.5-turbo", "text-embedding-3-small"):
         assert chat(balancer, name).status_code == 200, name
@@ -206,14 +201,14 @@ def test_a_name_llamacpp_would_ignore_is_ignored_where_every_server_that_could_t
     listed = requests.get(balancer.extra["proxy"] + "/v1/models", timeout=5).json()["data"]
     assert [(m["id"], m["aliases"], m["tags"]) for m in listed] == [("fim", ["fim", "tinyllama-2"], ["chat", "small"])]
 
-    serve(fleet, balancer, "two", "--alias", "other", "--decode-tokens-per-second", "0")
+    serve_simulator(fleet, balancer, "two", "--alias", "other", "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 2)
     assert chat(balancer, "gpt-3.5-turbo").status_code == 404  # two models: the name decides, and names neither
     assert sim_stats(one)["requests_total"] == 2
 
     defaulted = fleet.balancer("--models-discovery-time", "0", "--default-model", "other")
-    serve(fleet, defaulted, "one", "--alias", "fim", "--decode-tokens-per-second", "0")
-    other = serve(fleet, defaulted, "two", "--alias", "other", "--decode-tokens-per-second", "0")
+    serve_simulator(fleet, defaulted, "one", "--alias", "fim", "--decode-tokens-per-second", "0")
+    other = serve_simulator(fleet, defaulted, "two", "--alias", "other", "--decode-tokens-per-second", "0")
     wait_for_models(defaulted, 2)
     assert chat(defaulted, "gpt-3.5-turbo").status_code == 200  # --default-model's servers take it
     assert sim_stats(other)["requests_total"] == 1
@@ -221,7 +216,7 @@ def test_a_name_llamacpp_would_ignore_is_ignored_where_every_server_that_could_t
 
 def test_a_router_refuses_a_model_it_does_not_know_so_the_fleet_answers_404(fleet: Fleet) -> None:
     balancer = fleet.balancer("--models-discovery-time", "0")
-    router = serve(fleet, balancer, "router", "--router-models", "tiny", "--parallel", "2",
+    router = serve_simulator(fleet, balancer, "router", "--router-models", "tiny", "--parallel", "2",
                    "--decode-tokens-per-second", "0")
     wait_for_models(balancer, 1)
     assert chat(balancer, "gpt-3.5-turbo").status_code == 404

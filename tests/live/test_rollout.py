@@ -1,5 +1,5 @@
 """The supervisor's rules without processes: the command lines an agent runs, what reports say about it, and the
-balancer's answers (grants, limits, halts, adoption after a restart). Processes: tests/test_supervisor.py."""
+balancer's answers (grants, limits, halts, adoption after a restart). Processes: tests/live/test_supervisor.py."""
 
 from __future__ import annotations
 

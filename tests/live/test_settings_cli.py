@@ -3,15 +3,23 @@ line naming the setting, its source and the fix."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from paddler_sync.addresses import AddressError, parse_address
-from paddler_sync.settings import SETTINGS, parse_settings
-from paddler_sync.settings_docs import conf_file, settings_page
-from tests.helpers import ROOT, run_cli
+from paddler_sync.settings_docs import settings_page
+from tests.helpers import run_cli
+
+BAD_VALUES = [
+    (["balancer", "--management-addr", "nowhere"], "--management-addr", "nowhere"),
+    (["balancer", "--max-buffered-requests", "-1"], "--max-buffered-requests", "-1"),
+    (["balancer", "--buffered-request-timeout", "soon"], "--buffered-request-timeout", "soon"),
+    (["balancer", "--max-request-body", "huge"], "--max-request-body", "huge"),
+    (["agent", "--monitoring-interval", "0"], "--monitoring-interval", "0"),
+    (["agent", "--local-llamacpp-addr", "[::1]"], "--local-llamacpp-addr", "[::1]"),
+    (["simulate", "--dialect", "b9999"], "--dialect", "b9999"),
+    (["balancer", "--log-level", "loud"], "--log-level", "loud"),
+]
 
 
 @pytest.mark.parametrize("argv,flag,value", BAD_VALUES)

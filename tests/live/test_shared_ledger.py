@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from paddler_sync.ledger.ledger import Ledger
-from paddler_sync.ledger.slots import Reservation, Ticket, TicketLost
+from paddler_sync.ledger.slots import GiveBack, Reservation, Ticket, TicketLost
 from paddler_sync.ledger.stores.redis import store as redis_store
 from paddler_sync.ledger.stores.redis.store import RedisStore
+from tests.fakes import Clock
 from tests.helpers import (
     PYTHON,
     ROOT,
@@ -51,11 +52,6 @@ INTERVAL = 0.2
 
 # --- the ledger itself, two workers on one Redis -----------------------------------------------------
 
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class TwoWorkers(RuleBasedStateMachine):
@@ -136,8 +132,8 @@ class TwoWorkers(RuleBasedStateMachine):
     @rule(index=st.integers(0, 50), draining=st.booleans())
     def release(self, index: int, draining: bool) -> None:
         worker, reservation = self.held.pop(index % len(self.held))
-        self.workers[worker].release(reservation, draining=draining)
-        assert not self.workers[worker].release(reservation)
+        self.workers[worker].give_back(reservation, GiveBack.BROKE_OFF if draining else GiveBack.ANSWERED)
+        assert not self.workers[worker].give_back(reservation)
 
     @rule(worker=st.integers(0, 1), key=st.sampled_from(KEYS))
     def remove(self, worker: int, key: str) -> None:
@@ -343,7 +339,7 @@ def test_releases_wake_the_other_workers_only_while_one_has_waiters(redis_server
     subscriber.subscribe(f"{prefix}:capacity")
 
     def messages_after_a_release() -> list[str]:
-        releasing.release(releasing.reserve())
+        releasing.give_back(releasing.reserve())
         seen = []
         while (message := subscriber.get_message(timeout=0.3)) is not None:
             seen.append(message["data"])
@@ -365,17 +361,17 @@ def test_the_queue_is_fifo_across_workers_and_skips_dead_ones(redis_server: Redi
         ledger.refresh()
     running = a.reserve()
     older, newer = a.take_ticket(), b.take_ticket()
-    a.release(running)
+    a.give_back(running)
     b.refresh()
     assert b.reserve(ticket=newer) is None  # the older request, on the other worker, goes first
     assert b.reserve() is None  # and a new arrival does not jump the queue
     served = a.reserve(ticket=older)
     assert served is not None
-    a.release(served)
+    a.give_back(served)
     b.refresh()
     served = b.reserve(ticket=newer)
     assert served is not None
-    b.release(served)
+    b.give_back(served)
 
     dead, alive = c.take_ticket(), b.take_ticket()
     c.store.mark_waiting(False)  # c died: its mark is gone (in life it expires after WAITING_MARK_TTL)

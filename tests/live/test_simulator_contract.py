@@ -20,7 +20,7 @@ import requests
 
 from tests.helpers import Fleet
 
-CAPTURES = Path(__file__).parent / "captures"
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 VARYING_HEADERS = {"content-length", "process-start-time-unix"}
 
 

@@ -15,20 +15,13 @@ from hypothesis import strategies as st
 
 from paddler_sync.ledger.buffer import RequestBuffer
 from paddler_sync.ledger.ledger import Ledger
-from paddler_sync.ledger.slots import Reservation
+from paddler_sync.ledger.slots import GiveBack, Reservation
 from paddler_sync.ledger.stores.local import LocalStore
 from paddler_sync.ledger.stores.redis.store import RedisStore
 from paddler_sync.protocol.models import Serving
+from tests.fakes import Clock
 from tests.helpers import RedisServer
 from tests.redis_cluster import RedisClusterSet
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["local", "redis", "cluster"])
@@ -54,8 +47,8 @@ def test_take_until_full_then_release(ledger: Ledger) -> None:
     first, second = ledger.reserve(), ledger.reserve()
     assert first is not None and second is not None and free(ledger) == 0
     assert ledger.reserve() is None  # full: never beyond the free slots
-    assert ledger.release(first) is True and free(ledger) == 1
-    assert ledger.release(first) is False and free(ledger) == 1  # a second release changes nothing
+    assert ledger.give_back(first) is True and free(ledger) == 1
+    assert ledger.give_back(first) is False and free(ledger) == 1  # a second release changes nothing
     assert ledger.in_flight() == 1
 
 
@@ -65,14 +58,14 @@ def test_a_report_counts_what_others_run(ledger: Ledger) -> None:
     ledger.report("a", "10.0.0.1:1", total=4, processing=3, routable=True)  # mine, and two of someone else's
     upstream = ledger.get("a")
     assert upstream is not None and (upstream.in_flight, upstream.external) == (1, 2) and free(ledger) == 1
-    ledger.release(mine)
+    ledger.give_back(mine)
     assert free(ledger) == 2
 
 
 def test_a_draining_slot_stays_busy_until_the_next_report(ledger: Ledger) -> None:
     ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)
     reservation = ledger.reserve()
-    ledger.release(reservation, draining=True)
+    ledger.give_back(reservation, GiveBack.BROKE_OFF)
     assert free(ledger) == 0 and ledger.reserve() is None
     ledger.report("a", "10.0.0.1:1", total=1, processing=0, routable=True)  # llama.cpp stopped it
     assert free(ledger) == 1
@@ -102,7 +95,7 @@ def test_removal_and_a_new_address_make_old_reservations_inert(ledger: Ledger) -
     ledger.report("a", "10.0.0.2:1", total=1, processing=0, routable=True)  # the key now names another server
     assert free(ledger) == 1
     assert ledger.reserve() is not None
-    ledger.release(old)  # the old server's slot: nothing of the new one's changes
+    ledger.give_back(old)  # the old server's slot: nothing of the new one's changes
     assert free(ledger) == 0
     assert ledger.remove("a") is not None and ledger.get("a") is None and ledger.reserve() is None
 
@@ -120,7 +113,7 @@ def test_a_waiter_with_its_ticket_is_served_and_leaving_gives_its_place_back(led
     ticket = ledger.take_ticket()
     served = ledger.reserve(ticket=ticket)
     assert served is not None
-    ledger.release(served)
+    ledger.give_back(served)
     other = ledger.take_ticket()
     ledger.return_ticket(other)
     assert ledger.reserve() is not None  # a ticket given back holds nobody up
@@ -179,7 +172,7 @@ def test_each_model_keeps_its_own_fifo_and_never_waits_behind_another(backend: s
                 arrivals[model].append(number)
                 group.spawn(arrive, number, model)
             elif held:
-                ledger.release(held.pop(0))
+                ledger.give_back(held.pop(0))
             gevent.sleep(0.005 if backend == "redis" else 0)
             for key in ("a", "b", None):
                 assert served[key] == arrivals[key][:len(served[key])], f"{key}: not first come, first served"

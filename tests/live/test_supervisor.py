@@ -1,7 +1,7 @@
 """The supervisor with real processes: an agent runs a simulated llama.cpp server as its child (the same command
 shape as llama-server's), restarts it, never leaves it orphaned, drains before it stops, and swaps its model on
 the balancer's desired state without failing a request.
-(Real llama-servers: tests/test_real_supervisor.py. Rules without processes: tests/test_rollout.py.)"""
+(Real llama-servers: tests/real/test_real_supervisor.py. Rules without processes: tests/live/test_rollout.py.)"""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from tests.helpers import (
     health,
     port_open,
     put_desired,
-    ready,
     sim_stats,
     stream,
     streaming_load,
+    supervised_ready,
     wait_until,
 )
 
@@ -66,7 +66,7 @@ def test_agent_runs_llama_server_restarts_it_and_never_leaves_it_orphaned(fleet:
     agent = fleet.supervised(balancer.extra["management_port"], *simulate("-np", "2"), name="s0",
                              agent_args=("--supervise-backoff", "0.2", "--supervise-unresponsive-timeout", "1",
                                          "--llamacpp-timeout", "0.3"))
-    first = wait_until(lambda: ready(balancer, "s0"), timeout=20, message="the supervised server ready")
+    first = wait_until(lambda: supervised_ready(balancer, "s0"), timeout=20, message="the supervised server ready")
     supervisor = first["supervisor"]
     command = supervisor["command"]
     port = command[command.index("--port") + 1]
@@ -119,7 +119,8 @@ def test_a_command_that_keeps_failing_backs_off_gives_up_and_a_desired_state_rev
 
     answer = put_desired(balancer, {"model": str(workdir / "tiny.gguf")}, gave_up["agent"]["agent_id"])
     assert answer.status_code == 202
-    revived = wait_until(lambda: ready(balancer, "s0"), timeout=20, message="the server revived by a desired state")
+    revived = wait_until(lambda: supervised_ready(balancer, "s0"), timeout=20,
+                         message="the server revived by a desired state")
     assert revived["model"].endswith("tiny.gguf")
     assert revived["supervisor"]["applied"]["id"] == answer.json()["desired"]["id"]
 
@@ -129,7 +130,8 @@ def test_sigterm_drains_lets_the_stream_finish_then_stops_llama_server_and_dereg
     balancer = fleet.balancer()
     agent = fleet.supervised(balancer.extra["management_port"],
                              *simulate("-np", "1", "--decode-tokens-per-second", "50"), name="s0")
-    pid = wait_until(lambda: ready(balancer, "s0"), timeout=20, message="the supervised server")["supervisor"]["pid"]
+    pid = wait_until(lambda: supervised_ready(balancer, "s0"), timeout=20,
+                     message="the supervised server")["supervisor"]["pid"]
     result: list[str] = []
     client = threading.Thread(target=lambda: result.append(stream(balancer, n_predict=100)))  # 2 s of tokens
     client.start()
@@ -189,7 +191,7 @@ def test_rolling_swap_under_streaming_load_fails_no_request(fleet: Fleet) -> Non
         fleet.supervised(balancer.extra["management_port"], *simulate("-m", str(workdir / "tiny.gguf"), "-np", "2",
                                                                       "--startup-time", "0.5"), name=f"s{i}")
     for i in range(2):
-        wait_until(lambda i=i: ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
+        wait_until(lambda i=i: supervised_ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
     most_down = 0
     with streaming_load(balancer, clients=3) as outcomes:
         wait_until(lambda: len(outcomes) >= 3, message="some traffic")
@@ -223,13 +225,13 @@ def test_a_model_that_fails_to_load_is_rolled_back_and_the_rollout_halts(fleet: 
         fleet.supervised(balancer.extra["management_port"], *simulate("-m", str(workdir / "tiny.gguf"), "-np", "2"),
                          name=f"s{i}")
     for i in range(2):
-        wait_until(lambda i=i: ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
+        wait_until(lambda i=i: supervised_ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
     with streaming_load(balancer, clients=2) as outcomes:
         answer = put_desired(balancer, {"model": str(workdir / "nowhere.gguf")})
         assert answer.status_code == 202
         failed = wait_until(lambda: fleet_progress(balancer)["counts"].get("failed") == 1 and fleet_progress(balancer),
                             timeout=30, message="the failure reported")
-        wait_until(lambda: all(ready(balancer, f"s{i}") for i in range(2)), timeout=20,
+        wait_until(lambda: all(supervised_ready(balancer, f"s{i}") for i in range(2)), timeout=20,
                    message="both back in service")
         time.sleep(0.6)  # the rollout does not go on to the other server
         progress = fleet_progress(balancer)
@@ -251,7 +253,7 @@ def test_a_swap_resumes_after_the_balancer_restarts(fleet: Fleet) -> None:
         fleet.supervised(balancer.extra["management_port"], *simulate("-m", str(workdir / "tiny.gguf"),
                                                                       "--startup-time", "1"), name=f"s{i}")
     for i in range(2):
-        wait_until(lambda i=i: ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
+        wait_until(lambda i=i: supervised_ready(balancer, f"s{i}"), timeout=20, message=f"s{i} ready")
     wanted = put_desired(balancer, {"model": str(workdir / "slow.gguf")}).json()["desired"]["id"]
     wait_until(lambda: fleet_progress(balancer)["counts"].get("applying") == 1, message="the first swap under way")
     balancer.kill_group()  # the in-process controls are gone with it
@@ -298,7 +300,7 @@ def test_past_the_drain_timeout_a_stream_is_cut_with_a_clear_error_and_the_swap_
     supervising = fleet.supervised(balancer.extra["management_port"],
                                    *simulate("-m", str(workdir / "tiny.gguf"), "-np", "1",
                                              "--decode-tokens-per-second", "20"), name="s0")
-    agent = wait_until(lambda: ready(balancer, "s0"), timeout=20, message="the supervised server")
+    agent = wait_until(lambda: supervised_ready(balancer, "s0"), timeout=20, message="the supervised server")
     result: list[str] = []
     client = threading.Thread(target=lambda: result.append(stream(balancer, n_predict=400)))  # 20 s of tokens
     client.start()
@@ -308,7 +310,7 @@ def test_past_the_drain_timeout_a_stream_is_cut_with_a_clear_error_and_the_swap_
     client.join(15)
     assert len(result) == 1 and result[0].startswith("cut:"), result
     assert "error: " in result[0] and "stopped while draining" in result[0]
-    wait_until(lambda: (ready(balancer, "s0") or {}).get("model", "").endswith("slow.gguf"), timeout=20,
+    wait_until(lambda: (supervised_ready(balancer, "s0") or {}).get("model", "").endswith("slow.gguf"), timeout=20,
                message="the swap done")
     log = supervising.log()  # llama-server down on purpose: said so, without advice to go and start it
     assert "while its agent runs it" in log and "check that llama-server is running" not in log

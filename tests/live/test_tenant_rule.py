@@ -105,7 +105,7 @@ class Real:
 
     def release(self, index: int) -> str:
         name, reservation = self.holding.pop(index)
-        self.ledger.release(reservation)
+        self.ledger.give_back(reservation)
         settle()
         return name
 
@@ -186,7 +186,7 @@ def backlogged_shares(ledger: Ledger, clients: dict[str, int], weights: dict[str
     order = random.Random(7)
     for _ in range(rounds):  # a slot ends (generations last unequally long), its client asks again
         name, reservation = real.holding.pop(order.randrange(len(real.holding)))
-        real.ledger.release(reservation)
+        real.ledger.give_back(reservation)
         real.greenlets.append(gevent.spawn(client, name))
         settle()
     real.close()

@@ -1,4 +1,5 @@
-"""The balancer against real llama-server builds (../shared/llamacpp/bin): what it claims about llama.cpp, proven.
+"""The balancer against real llama-server builds (tests/llamacpp_servers.py finds them): what it claims about
+llama.cpp, proven.
 
 Every test runs on each build found (b4748 from 2025 and a 2026 build) unless it names one; with none
 found they skip and say why. Servers run the tiny random-weight model with one compute thread each.

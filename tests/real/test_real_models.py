@@ -1,5 +1,6 @@
-"""Model routing against real llama-server builds (../shared/llamacpp/bin): single-model servers with their own
---alias on each build, and the 2026 build's router mode. Skips, saying why, where the builds are absent."""
+"""Model routing against real llama-server builds (tests/llamacpp_servers.py finds them): single-model servers
+with their own --alias on each build, and the 2026 build's router mode. Skips, saying why, where the builds are
+absent."""
 
 from __future__ import annotations
 

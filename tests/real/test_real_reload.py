@@ -43,7 +43,7 @@ def test_a_rolling_restart_on_real_llamacpp_fails_nothing_and_queues_nothing_ins
                                                                                      redis_server) -> None:
     """Two balancers sharing Redis behind a TCP load balancer that checks /health, each stopped (SIGTERM) and
     started again in turn while six clients stream through the front."""
-    from tests.test_reload import balancers_sharing_redis, restart_in_turn
+    from tests.live.test_reload import balancers_sharing_redis, restart_in_turn
 
     balancers, ports, prefix = balancers_sharing_redis(fleet, redis_server.url)
     servers = []

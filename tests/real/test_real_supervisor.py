@@ -1,6 +1,6 @@
-"""The supervisor against real llama-server builds (../shared/llamacpp/bin): an agent runs llama-server itself,
-restarts it after kill -9, and two such servers swap their model (tiny <-> slow) one at a time under continuous
-streaming load without a failed or deferred request. Skips, saying why, where the builds are absent.
+"""The supervisor against real llama-server builds (tests/llamacpp_servers.py finds them): an agent runs
+llama-server itself, restarts it after kill -9, and two such servers swap their model (tiny <-> slow) one at a time
+under continuous streaming load without a failed or deferred request. Skips, saying why, where the builds are absent.
 (bench/swap.py measures the same with figures.)"""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from tests.helpers import (
     alive,
     fleet_progress,
     put_desired,
-    ready,
     real_builds,
     streaming_load,
+    supervised_ready,
     wait_until,
 )
 from tests.llamacpp_servers import Build, DeferredSampler
@@ -43,7 +43,7 @@ def swaps(build: Build) -> tuple[str, ...]:
 
 def supervised(fleet: Fleet, balancer: Proc, build: Build, model: Path, name: str) -> dict:
     fleet.supervised(balancer.extra["management_port"], *llama_server(build, model), name=name)
-    return wait_until(lambda: ready(balancer, name), timeout=60, message=f"{name}: llama-server ready")
+    return wait_until(lambda: supervised_ready(balancer, name), timeout=60, message=f"{name}: llama-server ready")
 
 
 def test_a_killed_llama_server_is_restarted_and_registered_again(fleet: Fleet, build: Build,
@@ -54,8 +54,8 @@ def test_a_killed_llama_server_is_restarted_and_registered_again(fleet: Fleet, b
     assert ("--slots" in command) is not build.modern and "--metrics" in command  # b4748: /slots only with it
     pid = first["supervisor"]["pid"]
     os.kill(pid, signal.SIGKILL)
-    again = wait_until(lambda: (a := ready(balancer, "s0")) and a["supervisor"]["pid"] != pid and a, timeout=60,
-                       message="llama-server restarted and ready")
+    again = wait_until(lambda: (a := supervised_ready(balancer, "s0")) and a["supervisor"]["pid"] != pid and a,
+                       timeout=60, message="llama-server restarted and ready")
     assert again["agent_id"] == first["agent_id"] and again["external_llamacpp_addr"] == first["external_llamacpp_addr"]
     recovered = again["supervisor"]["recovered_in"]
     assert recovered is not None and 0 < recovered < 30

@@ -4,6 +4,7 @@ routing core does no I/O, and no module or function grows past what a newcomer c
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.helpers import ROOT
@@ -161,3 +162,24 @@ def test_the_graph_check_sees_cycles() -> None:
     """The checker itself: a made-up cycle is found, a chain is not."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+UNIT_ROOM = ROOT / "tests" / "unit"
+NOT_IN_THE_UNIT_ROOM = ("subprocess", "import socket", "run_cli", "Fleet", "redis_server", "redis_cluster",
+                        "time.sleep", "free_port", "Popen", "llamacpp_models", "playwright")
+
+
+def test_the_unit_room_starts_no_process_opens_no_socket_and_never_sleeps() -> None:
+    """tests/unit/ runs in seconds (make test-unit) because it waits for nothing: what starts processes lives in
+    tests/live/, tests/real/ or tests/browser/."""
+    found = {}
+    for path in sorted(UNIT_ROOM.glob("test_*.py")):
+        if path.name == "test_architecture.py":
+            continue  # it reads source files, and names what it looks for
+        text = path.read_text()
+        bad = [word for word in NOT_IN_THE_UNIT_ROOM if word in text]
+        bad += [m.group(0) for m in re.finditer(r"\brequests\.(get|post|put|delete|request|Session)\(", text)]
+        bad += [m.group(0) for m in re.finditer(r"gevent\.sleep\((?!0\))[^)]*\)", text)]
+        if bad:
+            found[path.name] = bad
+    assert found == {}

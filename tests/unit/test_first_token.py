@@ -109,7 +109,7 @@ def test_a_full_server_holding_the_prompt_is_worth_a_short_wait_and_never_a_long
     holds = FirstTokenEstimate(2000, {"a": 31}, None, speeds)  # a holds 1,984 tokens: 4 s of prefill saved
     taken = ledger.reserve(score=holds)
     assert taken is not None and taken.upstream.key == "a" and taken.early  # waits inside llama.cpp, 1 s
-    ledger.release(taken)
+    ledger.give_back(taken)
     ledger.expect_end(running, 110.0)  # now a frees only in 10 s: not worth it
     taken = ledger.reserve(score=holds)
     assert taken is not None and taken.upstream.key == "b"

@@ -14,21 +14,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
 from paddler_sync.ledger.ledger import Ledger
-from paddler_sync.ledger.slots import Reservation
+from paddler_sync.ledger.slots import GiveBack, Reservation
 from paddler_sync.protocol.models import Serving
+from tests.fakes import Clock
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])
 SERVINGS = st.sampled_from([Serving("m1", frozenset({"m1"})), Serving("m2", frozenset({"m2", "alias2"})),
                             Serving("m1", frozenset({"m1"}), needs_model=True), Serving()])
 ASKED = st.sampled_from(["m1", "m2", "alias2", None])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -68,8 +61,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def release(self, reservation: Reservation | None, draining: bool) -> None:
         if reservation is None:
             return
-        self.ledger.release(reservation, draining=draining)
-        assert not self.ledger.release(reservation)  # a second release changes nothing
+        self.ledger.give_back(reservation, GiveBack.BROKE_OFF if draining else GiveBack.ANSWERED)
+        assert not self.ledger.give_back(reservation)  # a second release changes nothing
         self.held.remove(reservation)
 
     @rule(key=KEYS)
@@ -116,7 +109,7 @@ def test_a_released_slot_on_a_replaced_server_is_not_given_to_the_new_one() -> N
     reservation = ledger.reserve()
     ledger.remove("a")
     ledger.report("a", "10.0.0.1:1", 1, 1, True)  # registered again, its one slot busy
-    assert ledger.release(reservation) is False
+    assert ledger.give_back(reservation) is False
     assert ledger.free_slots() == 0
 
 
@@ -181,7 +174,7 @@ class LateReportsMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, 10))
     def release(self, index: int) -> None:
         self.tick()
-        self.ledger.release(self.held.pop(index % len(self.held)))
+        self.ledger.give_back(self.held.pop(index % len(self.held)))
 
     @rule(delta=st.integers(-2, 2))
     def other_clients_load_changes(self, delta: int) -> None:
@@ -216,7 +209,7 @@ def test_a_request_that_ended_before_the_report_arrived_frees_its_slot_at_once()
     first, _second = ledger.reserve(), ledger.reserve()
     read_at = clock.now  # the agent reads /slots: both busy
     clock.now += 0.004
-    ledger.release(first)  # one ends while the report travels
+    ledger.give_back(first)  # one ends while the report travels
     clock.now += 0.004
     ledger.report("s", "10.0.0.1:1", 2, 2, True, sampled_at=read_at)
     assert ledger.free_slots() == 1  # not hidden as "external" load until the next report

@@ -1,5 +1,5 @@
 """Settings, in process: one declaration feeds the command line, config files, environment, --help and the
-reference; values parse or are refused with the setting named. (What a start-up prints: tests/live/test_settings_cli.py.)"""
+reference; values parse or are refused with the setting named (what a start-up prints: live/test_settings_cli.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from paddler_sync.addresses import AddressError, parse_address
 from paddler_sync.settings import SETTINGS, parse_settings
 from paddler_sync.settings_docs import conf_file, settings_page
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT
 
 
 def test_defaults_follow_paddler() -> None:

@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 import gevent
-from gevent.pool import Group, Pool
+from gevent.pool import Group
+from gevent.pool import Pool as GreenletPool
 from gevent.pywsgi import WSGIServer
 
 from paddler_sync.fleet.registry import Registry
@@ -133,7 +134,7 @@ class Balancer:
         try:
             listener = self._management_listener()
             server = WSGIServer(listener, self.management, log=None, error_log=logger,
-                                spawn=Pool(MANAGEMENT_CONNECTIONS))
+                                spawn=GreenletPool(MANAGEMENT_CONNECTIONS))
             server.start()
         except OSError as exc:
             logger.error("cannot listen for the management server on %s: %s. Another program holds it (`ss -ltnp` "

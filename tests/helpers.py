@@ -298,6 +298,13 @@ def agents_ready(balancer: Proc, count: int) -> None:
                message=f"{count} agents ready")
 
 
+def reported_since(balancer: Proc, name: str, since: float) -> bool:
+    """The agent ``name`` reported after ``since`` (the wall clock's seconds): what it says now is known."""
+    agent = agent_named(balancer, name)
+    stamp = (agent or {}).get("last_update") or {}
+    return bool(stamp) and stamp["secs_since_epoch"] + stamp["nanos_since_epoch"] / 1e9 > since
+
+
 def health(balancer: Proc) -> dict:
     return requests.get(balancer.extra["management"] + "/health", timeout=5).json()
 

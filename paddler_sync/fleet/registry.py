@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from paddler_sync.ledger.ledger import Ledger
 from paddler_sync.ledger.refusals import StateUnavailable
-from paddler_sync.protocol.reports import AgentReport, Pool, ReportError, owned_by
+from paddler_sync.protocol.reports import AgentReport, LedgerEntry, ReportError, owned_by
 from paddler_sync.protocol.states import HINTS, ServerState
 
 logger = logging.getLogger("paddler_sync.registry")
@@ -89,31 +89,32 @@ class Registry:
         return True
 
     def _report_to_ledger(self, record: AgentRecord) -> None:
-        """The slot numbers to the ledger, an entry per pool of slots (a router has one per model), with the
+        """The slot numbers to the ledger, an entry per group of slots (a router has one per model), with the
         record as JSON (a shared store keeps it for every balancer). Entries the report no longer makes go.
         A draining server's entries take no new requests."""
         agent_id, report, now = record.agent_id, record.report, record.last_update
         stored = json.dumps({"report": report.to_json(), "first_seen": record.first_seen, "last_update": now,
                              "reports": record.reports, "draining": record.draining})
-        pools = self._pools(agent_id, report)
-        for pool in pools:
-            self.ledger.report(pool.key, report.external_llamacpp_addr, total=pool.total, processing=pool.processing,
-                               routable=pool.routable and not record.draining, sleeping=bool(report.is_sleeping),
-                               sampled_at=sampled_at(report, now), record=stored, serving=pool.serving)
-        kept = {pool.key for pool in pools}
+        entries = self._entries(agent_id, report)
+        for entry in entries:
+            self.ledger.report(entry.key, report.external_llamacpp_addr, total=entry.total,
+                               processing=entry.processing, routable=entry.routable and not record.draining,
+                               sleeping=bool(report.is_sleeping), sampled_at=sampled_at(report, now), record=stored,
+                               serving=entry.serving)
+        kept = {entry.key for entry in entries}
         for key in self.entries_of(agent_id) - kept:
             self.ledger.remove(key)
 
-    def _pools(self, agent_id: str, report: AgentReport) -> list[Pool]:
+    def _entries(self, agent_id: str, report: AgentReport) -> list[LedgerEntry]:
         """The report's entries; when it does not say what the server serves (llama.cpp unreachable, loading, or
         its model list unreadable), what it served stays known, so requests for it wait rather than get 404."""
-        pools = report.pools(agent_id, self.models_autoload)
+        entries = report.entries(agent_id, self.models_autoload)
         if report.models is not None:
-            return pools
+            return entries
         known = {u.key: u.serving for u in self.ledger.upstreams() if owned_by(u.key, agent_id)}
         if report.router:
-            return [Pool(key, 0, 0, False, serving) for key, serving in known.items()]
-        return [replace(pool, serving=known[pool.key]) if pool.key in known else pool for pool in pools]
+            return [LedgerEntry(key, 0, 0, False, serving) for key, serving in known.items()]
+        return [replace(entry, serving=known[entry.key]) if entry.key in known else entry for entry in entries]
 
     def entries_of(self, agent_id: str) -> set[str]:
         """The ledger's entries for this agent's server: its own, or one per model of a router."""

@@ -73,7 +73,7 @@ def agent_json(record: AgentRecord, pools: list[Upstream], now: float) -> dict[s
         "draining": record.draining,
         "total_slots": total,
         "slots_in_flight": sum(u.in_flight for u in pools),
-        "slots_external": sum(u.external + u.draining for u in pools),
+        "slots_external": sum(u.external + u.lingering for u in pools),
         "reported_slots_idle": report.slots_idle,
         "reported_slots_processing": report.slots_processing,
         "model": report.model,

@@ -6,7 +6,7 @@ changes ``in_flight``. Agent reports (:meth:`Ledger.report`) bring the load this
 send (another client, another balancer, a request llama.cpp still runs after its client left):
 
     external = max(0, reported_processing - in_flight_when_sampled)     on each report
-    free     = max(0, total - in_flight - external - draining)
+    free     = max(0, total - in_flight - external - lingering)
 
 ``in_flight_when_sampled`` is ``in_flight`` less the slots taken and plus the slots given back since the
 agent read /slots (each server keeps its recent moves): a request that ended between that reading and
@@ -160,11 +160,11 @@ class Ledger:
         if snapshot is None:
             return None
         seen = set()
-        for key, addr, total, external, routable, quarantined_until, in_flight, draining, sleeping, serving \
+        for key, addr, total, external, routable, quarantined_until, in_flight, lingering, sleeping, serving \
                 in snapshot.rows:
             seen.add(key)
             upstream = self._view(key, addr)
-            upstream.set_counts(int(total), int(in_flight), int(external), int(draining))
+            upstream.set_counts(int(total), int(in_flight), int(external), int(lingering))
             upstream.routable = routable == "1"
             upstream.sleeping = sleeping == "1"
             upstream.serving = Serving.from_json(serving)
@@ -313,9 +313,9 @@ class Ledger:
 
     def give_back(self, reservation: Reservation, why: GiveBack = GiveBack.ANSWERED) -> bool:
         """Give the slot back (idempotent); the one way a slot goes back. ``why`` names the path; where llama.cpp
-        may still run the slot (``why.may_still_run``), it stays counted busy ("draining") until the next report
+        may still run the slot (``why.may_still_run``), it stays counted busy ("lingering") until the next report
         shows it free."""
-        draining = why.may_still_run and reservation.uses_slot
+        lingering = why.may_still_run and reservation.uses_slot
         if reservation.released:
             return False
         reservation.released = True
@@ -323,9 +323,9 @@ class Ledger:
         upstream.ends.pop(reservation, None)
         if not reservation.uses_slot:
             return False
-        if not draining:
+        if not lingering:
             upstream.moves.append((self.clock(), -1))
-        released = self.store.release(reservation, draining)
+        released = self.store.release(reservation, lingering)
         if released or reservation.tenant is not None:  # a tenant at its cap may take another now
             self._capacity_may_have_grown()
         return released

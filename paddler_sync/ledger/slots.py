@@ -24,7 +24,7 @@ class Upstream:
     total: int = 0
     in_flight: int = 0
     external: int = 0
-    draining: int = 0
+    lingering: int = 0  # slots given back that llama.cpp may still run (until a report shows them free)
     routable: bool = False
     quarantined_until: float | None = None
     sleeping: bool = False  # its model is unloaded: it serves, but its first request pays the reload
@@ -35,7 +35,7 @@ class Upstream:
     @property
     def overbooked(self) -> int:
         """Requests sent here beyond its slots (handed over early): they wait inside llama.cpp."""
-        return max(0, self.in_flight + self.external + self.draining - self.total)
+        return max(0, self.in_flight + self.external + self.lingering - self.total)
 
     def may_overbook(self, now: float) -> bool:
         """Usable and full, nothing waiting inside it yet, and a running request whose end is foreseen."""
@@ -59,16 +59,16 @@ class Upstream:
     def free(self, now: float) -> int:
         if not self.is_usable(now):
             return 0
-        return max(0, self.total - self.in_flight - self.external - self.draining)
+        return max(0, self.total - self.in_flight - self.external - self.lingering)
 
-    def set_counts(self, total: int, in_flight: int, external: int, draining: int) -> None:
+    def set_counts(self, total: int, in_flight: int, external: int, lingering: int) -> None:
         """The counts a shared store holds for it (the view mirrors them)."""
-        self.total, self.in_flight, self.external, self.draining = total, in_flight, external, draining
+        self.total, self.in_flight, self.external, self.lingering = total, in_flight, external, lingering
 
     @property
     def busy(self) -> int:
         """Slots the balancer believes are busy, capped at the total (for display and gauges)."""
-        return min(self.total, self.in_flight + self.external + self.draining)
+        return min(self.total, self.in_flight + self.external + self.lingering)
 
 
 class GiveBack(StrEnum):
@@ -76,9 +76,9 @@ class GiveBack(StrEnum):
 
     ANSWERED       Relay.close: the answer ended (whole, or its client left mid-answer: the upstream connection is
                    closed at once, so llama.cpp frees the slot in the same moment)
-    BROKE_OFF      Relay.close: llama.cpp broke off its answer; it may still run the slot (draining)
+    BROKE_OFF      Relay.close: llama.cpp broke off its answer; it may still run the slot (lingering)
     CLIENT_LEFT    ProxyApp._connect: the client left before any answer (a non-streaming request): the upstream
-                   call is cut, llama.cpp notices within about a second (draining until a report shows it free)
+                   call is cut, llama.cpp notices within about a second (lingering until a report shows it free)
     NOT_ANSWERED   ProxyApp._connect and Relay._send_again: llama.cpp refused the connection or failed before any
                    byte reached the client; the request goes to another server (a slot of its own) or fails
     WAITER_LEFT    RequestBuffer and QueuedStream: a slot handed to a waiter at the moment its client left

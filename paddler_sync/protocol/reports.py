@@ -61,7 +61,7 @@ class ModelReport:
 
 
 @dataclass(frozen=True)
-class Pool:
+class LedgerEntry:
     """One entry of the ledger made from a report: a server's slots, or a router's slots for one model."""
 
     key: str
@@ -111,7 +111,7 @@ class AgentReport:
                   "supervisor": parse_supervisor(body.get("supervisor")), "drain": parse_drain(body.get("drain"))}
         return cls(**fields)
 
-    def pools(self, agent_id: str, autoload: bool) -> list[Pool]:
+    def entries(self, agent_id: str, autoload: bool) -> list[LedgerEntry]:
         """The ledger entries this report makes: one for a single-model server (keyed by the agent id), one per
         model for a router (``AGENT/MODEL``). ``autoload``: the balancer may send a request for an unloaded
         router model, which then loads (its entry offers one slot until the model's own slots are seen)."""
@@ -121,21 +121,21 @@ class AgentReport:
             serving = Serving() if model is None else Serving(model.id, model.names(), n_ctx=model.n_ctx,
                                                               modalities=model.modalities, aliases=model.aliases,
                                                               tags=model.tags)
-            return [Pool(agent_id, total, self.slots_processing, self.is_ready, serving)]
+            return [LedgerEntry(agent_id, total, self.slots_processing, self.is_ready, serving)]
         if not self.models:  # a router with no model yet still answers what names none (/health, /props)
-            return [Pool(agent_id, 0, 0, self.is_ready, Serving(needs_model=True))]
-        return [self._router_pool(agent_id, m, autoload and bool(self.models_autoload)) for m in self.models]
+            return [LedgerEntry(agent_id, 0, 0, self.is_ready, Serving(needs_model=True))]
+        return [self._router_entry(agent_id, m, autoload and bool(self.models_autoload)) for m in self.models]
 
-    def _router_pool(self, agent_id: str, model: ModelReport, autoload: bool) -> Pool:
+    def _router_entry(self, agent_id: str, model: ModelReport, autoload: bool) -> LedgerEntry:
         loadable = autoload and model.status == UNLOADED
         serving = Serving(model.id, model.names(), needs_model=True, state=model.status, n_ctx=model.n_ctx,
                           loadable=loadable, modalities=model.modalities, aliases=model.aliases, tags=model.tags)
         total = 1 if loadable else model.slots_idle + model.slots_processing
-        return Pool(pool_key(agent_id, model.id), total, model.slots_processing,
+        return LedgerEntry(entry_key(agent_id, model.id), total, model.slots_processing,
                     self.is_ready and (model.status == LOADED or loadable), serving)
 
 
-def pool_key(agent_id: str, model: str | None = None) -> str:
+def entry_key(agent_id: str, model: str | None = None) -> str:
     """A ledger key: the agent id, and for a router's model ``AGENT/MODEL`` (agent ids hold no '/')."""
     return agent_id if model is None else f"{agent_id}/{model}"
 

@@ -34,7 +34,7 @@ _BUFFER = memoryview(bytearray(READ_SIZE))
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
 
-class Pool(Protocol):
+class ConnectionPool(Protocol):
     def _put_conn(self, conn: HTTPConnection | None) -> None: ...
 
 
@@ -157,8 +157,8 @@ class UpstreamAnswer:
 
     Its callbacks (``on_*``) are llhttp's: the parser calls them while ``_feed`` runs."""
 
-    def __init__(self, pool: Pool, conn: HTTPConnection, method: str, read_timeout: float) -> None:
-        self.pool: Pool | None = pool
+    def __init__(self, pool: ConnectionPool, conn: HTTPConnection, method: str, read_timeout: float) -> None:
+        self.pool: ConnectionPool | None = pool
         self.connection: HTTPConnection | None = conn
         self.sock: socket.socket = conn.sock  # connected by the pool's send
         self.status = 0

@@ -31,7 +31,6 @@ from paddler_sync.ledger.buffer import RequestBuffer
 from paddler_sync.ledger.refusals import BufferRefusal, BufferTimeout, HandedOver, StateUnavailable
 from paddler_sync.ledger.slots import Claim, GiveBack, Reservation, Upstream
 from paddler_sync.proxy import queue_updates, response_writer
-from paddler_sync.proxy import upstream as up
 from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.ask import prompt_tokens
 from paddler_sync.proxy.context_fit import ContextCheck
@@ -41,6 +40,14 @@ from paddler_sync.proxy.refusal import ProxyError
 from paddler_sync.proxy.relay import Relay, client_socket, client_watch
 from paddler_sync.proxy.retry import RETRIED, may_send_again
 from paddler_sync.proxy.tenancy import Tenancy, restore_client_key
+from paddler_sync.proxy.upstream import (
+    ClientLeft,
+    Transport,
+    is_connect_failure,
+    request_headers,
+    response_headers,
+    uses_slot,
+)
 from paddler_sync.routing.first_token import CacheAwareness, FirstTokenEstimate
 from paddler_sync.routing.speed import DecodeSpeeds
 
@@ -67,7 +74,7 @@ class ProxyApp:
         self.record = Recorder(metrics, tenancy.rates).record
         self.buffer = buffer
         self.management = management
-        self.transport = up.Transport(options.upstream_pool_size, options.upstream_connect_timeout,
+        self.transport = Transport(options.upstream_pool_size, options.upstream_connect_timeout,
                                       options.upstream_read_timeout, options.upstream_idle_timeout)
         self.read_timeout = options.upstream_read_timeout
         self.rewrite_host = options.rewrite_host_header
@@ -99,24 +106,23 @@ class ProxyApp:
             if self.routing.lists_models(method, path, environ.get("QUERY_STRING", "")):
                 return self._own_answer(environ, start_response, started, self.routing.models_answer())
             body = self._read_body(environ)
-            takes_slot = up.uses_slot(method, path)
+            takes_slot = uses_slot(method, path)
             route = self.routing.route(method, environ, body, takes_slot)
             if tenant is not None:
                 self.tenancy.allow(tenant, route.model, route.ask.named, takes_slot,
                                    functools.partial(self._served, route))
             claim = self.tenancy.claim(tenant, route.model) if takes_slot else None
-            tokens = route.ask.limit if takes_slot and self.foresee_ends else None
+            limit = route.ask.limit if takes_slot and self.foresee_ends else None  # to foresee its end
             estimate, hashes = self._estimate(route) if takes_slot else (None, ())
-            connect = functools.partial(self._connect, environ, body, takes_slot, tokens, route, estimate, claim)
+            connect = functools.partial(self._connect, environ, body, takes_slot, limit, route, estimate, claim)
             if takes_slot and self.queue_updates and queue_updates.wanted(environ, route.ask.body):
                 job = self.greenlets.spawn(connect)
                 job.join(timeout=queue_updates.QUIET_WAIT)
                 if not job.ready():
-                    opening = functools.partial(self._open_relay, environ, _headers_sent, started, tokens, hashes,
-                                                estimate)
                     return queue_updates.QueuedStream(self, environ, start_response, job,
                                                       route.model if self.buffer.per_model else None, started,
-                                                      opening)
+                                                      self._relay_after_wait(environ, started, limit, hashes,
+                                                                             estimate))
                 connected = job.get()
             else:
                 connected = connect()
@@ -127,19 +133,28 @@ class ProxyApp:
                                                       ("Content-Length", str(len(body))), *exc.headers,
                                                       OWN_ANSWER])
             return [body]
-        return self._open_relay(environ, start_response, started, tokens, hashes, estimate, connected, connect)
+        return self._open_relay(environ, start_response, started, limit, hashes, estimate, connected, connect)
 
     def _open_relay(self, environ: dict[str, Any], start_response: StartResponse, started: float,
-                    tokens: int | None, hashes: tuple[str, ...], estimate: FirstTokenEstimate | None,
+                    limit: int | None, hashes: tuple[str, ...], estimate: FirstTokenEstimate | None,
                     connected: tuple[Reservation, UpstreamAnswer, float],
                     again: Callable[[], tuple[Reservation, UpstreamAnswer, float]] | None = None) -> Relay:
         """``again``: connects the request anew, when llama.cpp breaks off before the first byte relayed."""
         reservation, response, waited = connected
-        start_response(f"{response.status} {response.reason}", up.response_headers(response))
-        relay = Relay(self, environ, start_response, response, reservation, waited, started, tokens, again)
+        start_response(f"{response.status} {response.reason}", response_headers(response))
+        relay = Relay(self, environ, start_response, response, reservation, waited, started, limit, again)
         if self.awareness is not None and reservation.uses_slot:
             relay.seen = self.awareness.sent(reservation.upstream, hashes, estimate)
         return relay
+
+    def _relay_after_wait(self, environ: dict[str, Any], started: float, limit: int | None, hashes: tuple[str, ...],
+                          estimate: FirstTokenEstimate | None) -> Callable[[queue_updates.Connected], Relay]:
+        """The relay of a stream that waited with queue updates: its head (200, an event stream) went out while
+        it waited, so llama.cpp's head is not sent, and a failure before the first event shows as an error event
+        (the relay's start_response is a no-op: ``_head_sent_already``)."""
+        def open_relay(connected: queue_updates.Connected) -> Relay:
+            return self._open_relay(environ, _head_sent_already, started, limit, hashes, estimate, connected)
+        return open_relay
 
     def _served(self, route: Route) -> list[str]:
         """The models of the servers a request naming none may reach (a tenant may have to be allowed them)."""
@@ -195,7 +210,7 @@ class ProxyApp:
                              ending=Ending.BODY_TOO_LARGE)
         return body
 
-    def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool, tokens: int | None,
+    def _connect(self, environ: dict[str, Any], body: bytes, takes_slot: bool, limit: int | None,
                  route: Route, estimate: FirstTokenEstimate | None = None,
                  claim: Claim | None = None) -> tuple[Reservation, UpstreamAnswer, float]:
         """Reserve and connect; a server that refuses is quarantined (so not chosen again) and the request,
@@ -211,19 +226,19 @@ class ProxyApp:
             except HandedOver as exc:
                 return self._hand_over(environ, body, waited + exc.waited)
             waited += wait
-            if tokens is not None:
-                self._foresee_end(reservation, tokens)
+            if limit is not None:
+                self._foresee_end(reservation, limit)
             if reservation.loads_model:
                 self.metrics.model_load(reservation.upstream.serving.model)
             try:
                 return reservation, self._send(environ, body, reservation, route), waited
-            except up.ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
+            except ClientLeft as exc:  # llama.cpp may run on for a moment: counted busy until reported free
                 self.ledger.give_back(reservation, GiveBack.CLIENT_LEFT)
                 raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, reservation=reservation,
                                  waited=waited) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self.ledger.give_back(reservation, GiveBack.NOT_ANSWERED)
-                if up.is_connect_failure(exc):
+                if is_connect_failure(exc):
                     self._quarantine(reservation, exc)
                 elif not (may_send_again(environ, takes_slot, exc) and self.send_elsewhere(environ, reservation, exc)):
                     raise self._upstream_error(reservation, exc, waited) from None
@@ -283,12 +298,12 @@ class ProxyApp:
         target = raw_uri if raw_uri.startswith("/") else _path_and_query(environ)
         target = self.routing.named_target(route, reservation, target, environ["REQUEST_METHOD"])
         body = self.routing.named_body(route, reservation, body)
-        headers = up.request_headers(environ, reservation.addr, self.rewrite_host, len(body))
+        headers = request_headers(environ, reservation.addr, self.rewrite_host, len(body))
         return self.transport.send(environ["REQUEST_METHOD"], reservation.addr, target, headers, body or None,
                                    client_watch(environ))
 
-    def _foresee_end(self, reservation: Reservation, tokens: int) -> None:
-        expected = self.speeds.expected_seconds(reservation.addr, tokens)
+    def _foresee_end(self, reservation: Reservation, limit: int) -> None:
+        expected = self.speeds.expected_seconds(reservation.addr, limit)
         if expected is not None:
             self.ledger.expect_end(reservation, self.ledger.clock() + expected)
 
@@ -304,11 +319,11 @@ class ProxyApp:
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         restore_client_key(environ)
         target = environ.get("RAW_URI") or _path_and_query(environ)
-        headers = {**up.request_headers(environ, addr, False, len(body)), HANDED_OVER_HEADER: "1"}
+        headers = {**request_headers(environ, addr, False, len(body)), HANDED_OVER_HEADER: "1"}
         try:
             answer = self.transport.send(environ["REQUEST_METHOD"], addr, target, headers, body or None,
                                          client_watch(environ))
-        except up.ClientLeft as exc:
+        except ClientLeft as exc:
             raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, waited=waited) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ProxyError(503, f"the balancer is reloading and its new workers did not take the request "
@@ -357,8 +372,8 @@ def _alike(upstream: Upstream, failed: Upstream) -> bool:
     return not names or not other or bool(names & other)
 
 
-def _headers_sent(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-    """A queued stream's headers went out before llama.cpp answered: its own are not sent."""
+def _head_sent_already(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    """A queued stream's head went out before llama.cpp answered: llama.cpp's own is not sent."""
 
 
 def _path_and_query(environ: dict[str, Any]) -> str:

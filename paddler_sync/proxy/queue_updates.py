@@ -15,21 +15,30 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gevent import Greenlet
 
 from paddler_sync.errors import error_body
+from paddler_sync.ledger.buffer import RequestBuffer
+from paddler_sync.ledger.ledger import Ledger
 from paddler_sync.ledger.slots import GiveBack, Reservation
+from paddler_sync.proxy.answer import UpstreamAnswer
 from paddler_sync.proxy.refusal import ProxyError
-
-if TYPE_CHECKING:
-    from paddler_sync.proxy.answer import UpstreamAnswer
+from paddler_sync.proxy.relay import Relay
 
 HEADER = "HTTP_X_PADDLER_QUEUE_UPDATES"
 QUIET_WAIT = 0.05  # seconds: a request served this soon gets llama.cpp's own headers, and no comment
 UPDATE_SECONDS = 1.0
-Connected = tuple[Reservation, "UpstreamAnswer", float]
+Connected = tuple[Reservation, UpstreamAnswer, float]
+
+
+class QueueHost(Protocol):
+    """What a queued stream uses of the proxy (paddler_sync/proxy/app.py's ProxyApp)."""
+
+    buffer: RequestBuffer
+    ledger: Ledger
+    record: Callable[..., None]
 
 
 def wanted(environ: dict[str, Any], body: dict[str, Any] | None) -> bool:
@@ -41,16 +50,17 @@ def wanted(environ: dict[str, Any], body: dict[str, Any] | None) -> bool:
 class QueuedStream:
     """The WSGI body of a streaming request still waiting for a slot; ``job`` is its connect, running.
     ``proxy``: the ProxyApp (its buffer, ledger and access log); ``open_relay``: makes the Relay (the body of
-    llama.cpp's answer) once connected; ``arrived``: ``time.monotonic()`` when the request came."""
+    llama.cpp's answer) once connected, without sending llama.cpp's head (this stream's went out already);
+    ``arrived``: ``time.monotonic()`` when the request came."""
 
-    proxy: Any
+    proxy: QueueHost
     environ: dict[str, Any]
     start_response: Callable[..., Any]
     job: Greenlet
     queue: str | None
     arrived: float
-    open_relay: Callable[[Connected], Any]
-    relay: Any = field(default=None, init=False)  # the Relay, once connected
+    open_relay: Callable[[Connected], Relay]
+    relay: Relay | None = field(default=None, init=False)  # once connected
 
     def __iter__(self) -> Iterator[bytes]:
         self.start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),

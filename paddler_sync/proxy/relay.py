@@ -55,7 +55,7 @@ class Relay:
 
     def __init__(self, proxy: RelayHost, environ: dict[str, Any], start_response: StartResponse,
                  response: UpstreamAnswer, reservation: Reservation, waited: float, started: float,
-                 tokens: int | None = None, again: Connect | None = None) -> None:
+                 limit: int | None = None, again: Connect | None = None) -> None:
         self.proxy = proxy
         self.again = again  # the request connected anew (paddler_sync/proxy/retry.py)
         self.environ = environ
@@ -70,7 +70,7 @@ class Relay:
         self.ending = Ending.CLIENT_GONE
         self.closed = False
         self.response_status = response.status
-        self.tokens = tokens  # the generation limit asked for, when --early-dispatch foresees ends
+        self.limit = limit  # the generation limit asked for, when --early-dispatch foresees ends
         self.last_chunk = self.chunk_before = b""  # the final event (with its token count) may precede [DONE]
         self.streamed = "event-stream" in (response.headers.get("Content-Type") or "")
         self.seen: PromptSeen | None = None  # the prompt's prefix as the balancer knew it (first-token routing)
@@ -136,7 +136,7 @@ class Relay:
 
     def _learn_speed(self, generated: int | None) -> None:
         """Its time in llama.cpp over the tokens it generated: how fast this server goes at present."""
-        tokens = generated or self.tokens or 0
+        tokens = generated or self.limit or 0
         started = self.started + self.waited
         self.proxy.speeds.learn(self.reservation.addr, time.monotonic() - started, tokens)
 
@@ -188,7 +188,7 @@ class Relay:
         broke_off = self.ending is Ending.UPSTREAM_ERROR
         self.proxy.ledger.give_back(self.reservation, GiveBack.BROKE_OFF if broke_off else GiveBack.ANSWERED)
         generated = self.generated()
-        if self.tokens is not None and self.ending is Ending.DONE and self.response_status == 200:
+        if self.limit is not None and self.ending is Ending.DONE and self.response_status == 200:
             self._learn_speed(generated)
         self.proxy.record(self.environ, self.response_status, self.reservation, self.waited, self.started,
                           self.first_byte, self.sent, self.ending, self.first_byte if self.streamed else None,

@@ -67,7 +67,8 @@ def test_warns_when_the_management_address_is_open_without_a_token(fleet: Fleet)
                                         f"127.0.0.1:{free_port()}", "--management-addr", f"0.0.0.0:{port}"], port)
     wait_until(lambda: "has no --management-token" in balancer.log())
     quiet = fleet.balancer()
-    time.sleep(0.3)
+    requests.get(quiet.extra["proxy"] + "/v1/models", timeout=5)  # logged after every start-up line
+    wait_until(lambda: '"GET /v1/models"' in quiet.log(), message="the start-up logged, and a request after it")
     assert "has no --management-token" not in quiet.log()
 
 

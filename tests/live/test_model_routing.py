@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import Fleet, Proc, agents, serve_simulator, sim_stats, wait_until
+from tests.helpers import Fleet, Proc, agents, health, serve_simulator, sim_stats, wait_until
 
 pytestmark = pytest.mark.both_stores
 CHAT = [{"role": "user", "content": "hi"}]
@@ -145,7 +145,8 @@ def test_a_model_not_reported_yet_waits_for_its_agent_while_the_balancer_starts(
     answers: list[requests.Response] = []
     waiting = threading.Thread(target=lambda: answers.append(chat(balancer, "late")))
     waiting.start()
-    time.sleep(0.5)
+    wait_until(lambda: health(balancer)["requests_buffered"] == 1, message="the request waiting for its model")
+    assert not answers
     serve_simulator(fleet, balancer, "late", "--alias", "late", "--decode-tokens-per-second", "0")
     waiting.join(20)
     assert answers and answers[0].status_code == 200
@@ -159,7 +160,7 @@ def test_buffer_unknown_models_lets_a_request_wait_for_servers_still_starting(fl
     answers: list[requests.Response] = []
     waiting = threading.Thread(target=lambda: answers.append(chat(balancer, "later")))
     waiting.start()
-    time.sleep(0.5)
+    wait_until(lambda: health(balancer)["requests_buffered"] == 1, message="the request waiting for its model")
     assert not answers  # it waits (no 404) while no server serves it
     serve_simulator(fleet, balancer, "later", "--alias", "later", "--decode-tokens-per-second", "0")
     waiting.join(20)

@@ -320,10 +320,12 @@ def test_leases_of_long_streams_are_renewed(fleet: Fleet, redis_server: RedisSer
     with ThreadPoolExecutor(2) as pool:
         long = pool.submit(complete, balancer, 60, True, 30)  # 3 s, three lease TTLs
         wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
-        time.sleep(2)
         client = redis.Redis.from_url(redis_server.url)
-        leases = client.keys(f"{prefix}:leases:*")
-        assert len(leases) == 1 and client.zcard(leases[0]) == 1  # two TTLs on, the lease is alive
+        [leases] = client.keys(f"{prefix}:leases:*")
+        [(_, first_expiry)] = client.zrange(leases, 0, -1, withscores=True)
+        wait_until(lambda: (client.zrange(leases, 0, -1, withscores=True) or [(0, 0)])[0][1] > first_expiry + 2000,
+                   timeout=10, message="the lease renewed past two TTLs")
+        assert client.zcard(leases) == 1  # two TTLs on, the lease is alive
         second = pool.submit(complete, balancer, 2)
         wait_until(lambda: health(balancer)["requests_buffered"] == 1)
         assert health(balancer)["requests_in_flight"] == 1
@@ -443,12 +445,14 @@ def test_one_balancer_with_two_workers_serves_in_arrival_order(fleet: Fleet, red
     assert finished == list(range(10))
     assert sim_stats(sim)["requests_deferred_total"] == 0
     # /metrics counts the whole balancer, whichever worker answers the scrape (each counts what it relayed)
-    time.sleep(1.5)  # every worker pushes its counts to Redis each second
-    for _ in range(6):  # a new connection each time: SO_REUSEPORT spreads them over both workers
-        text = requests.get(balancer.extra["management"] + "/metrics", timeout=5,
-                            headers={"Connection": "close"}).text
-        assert 'paddler_requests_total{outcome="served"} 10.0' in text
-        assert re.search(r"^paddler_queue_wait_seconds_count 10\.0$", text, re.M)
+    def scraped() -> str:  # a new connection each time: SO_REUSEPORT spreads them over both workers
+        return requests.get(balancer.extra["management"] + "/metrics", timeout=5, headers={"Connection": "close"}).text
+
+    served = 'paddler_requests_total{outcome="served"} 10.0'
+    wait_until(lambda: served in scraped(), message="the counts pushed to Redis (each worker pushes every second)")
+    for _ in range(6):
+        text = scraped()
+        assert served in text and re.search(r"^paddler_queue_wait_seconds_count 10\.0$", text, re.M)
         traffic = requests.get(balancer.extra["management"] + "/api/v1/traffic", timeout=5,
                                headers={"Connection": "close"}).json()  # and so do the dashboards' figures
         assert traffic["fleet"]["requests"] == 10 and traffic["fleet"]["tokens"] == 100

@@ -28,6 +28,7 @@ from tests.helpers import (
     health,
     port_open,
     put_desired,
+    reported_since,
     sim_stats,
     stream,
     streaming_load,
@@ -114,7 +115,8 @@ def test_a_command_that_keeps_failing_backs_off_gives_up_and_a_desired_state_rev
     assert len(starts) == 4  # the first start and three restarts: at once, then after 0.1 s, then 0.2 s
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert gaps[1] >= 0.1 and gaps[2] >= 0.2 and gaps[2] > gaps[0], gaps
-    time.sleep(0.5)
+    gave_up_at = time.time()
+    wait_until(lambda: reported_since(balancer, "s0", gave_up_at + 0.5), message="reports past the next backoff")
     assert len([line for line in agent.log().splitlines() if "started llama-server" in line]) == 4  # given up
 
     answer = put_desired(balancer, {"model": str(workdir / "tiny.gguf")}, gave_up["agent"]["agent_id"])
@@ -164,7 +166,8 @@ def test_drain_and_undrain_by_hand(fleet: Fleet) -> None:
     answer = requests.post(f"{management}/api/v1/agents/{s0['agent_id']}/drain", timeout=5)
     assert answer.status_code == 200 and answer.json()["draining"] is True
     wait_until(lambda: agent_named(balancer, "s0")["state"] == "draining", message="s0 shown draining")
-    time.sleep(0.5)  # other workers and the agent's next report agree
+    drained_at = time.time()
+    wait_until(lambda: reported_since(balancer, "s0", drained_at), message="s0's next report")  # it agrees
     before = [sim_stats(s)["requests_total"] for s in sims]
     for _ in range(8):
         assert requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 2},
@@ -177,7 +180,8 @@ def test_drain_and_undrain_by_hand(fleet: Fleet) -> None:
 
     assert requests.post(f"{management}/api/v1/agents/{s0['agent_id']}/undrain", timeout=5).json()["draining"] is False
     wait_until(lambda: agent_named(balancer, "s0")["state"] == "ready", message="s0 ready again")
-    time.sleep(0.5)
+    undrained_at = time.time()
+    wait_until(lambda: reported_since(balancer, "s0", undrained_at), message="s0's next report")
     for _ in range(8):
         requests.post(balancer.extra["proxy"] + "/completion", json={"prompt": "x", "n_predict": 2}, timeout=10)
     assert sim_stats(sims[0])["requests_total"] > after[0]
@@ -205,7 +209,8 @@ def test_rolling_swap_under_streaming_load_fails_no_request(fleet: Fleet) -> Non
             return fleet_progress(balancer)["counts"].get("applied") == 2
 
         wait_until(done, timeout=40, interval=0.05, message="both servers swapped")
-        time.sleep(0.3)
+        swapped = len(outcomes)
+        wait_until(lambda: len(outcomes) >= swapped + 2, timeout=20, message="requests after the swap")
     assert outcomes and all(o == "ok" for o in outcomes), [o for o in outcomes if o != "ok"][:5]
     assert most_down == 1  # one at a time: the other server served meanwhile
     for i in range(2):
@@ -233,7 +238,9 @@ def test_a_model_that_fails_to_load_is_rolled_back_and_the_rollout_halts(fleet: 
                             timeout=30, message="the failure reported")
         wait_until(lambda: all(supervised_ready(balancer, f"s{i}") for i in range(2)), timeout=20,
                    message="both back in service")
-        time.sleep(0.6)  # the rollout does not go on to the other server
+        back_at = time.time()
+        wait_until(lambda: all(reported_since(balancer, f"s{i}", back_at + 0.5) for i in range(2)),
+                   message="reports from both after the rollback")  # time enough for a rollout to go on
         progress = fleet_progress(balancer)
     assert progress["counts"] == {"failed": 1, "halted": 1}, progress["counts"]
     bad = next(a for a in failed["agents"] if a["status"] == "failed")

@@ -94,7 +94,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for upstream in self.ledger.upstreams():
             held_here = sum(1 for r in self.held if r.upstream is upstream and not r.released)
             assert upstream.in_flight == held_here
-            assert upstream.external >= 0 and upstream.draining >= 0
+            assert upstream.external >= 0 and upstream.lingering >= 0
             assert 0 <= upstream.free(now) <= upstream.total
             assert 0 <= upstream.busy <= upstream.total
 

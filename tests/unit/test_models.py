@@ -46,16 +46,16 @@ def router_report(**changes: object) -> AgentReport:
 
 
 def test_a_router_report_makes_one_pool_per_model() -> None:
-    pools = {p.key: p for p in router_report().pools("a1", autoload=True)}
+    pools = {p.key: p for p in router_report().entries("a1", autoload=True)}
     assert set(pools) == {"a1/tiny", "a1/slow", "a1/big"}
     tiny, slow, big = pools["a1/tiny"], pools["a1/slow"], pools["a1/big"]
     assert (tiny.total, tiny.processing, tiny.routable) == (4, 1, True)
     assert tiny.serving.names == {"tiny", "fast"} and tiny.serving.needs_model and tiny.serving.n_ctx == 1024
     assert (slow.total, slow.routable, slow.serving.loadable) == (1, True, True)  # one request may load it
     assert (big.total, big.routable) == (0, False)  # loading: nothing goes there until it is loaded
-    no_autoload = {p.key: p for p in router_report().pools("a1", autoload=False)}
+    no_autoload = {p.key: p for p in router_report().entries("a1", autoload=False)}
     assert (no_autoload["a1/slow"].total, no_autoload["a1/slow"].routable) == (0, False)
-    server_says_no = {p.key: p for p in router_report(models_autoload=False).pools("a1", autoload=True)}
+    server_says_no = {p.key: p for p in router_report(models_autoload=False).entries("a1", autoload=True)}
     assert server_says_no["a1/slow"].total == 0
 
 
@@ -63,9 +63,9 @@ def test_a_single_model_report_keeps_the_agent_id_as_its_key() -> None:
     report = parse_report(json.dumps(good_report(models=[
         {"id": "chat", "aliases": ["chat", "assistant"], "path": "/m/tiny.gguf", "slots_idle": 4, "n_ctx": 512}],
     )).encode())
-    [pool] = report.pools("a1", autoload=True)
+    [pool] = report.entries("a1", autoload=True)
     assert pool.key == "a1" and pool.total == 4 and pool.serving.names >= {"chat", "assistant", "tiny"}
-    [unknown] = parse_report(json.dumps(good_report()).encode()).pools("a1", autoload=True)
+    [unknown] = parse_report(json.dumps(good_report()).encode()).entries("a1", autoload=True)
     assert unknown.serving == ANY
 
 

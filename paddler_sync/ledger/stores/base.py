@@ -43,7 +43,7 @@ class Take(NamedTuple):
 
 class Snapshot(NamedTuple):
     """A shared store's whole fleet: rows of (key, addr, total, external, routable, quarantined_until, in_flight,
-    draining, sleeping, serving) as text or numbers (serving: :class:`Serving` as JSON), and the agents' records
+    lingering, sleeping, serving) as text or numbers (serving: :class:`Serving` as JSON), and the agents' records
     (agent id -> JSON)."""
 
     rows: list[list[Any]]
@@ -69,7 +69,7 @@ class SlotStore(Protocol):
         """When each tenant last took a slot, as a number that grows with every take (--tenants)."""
         ...
 
-    def release(self, reservation: Reservation, draining: bool) -> bool:
+    def release(self, reservation: Reservation, lingering: bool) -> bool:
         """True when the slot was still held (and capacity may have grown)."""
         ...
 

@@ -48,15 +48,15 @@ class LocalStore:
     def turns(self) -> dict[str, int]:
         return self.tenant_turns
 
-    def release(self, reservation: Reservation, draining: bool) -> bool:
+    def release(self, reservation: Reservation, lingering: bool) -> bool:
         if reservation.tenant is not None:  # the tenant's count goes down even when the server has gone
             self.tenants_held[reservation.tenant] -= 1
         upstream = reservation.upstream
         if self.current.get(upstream.key) is not upstream:
             return False  # removed (or replaced) since: its counts went with it
         upstream.in_flight -= 1
-        if draining:  # still running in llama.cpp: the next reading shows it, and must count it as external
-            upstream.draining += 1
+        if lingering:  # still running in llama.cpp: the next reading shows it, and must count it as external
+            upstream.lingering += 1
         return True
 
     def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
@@ -65,7 +65,7 @@ class LocalStore:
         self.reported_at[upstream.key] = now
         upstream.total = total
         upstream.external = max(0, processing - upstream.in_flight)
-        upstream.draining = 0
+        upstream.lingering = 0
 
     def remove(self, key: str, reported_before: float | None = None, agent: str | None = None) -> bool:
         if reported_before is not None and self.reported_at.get(key, 0.0) > reported_before:

@@ -21,7 +21,8 @@ Layout (``PREFIX`` is ``--state-prefix``; on a Redis Cluster, ``{PREFIX}``: one 
 redis_connect.py): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at, serving: the
 models it serves as JSON); sorted sets
-``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms); hash
+``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms; the second holds the
+lingering slots, keeping the name older balancers sharing the prefix use); hash
 ``PREFIX:agents`` (agent id → its record as JSON); sorted set ``PREFIX:waiting`` (workers with
 waiters → mark expiry); sorted sets ``PREFIX:queue`` (requests naming no model) and ``PREFIX:queue:model:NAME``
 (one per model named; ticket ``WORKER:N`` → N) and counter ``PREFIX:tickets``; channel ``PREFIX:capacity``;
@@ -200,10 +201,10 @@ class RedisStore:
                            ticket.number if ticket else 0, self.worker_id, int(WAITING_MARK_TTL * 1000)]
         if claim is not None:
             self._tenant_arguments(claim, model, pool, keys, args)
-        outcome, total, in_flight, external, draining, *turn = self.call("take", keys, args)
+        outcome, total, in_flight, external, lingering, *turn = self.call("take", keys, args)
         outcome = TakeOutcome(outcome)
         if outcome in (TakeOutcome.TAKEN, TakeOutcome.FULL, TakeOutcome.UNUSABLE):
-            upstream.set_counts(total, in_flight, external, draining)
+            upstream.set_counts(total, in_flight, external, lingering)
         if outcome is not TakeOutcome.TAKEN:
             return Take(outcome)
         self.leases[lease] = upstream.key
@@ -255,7 +256,7 @@ class RedisStore:
         self.tenants_held = dict(zip(tenants, held, strict=True))
         self.tenant_turns = {name: int(turn) for name, turn in turns.items()}
 
-    def release(self, reservation: Reservation, draining: bool) -> bool:
+    def release(self, reservation: Reservation, lingering: bool) -> bool:
         """release.lua; a Redis that cannot be reached lets the lease expire by itself."""
         if reservation.lease is None:
             return False
@@ -263,14 +264,14 @@ class RedisStore:
         self.lease_tenants.pop(reservation.lease, None)
         if reservation.upstream.in_flight > 0:  # the mirror does what the script does
             reservation.upstream.in_flight -= 1
-            reservation.upstream.draining += int(draining)
-        _, leases, draining_key = self.keys_of(key)
-        keys = [leases, draining_key, self.waiting_key]
+            reservation.upstream.lingering += int(lingering)
+        _, leases, lingering_key = self.keys_of(key)
+        keys = [leases, lingering_key, self.waiting_key]
         if reservation.tenant is not None:
             keys.append(self.tenant_leases(reservation.tenant))
             self.tenants_held[reservation.tenant] = max(0, self.tenants_held.get(reservation.tenant, 0) - 1)
         try:
-            self.call("release", keys, [reservation.lease, int(draining), self.lease_ttl_ms, self.channel])
+            self.call("release", keys, [reservation.lease, int(lingering), self.lease_ttl_ms, self.channel])
         except StateUnavailable:
             logger.warning("could not give a slot of %s back to Redis: its lease expires by itself", key)
             return False

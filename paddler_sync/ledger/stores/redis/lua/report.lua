@@ -5,7 +5,7 @@
 --       8 the capacity channel   9 '1' when its model is unloaded (sleeping)   10 the model(s) it serves (JSON)
 --       11 the agent id (the record's key: a router's agent has an entry per model, AGENT/MODEL, and one record)
 -- A new address starts the server afresh (its leases belonged to another server); a server back after its removal
--- (no address kept) finds the leases of its requests still running (remove.lua). Draining slots end here:
+-- (no address kept) finds the leases of its requests still running (remove.lua). Lingering slots end here:
 -- the reading shows whether llama.cpp still runs them. Returns {in_flight, external}.
 local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local was = redis.call('HGET', KEYS[1], 'addr')

@@ -2,7 +2,7 @@
 -- KEYS  1 PREFIX:upstreams   2 PREFIX:agents
 -- ARGV  1 PREFIX
 -- Returns {rows, agents}: a row per server {key, addr, total, external, routable, quarantined_until,
--- in_flight, draining, sleeping, serving}; agents flat as HGETALL gives them (id, record JSON, ...).
+-- in_flight, lingering, sleeping, serving}; agents flat as HGETALL gives them (id, record JSON, ...).
 local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local out = {}
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do

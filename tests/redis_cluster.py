@@ -4,26 +4,24 @@ death (``cluster-node-timeout`` 1000 ms)."""
 
 from __future__ import annotations
 
-import random
 import socket
 import subprocess
 from pathlib import Path
 
 import redis
 
-from tests.helpers import port_open, wait_until
+from tests.helpers import free_port, port_open, wait_until
 
 NODE_TIMEOUT_MS = 1000
 
 
 def free_node_port() -> int:
-    """A free port whose cluster bus port (10,000 above it) is free too, and below 65,536."""
+    """A free port (from this xdist worker's range) whose cluster bus port, 10,000 above it, is free too."""
     while True:
-        port = random.randrange(20_000, 50_000)
+        port = free_port()
         try:
-            for candidate in (port, port + 10_000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 10_000))
         except OSError:
             continue
         return port

@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m ruff check paddler_sync tests wsgi.py gunicorn.conf.py conf scripts bench docs
 	$(PY) -m mypy
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 3 --dist loadfile
 
 # the tests that start no process, open no socket and never sleep (tests/unit/): seconds
 test-unit: $(STAMP)

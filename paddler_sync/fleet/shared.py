@@ -82,6 +82,7 @@ class SharedFleetSync:
             self.wake.clear()
             try:
                 self.store.keep_waiting_mark()
+                self.store.catch_up()
                 records = self.ledger.refresh()
                 self.registry.adopt(records or {})
                 self.store.refresh_held(self.tenants())

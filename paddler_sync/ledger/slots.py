@@ -74,26 +74,31 @@ class Upstream:
 class GiveBack(StrEnum):
     """Why a slot goes back: every path that gives one back names itself to ``Ledger.give_back``, the one way.
 
-    ANSWERED       Relay.close: the answer ended (whole, or its client left mid-answer: the upstream connection is
-                   closed at once, so llama.cpp frees the slot in the same moment)
+    ANSWERED       Relay.close: the answer ended whole
     BROKE_OFF      Relay.close: llama.cpp broke off its answer; it may still run the slot (lingering)
-    CLIENT_LEFT    ProxyApp._connect: the client left before any answer (a non-streaming request): the upstream
-                   call is cut, llama.cpp notices within about a second (lingering until a report shows it free)
-    NOT_ANSWERED   ProxyApp._connect and Relay._send_again: llama.cpp refused the connection or failed before any
-                   byte reached the client; the request goes to another server (a slot of its own) or fails
+    CLIENT_LEFT    ProxyApp._connect (before any answer) and Relay.close (mid-answer): the client left; the upstream
+                   call is cut at once, but llama.cpp notices only when it next writes (a stream's next token) or
+                   within about a second (a non-streaming request): lingering until a report shows the slot free,
+                   or a request given the slot meanwhile would wait inside llama.cpp
+    REFUSED        ProxyApp._connect: llama.cpp refused the connection: nothing runs there; the request goes to
+                   another server (a slot of its own)
+    NOT_ANSWERED   ProxyApp._connect and Relay._send_again: the request went out but its answer failed before any
+                   byte reached the client (a read timeout, a broken connection); llama.cpp may still run it
+                   (lingering); the request goes to another server or fails
     WAITER_LEFT    RequestBuffer and QueuedStream: a slot handed to a waiter at the moment its client left
     """
 
     ANSWERED = "answered"
     BROKE_OFF = "broke_off"
     CLIENT_LEFT = "client_left"
+    REFUSED = "refused"
     NOT_ANSWERED = "not_answered"
     WAITER_LEFT = "waiter_left"
 
     @property
     def may_still_run(self) -> bool:
         """llama.cpp may still be generating in the slot: it stays counted busy until the next report."""
-        return self in (GiveBack.BROKE_OFF, GiveBack.CLIENT_LEFT)
+        return self in (GiveBack.BROKE_OFF, GiveBack.CLIENT_LEFT, GiveBack.NOT_ANSWERED)
 
 
 class TicketLost(Exception):

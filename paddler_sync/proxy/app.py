@@ -8,7 +8,7 @@
     Relay         stream each upstream chunk to the client as it arrives (paddler_sync/proxy/relay.py)
     Relay.close   the slot given back once the answer began: normal end, client gone, upstream error
 
-A slot goes back only through ``Ledger.give_back``, each path naming why (``GiveBack`` lists the five, with where
+A slot goes back only through ``Ledger.give_back``, each path naming why (``GiveBack`` lists the six, with where
 each is given back). The WSGI server calls ``Relay.close`` however a response ends, so a slot cannot leak.
 """
 
@@ -237,8 +237,9 @@ class ProxyApp:
                 raise ProxyError(499, str(exc), ending=Ending.CLIENT_GONE, reservation=reservation,
                                  waited=waited) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                self.ledger.give_back(reservation, GiveBack.NOT_ANSWERED)
-                if is_connect_failure(exc):
+                refused = is_connect_failure(exc)
+                self.ledger.give_back(reservation, GiveBack.REFUSED if refused else GiveBack.NOT_ANSWERED)
+                if refused:
                     self._quarantine(reservation, exc)
                 elif not (may_send_again(environ, takes_slot, exc) and self.send_elsewhere(environ, reservation, exc)):
                     raise self._upstream_error(reservation, exc, waited) from None

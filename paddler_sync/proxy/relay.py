@@ -35,6 +35,9 @@ HEAD_AFTER = 0.5  # an event stream with no event yet this long after its head: 
 Connect = Callable[[], tuple[Reservation, UpstreamAnswer, float]]
 
 
+GIVEN_BACK_AFTER = {Ending.UPSTREAM_ERROR: GiveBack.BROKE_OFF, Ending.CLIENT_GONE: GiveBack.CLIENT_LEFT}
+
+
 class RelayHost(Protocol):
     """What a relay uses of the proxy (paddler_sync/proxy/app.py's ProxyApp)."""
 
@@ -185,8 +188,7 @@ class Relay:
             return
         self.closed = True
         self.response.close()  # a fully read answer's connection went back to the pool already; this cuts a live one
-        broke_off = self.ending is Ending.UPSTREAM_ERROR
-        self.proxy.ledger.give_back(self.reservation, GiveBack.BROKE_OFF if broke_off else GiveBack.ANSWERED)
+        self.proxy.ledger.give_back(self.reservation, GIVEN_BACK_AFTER.get(self.ending, GiveBack.ANSWERED))
         generated = self.generated()
         if self.limit is not None and self.ending is Ending.DONE and self.response_status == 200:
             self._learn_speed(generated)

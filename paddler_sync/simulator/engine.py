@@ -10,6 +10,7 @@ which is how tests and benchmarks prove that a balancer sent a request to a full
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from collections import deque
@@ -18,6 +19,8 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
+
+logger = logging.getLogger("paddler_sync.simulator")
 
 SLOT_PROMPT_SIMILARITY = 0.5
 
@@ -105,6 +108,8 @@ class Engine:
         slot = self._choose_free_slot(prompt_tokens) if not self._waiting else None
         if slot is None:
             self.counters.requests_deferred_total += 1
+            logger.info("a task waits: all %d slots are busy (requests_deferred %d)", len(self.slots),
+                        self.counters.requests_deferred_total)
             slot = self._wait_for_slot(prompt_tokens)
         slot.is_processing = True
         slot.last_used = time.monotonic()

@@ -160,6 +160,23 @@ def test_client_disconnect_mid_stream_frees_the_slot_everywhere_within_a_second(
     assert time.monotonic() - closed < 1.0
 
 
+def test_a_slot_whose_client_left_mid_stream_is_not_given_to_a_waiter_before_llamacpp_frees_it(fleet: Fleet) -> None:
+    """llama.cpp notices a closed stream only when it writes its next token (here 200 ms away): the slot stays
+    counted busy until a report shows it free, so the request waiting for it never waits inside llama.cpp."""
+    balancer, (sim,) = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "5"))
+    sock = socket.create_connection(("127.0.0.1", balancer.extra["proxy_port"]))
+    body = json.dumps({"prompt": "x", "n_predict": 200, "stream": True})
+    sock.sendall(f"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert b"200 OK" in sock.recv(65536)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(complete, balancer, 2)
+        wait_until(lambda: health(balancer)["requests_buffered"] == 1, message="a request waiting for the slot")
+        sock.close()
+        assert waiting.result(timeout=20).status_code == 200
+    assert sim_stats(sim)["requests_deferred_total"] == 0
+
+
 def test_a_client_that_leaves_while_waiting_takes_nothing(fleet: Fleet) -> None:
     balancer, (sim,) = start_fleet(fleet, [1], sim_args=("--decode-tokens-per-second", "20"))
     with ThreadPoolExecutor(1) as pool:

@@ -74,8 +74,8 @@ def test_a_client_that_leaves_mid_stream_gives_the_slot_back_once(balancer: tupl
     relay.close()  # what the WSGI server does when the client hangs up
     relay.close()
     assert app.ledger.in_flight() == 0 and relay.ending is Ending.CLIENT_GONE
-    upstream = app.ledger.get("a1")
-    assert upstream is not None and upstream.free(app.ledger.clock()) == 1
+    upstream = app.ledger.get("a1")  # llama.cpp may still run it until its next token: busy until a report says
+    assert upstream is not None and upstream.lingering == 1 and upstream.free(app.ledger.clock()) == 0
 
 
 def test_a_request_the_balancer_refuses_takes_nothing(balancer: tuple[Balancer, Proc]) -> None:

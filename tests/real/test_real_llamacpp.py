@@ -20,18 +20,14 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import Fleet, Proc, agent_named, free_port, real_builds, spawn_llama_server, wait_until
+from tests.helpers import Fleet, Proc, agent_named, free_port, health, real_builds, spawn_llama_server, wait_until
 from tests.llamacpp_servers import Build, DeferredSampler, busy_slots, metric
 
 pytestmark = [pytest.mark.real_llamacpp, pytest.mark.parametrize("build", real_builds())]
 INTERVAL = 0.2
 
 
-def health(balancer: Proc) -> dict:
-    return requests.get(balancer.extra["management"] + "/health", timeout=5).json()
-
-
-def serve(fleet: Fleet, build: Build, models: dict[str, Path], balancer: Proc, slots: int, name: str,
+def serve_llamacpp(fleet: Fleet, build: Build, models: dict[str, Path], balancer: Proc, slots: int, name: str,
           *server_args: str, model: str = "tiny", interval: float = INTERVAL, agent_args: tuple[str, ...] = ()) -> Proc:
     server = spawn_llama_server(fleet, build, models[model], "-np", str(slots), "-c", str(1024 * slots),
                                 *build.slots_flags(), *server_args)
@@ -53,7 +49,7 @@ def read_all(response: requests.Response) -> bytes:
 
 def test_registers_balances_and_never_queues_inside_llamacpp(fleet: Fleet, build: Build, llamacpp_models) -> None:
     balancer = fleet.balancer()
-    servers = [serve(fleet, build, llamacpp_models, balancer, 2, f"s{i}") for i in range(2)]
+    servers = [serve_llamacpp(fleet, build, llamacpp_models, balancer, 2, f"s{i}") for i in range(2)]
     row = agent_named(balancer, "s0")
     assert row["total_slots"] == 2 and row["slots_idle"] == 2 and row["is_slots_endpoint_enabled"] is True
     assert row["model"].endswith("tiny.gguf")
@@ -103,7 +99,7 @@ def test_an_agent_sees_a_real_server_load_its_model(fleet: Fleet, build: Build, 
 def test_buffer_answers_504_and_429_in_front_of_a_busy_real_server(fleet: Fleet, build: Build,
                                                                      llamacpp_models) -> None:
     balancer = fleet.balancer("--max-buffered-requests", "1", "--buffered-request-timeout", "1")
-    server = serve(fleet, build, llamacpp_models, balancer, 1, "one", model="slow")
+    server = serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "one", model="slow")
     with ThreadPoolExecutor(3) as pool:
         long = pool.submit(generate, balancer.extra["proxy"], 400, True)
         wait_until(lambda: health(balancer)["requests_in_flight"] == 1)
@@ -122,7 +118,7 @@ def test_a_client_leaving_frees_the_llamacpp_slot_streaming_or_not(fleet: Fleet,
     the balancer it must too. The agent polls every 1.5 s: llama.cpp only checks a non-streaming client
     when no other task (a /slots poll is one) woke it for a second."""
     balancer = fleet.balancer()
-    server = serve(fleet, build, llamacpp_models, balancer, 1, "one", model="slow", interval=1.5)
+    server = serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "one", model="slow", interval=1.5)
     for stream in (True, False):
         client = socket.create_connection(("127.0.0.1", balancer.extra["proxy_port"]))
         body = json.dumps({"prompt": "Once", "n_predict": 900, "ignore_eos": True, "stream": stream}).encode()
@@ -148,15 +144,15 @@ def test_scale_from_zero_a_waiting_request_is_served_by_the_first_server(fleet: 
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(generate, balancer.extra["proxy"], 8)
         wait_until(lambda: health(balancer)["requests_buffered"] == 1)
-        serve(fleet, build, llamacpp_models, balancer, 1, "first")
+        serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "first")
         response = waiting.result()
     assert response.status_code == 200 and response.json()["tokens_predicted"] == 8
 
 
 def test_a_server_killed_mid_stream_cuts_that_stream_only(fleet: Fleet, build: Build, llamacpp_models) -> None:
     balancer = fleet.balancer()
-    doomed = serve(fleet, build, llamacpp_models, balancer, 1, "doomed", model="slow")
-    serve(fleet, build, llamacpp_models, balancer, 1, "survivor")
+    doomed = serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "doomed", model="slow")
+    serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "survivor")
     stream = generate(balancer.extra["proxy"], 900, stream=True)
     assert stream.status_code == 200
     chunks = stream.iter_content(None)
@@ -174,7 +170,7 @@ def test_a_server_killed_mid_stream_cuts_that_stream_only(fleet: Fleet, build: B
 
 def test_sigterm_lets_a_real_stream_finish(fleet: Fleet, build: Build, llamacpp_models) -> None:
     balancer = fleet.balancer("--graceful-timeout", "20")
-    serve(fleet, build, llamacpp_models, balancer, 1, "one", model="slow")
+    serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "one", model="slow")
     stream = requests.post(balancer.extra["proxy"] + "/completion", stream=True, timeout=60,
                            headers={"Connection": "close"},  # no idle kept-alive connection for shutdown to wait on
                            json={"prompt": "Once", "n_predict": 150, "ignore_eos": True, "stream": True})
@@ -228,7 +224,7 @@ def test_2026_endpoints_take_slots_through_the_balancer(fleet: Fleet, build: Bui
     if not build.modern:
         pytest.skip("/v1/responses and /v1/messages exist from the 2026 builds on")
     balancer = fleet.balancer()
-    servers = [serve(fleet, build, llamacpp_models, balancer, 1, f"s{i}", model="slow") for i in range(2)]
+    servers = [serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, f"s{i}", model="slow") for i in range(2)]
     chat = [{"role": "user", "content": "hi"}]
     calls: list[Callable[[], requests.Response]] = [
         lambda: requests.post(balancer.extra["proxy"] + "/v1/responses", timeout=60, stream=True,
@@ -252,7 +248,7 @@ def test_no_502_when_llamacpp_closes_idle_connections(fleet: Fleet, build: Build
     if build.modern:
         pytest.skip("b4748 shows both ways llama.cpp closes idle connections; the 2026 build only one")
     balancer = fleet.balancer("--upstream-idle-timeout", "30")  # keep idle connections past llama.cpp's 5 s
-    server = serve(fleet, build, llamacpp_models, balancer, 1, "one", interval=0.05)
+    server = serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "one", interval=0.05)
     statuses: list[int] = []
 
     def client(pause: float) -> None:
@@ -274,9 +270,9 @@ def test_a_sleeping_server_is_shown_and_used_only_when_awake_ones_are_full(fleet
     if not build.modern:
         pytest.skip("--sleep-idle-seconds exists from the 2026 builds on")
     balancer = fleet.balancer()
-    sleepy = serve(fleet, build, llamacpp_models, balancer, 1, "sleepy", "--sleep-idle-seconds", "1",
+    sleepy = serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "sleepy", "--sleep-idle-seconds", "1",
                    agent_args=("--llamacpp-sleep-idle-seconds", "1"))
-    serve(fleet, build, llamacpp_models, balancer, 1, "awake", model="slow")
+    serve_llamacpp(fleet, build, llamacpp_models, balancer, 1, "awake", model="slow")
     wait_until(lambda: agent_named(balancer, "sleepy")["is_sleeping"], timeout=10, message="the server asleep")
     assert "handle_sleep: server is entering sleeping state" in sleepy.log()
     assert health(balancer)["agents_sleeping"] == 1
@@ -297,7 +293,7 @@ def test_two_balancers_sharing_the_ledger_in_redis_never_make_llamacpp_queue(fle
                                                                             llamacpp_models, redis_server) -> None:
     shared = ("--state-backend", redis_server.url, "--state-prefix", f"real-{build.name}-{time.monotonic_ns()}")
     first, second = fleet.balancer(*shared), fleet.balancer(*shared)
-    servers = [serve(fleet, build, llamacpp_models, balancer, 2, f"s{i}")
+    servers = [serve_llamacpp(fleet, build, llamacpp_models, balancer, 2, f"s{i}")
                for i, balancer in enumerate((first, second))]
     wait_until(lambda: health(first)["slots_total"] == 4 and health(second)["slots_total"] == 4,
                message="both balancers see the whole fleet")
@@ -315,7 +311,7 @@ def test_a_client_gets_what_llamacpp_itself_answers_for_limits_names_and_broken_
     server ignores get llama.cpp's own answer through the balancer; a body that is not JSON gets 400 (llama.cpp
     answers 500 for the client's mistake: the one difference, on purpose)."""
     balancer = fleet.balancer("--models-discovery-time", "0")
-    server = serve(fleet, build, llamacpp_models, balancer, 2, "ctx")  # -c 2048: 1024 tokens per slot
+    server = serve_llamacpp(fleet, build, llamacpp_models, balancer, 2, "ctx")  # -c 2048: 1024 tokens per slot
     proxy = balancer.extra["proxy"]
     asks = [("/completion", {"prompt": "Hello, my name is", "n_predict": 1500}),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1500}),

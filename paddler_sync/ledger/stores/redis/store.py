@@ -115,6 +115,8 @@ class RedisStore:
         self.tenant_turns: dict[str, int] = {}  # and each one's last take's turn (take.lua ranks by them)
         self.has_waiters = False
         self.unreturned_tickets: set[Ticket] = set()
+        self.unreleased: list[tuple[list[str], list[Any]]] = []  # release.lua calls Redis missed (catch_up)
+        self.back_from_outage = False  # Redis answered again: catch_up renews every lease at once
         with contextlib.suppress(StateUnavailable):
             self.client  # noqa: B018 - connect now when it can (a cluster asks for its slots), or on first use
 
@@ -270,12 +272,28 @@ class RedisStore:
         if reservation.tenant is not None:
             keys.append(self.tenant_leases(reservation.tenant))
             self.tenants_held[reservation.tenant] = max(0, self.tenants_held.get(reservation.tenant, 0) - 1)
+        args = [reservation.lease, int(lingering), self.lease_ttl_ms, self.channel]
         try:
-            self.call("release", keys, [reservation.lease, int(lingering), self.lease_ttl_ms, self.channel])
+            self.call("release", keys, args)
         except StateUnavailable:
-            logger.warning("could not give a slot of %s back to Redis: its lease expires by itself", key)
+            logger.warning("could not give a slot of %s back to Redis: given back when it answers again (or its "
+                           "lease expires)", key)
+            self.unreleased.append((keys, args))
             return False
         return True
+
+    def catch_up(self) -> None:
+        """After an outage (a failover): the leases this worker holds are written at once, not at the next renewal
+        (a new master may lack the old one's last writes, and would give those slots twice meanwhile), and slots
+        given back while Redis was away are given back now (a new master may hold their leases, replicated before
+        the old one died, which would otherwise keep them until they expire)."""
+        if self.back_from_outage:
+            self.renew_leases()  # StateUnavailable: away again, tried on the next call
+            self.back_from_outage = False
+        while self.unreleased:
+            keys, args = self.unreleased[0]
+            self.call("release", keys, args)  # StateUnavailable: still away, kept for the next try
+            self.unreleased.pop(0)
 
     def report(self, upstream: Upstream, total: int, processing: int, routable: bool, sleeping: bool,
                now: float, record: str, serving: Serving) -> None:
@@ -383,6 +401,7 @@ class RedisStore:
         if reachable != self.reachable:
             if reachable:
                 logger.info("the shared slot ledger at %s is reachable again", redacted(self.url))
+                self.back_from_outage = True
             else:
                 logger.error("the shared slot ledger at %s is unreachable (%s): requests that need a slot wait for "
                              "it (503 when their wait ends first)", redacted(self.url), exc)

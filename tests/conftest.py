@@ -35,6 +35,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         cluster.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files against real llama-servers first: they are the longest, and started last they would leave one
+    xdist worker running alone at the end of ``make test``. (A stable sort: every worker collects the same order.)"""
+    items.sort(key=lambda item: item.get_closest_marker("real_llamacpp") is None)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``both_stores``: the proxy, buffer and fault scenarios run against both slot stores, in process and in
     Redis; ``ledger_agnostic`` ones (headers, parsing, command lines: nothing a store decides) on the first."""

@@ -1,11 +1,12 @@
-"""llama.cpp's own server test suites through the balancer, a selection: each test passes through a real balancer,
+"""llama.cpp's own server test suites through the balancer, the selection `make test` runs (one test file per
+build, so the two run side by side): each test passes through a real balancer,
 agent and llama-server exactly when it passes against llama-server directly (``make compat`` runs every file of
 both suites and writes tests/compat/RESULTS.md; this keeps ``make test`` within its time).
 
 The selection is what a balancer could most easily get wrong: health, props and the model list with aliases and
 tags, model names a single server ignores (OpenAI and Anthropic clients), context shift, tokenizing, a chat through
 the OpenAI library. About a minute and a half on 2 cores, both builds.
-Skips, saying why, where the builds or their suites are not beside the checkout, or where no network namespace
+Skips, saying why, where the builds or their suites are not in LLAMACPP_DIR, or where no network namespace
 can be made (the suites need the fixed ports 8080 and 8081).
 """
 
@@ -18,8 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.compat import suites
-
-pytestmark = pytest.mark.real_llamacpp
 
 SELECTION = {
     "b4748": (["unit/test_basic.py", "unit/test_tokenize.py", "unit/test_ctx_shift.py",
@@ -39,8 +38,8 @@ def why_not() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("build", sorted(SELECTION))
-def test_what_passes_directly_passes_through_the_balancer(build: str, tmp_path: Path) -> None:
+def passes_through_the_balancer_as_directly(build: str, tmp_path: Path) -> None:
+    """Run the build's selection directly and through the balancer; skips, saying why, where it cannot run."""
     reason = why_not() or (None if suites.builds([build], None) else f"no llama-server-{build} in {suites.SHARED}/bin")
     if reason:
         pytest.skip(reason)

@@ -176,7 +176,7 @@ SETTINGS: tuple[Setting, ...] = (
         Setting("lease-ttl", "With Redis: a slot taken by a balancer that stops renewing it (it died) returns "
                 "after this long.", B, positive_duration, 15.0, metavar="SECONDS"),
     )),
-    *section("Balancer: model swaps", (
+    *section("Model swaps and drains", (
         Setting("max-unavailable", "A fleet-wide desired state (PUT /api/v1/desired_state) swaps at most this many "
                 "servers at once: each drains, restarts and loads before the next begins.", B, positive_count, 1),
         Setting("drain-timeout", "Balancer: how long a server's requests in flight may run on when it drains for a "

@@ -12,7 +12,7 @@ import redis
 import requests
 
 from paddler_sync.ledger.stores.redis.connect import cluster_prefix, redacted
-from tests.helpers import INTERVAL, Fleet, agents, health, run_cli, sim_stats, streaming_load, wait_until
+from tests.helpers import INTERVAL, Fleet, agents_ready, health, run_cli, sim_stats, streaming_load, wait_until
 from tests.redis_cluster import RedisClusterSet, free_node_port
 
 
@@ -32,7 +32,7 @@ def test_a_cluster_failover_under_streaming_load_fails_no_request(fleet: Fleet, 
     sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "60") for _ in range(2)]
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
-    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] == "ready" for a in agents(balancer)))
+    agents_ready(balancer, 2)
     holder = cluster.master_of("{fleet-a}:queue")
     keys = cluster.node(holder).keys("*")
     assert keys and all(k.startswith(b"{fleet-a}:") for k in keys)  # the whole fleet in the one slot of its tag

@@ -24,6 +24,7 @@ from tests.helpers import (
     Proc,
     agent_named,
     agents,
+    agents_ready,
     background_traffic,
     complete,
     fleet_behind,
@@ -308,7 +309,7 @@ def two_servers(fleet: Fleet, *sim_args: str) -> tuple[Proc, list[Proc]]:
     sims = [fleet.simulator("--parallel", "1", *sim_args) for _ in range(2)]
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
-    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] == "ready" for a in agents(balancer)))
+    agents_ready(balancer, 2)
     return balancer, sims
 
 

@@ -16,7 +16,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import INTERVAL, Fleet, Proc, RedisServer, agents, free_port, sim_stats, streaming_load, wait_until
+from tests.helpers import (
+    INTERVAL,
+    Fleet,
+    Proc,
+    RedisServer,
+    agents_ready,
+    free_port,
+    sim_stats,
+    streaming_load,
+    wait_until,
+)
 
 pytestmark = pytest.mark.both_stores
 
@@ -26,7 +36,7 @@ def loaded_fleet(fleet: Fleet, *balancer_args: str, speed: str = "60") -> tuple[
     sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", speed) for _ in range(2)]
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
-    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] == "ready" for a in agents(balancer)))
+    agents_ready(balancer, 2)
     return balancer, sims
 
 
@@ -188,7 +198,7 @@ def test_a_rolling_restart_of_two_balancers_behind_a_tcp_balancer_fails_no_reque
     sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "60") for _ in range(2)]
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, ports[i][1], "--name", f"s{i}", interval=INTERVAL)
-    wait_until(lambda: len(agents(balancers[0])) == 2 and all(a["state"] == "ready" for a in agents(balancers[0])))
+    agents_ready(balancers[0], 2)
     outcomes = restart_in_turn(fleet, balancers, ports, prefix)
     assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
     assert [sim_stats(s)["requests_deferred_total"] for s in sims] == [0, 0]

@@ -15,7 +15,7 @@ from tests.helpers import (
     INTERVAL,
     Fleet,
     RedisServer,
-    agents,
+    agents_ready,
     free_port,
     health,
     port_open,
@@ -83,7 +83,7 @@ def test_a_sentinel_failover_under_streaming_load_fails_no_request(fleet: Fleet,
     sims = [fleet.simulator("--parallel", "2", "--decode-tokens-per-second", "60") for _ in range(2)]
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}", interval=INTERVAL)
-    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] == "ready" for a in agents(balancer)))
+    agents_ready(balancer, 2)
     assert "redis+sentinel://127.0.0.1:" in balancer.log()  # the URL logged (no password in it here)
     with streaming_load(balancer, 6) as outcomes:  # four slots: some requests wait in the buffer
         wait_until(lambda: len(outcomes) >= 6, timeout=20, message="the load running")

@@ -23,6 +23,7 @@ from tests.helpers import (
     Proc,
     agent_named,
     agents,
+    agents_ready,
     alive,
     fleet_progress,
     health,
@@ -159,7 +160,7 @@ def test_drain_and_undrain_by_hand(fleet: Fleet) -> None:
     sims = [fleet.simulator("--parallel", "2") for _ in range(2)]
     for i, sim in enumerate(sims):
         fleet.agent(sim.port, balancer.extra["management_port"], "--name", f"s{i}")
-    wait_until(lambda: len(agents(balancer)) == 2 and all(a["state"] == "ready" for a in agents(balancer)))
+    agents_ready(balancer, 2)
     s0 = agent_named(balancer, "s0")
     assert s0 is not None
     management = balancer.extra["management"]

@@ -18,7 +18,7 @@ so it is atomic across workers and hosts:
 
 The scripts are ``paddler_sync/ledger/stores/redis/lua/*.lua``, each with its keys, arguments and answer in its header.
 Layout (``PREFIX`` is ``--state-prefix``; on a Redis Cluster, ``{PREFIX}``: one hash slot for the whole fleet, see
-redis_connect.py): set ``PREFIX:upstreams`` of server keys; hash
+connect.py): set ``PREFIX:upstreams`` of server keys; hash
 ``PREFIX:up:KEY`` (addr, total, external, routable, sleeping, quarantined_until, reported_at, serving: the
 models it serves as JSON); sorted sets
 ``PREFIX:leases:KEY`` and ``PREFIX:draining:KEY`` (lease id → expiry, Redis time in ms; the second holds the
@@ -133,7 +133,6 @@ class RedisStore:
                 self._connect_failed_at = time.monotonic()
                 self._mark(False, exc)
                 raise self.unavailable() from None
-            self._scripts = {}
         return self._client
 
     def script(self, name: str, package: str = __package__) -> Any:
